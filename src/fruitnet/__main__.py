@@ -1,0 +1,3 @@
+from fruitnet.cli import main
+
+raise SystemExit(main())
