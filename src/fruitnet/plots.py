@@ -1,0 +1,297 @@
+"""Pictures: training curves, confusion heatmap, prediction grid, worst-mistakes gallery.
+
+All functions write a PNG to ``path`` (parent folders are created), close their
+figure and return the path as a :class:`pathlib.Path`. Uses the non-interactive
+Agg backend, so it works on headless machines.
+"""
+
+from __future__ import annotations
+
+import math
+from os import PathLike
+from pathlib import Path
+from typing import Any, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+__all__ = ["plot_curves", "plot_confusion", "plot_prediction_grid", "plot_mistakes"]
+
+THUMB_PX = 256
+MAX_COLS = 6
+
+
+def _save(fig: Any, path: str | PathLike[str], dpi: int = 100) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fig.savefig(path, format="png", dpi=dpi, bbox_inches="tight")
+    finally:
+        plt.close(fig)
+    return path
+
+
+def _num(v: Any) -> float:
+    """Convert a possibly-missing value to float (None / bad -> NaN)."""
+    if v is None:
+        return float("nan")
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return float("nan")
+
+
+# --------------------------------------------------------------------------- curves
+
+
+def plot_curves(rows: list[dict], path: str | PathLike[str]) -> Path:
+    """Loss and accuracy per epoch (train and val) in two side-by-side panels."""
+    rows = list(rows)
+    epochs = np.array(
+        [_num(r.get("epoch", i + 1)) for i, r in enumerate(rows)], dtype=np.float64
+    )
+    series = {
+        k: np.array([_num(r.get(k)) for r in rows], dtype=np.float64)
+        for k in ("train_loss", "val_loss", "train_accuracy", "val_accuracy")
+    }
+
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4.2))
+    # markers make single points (1 epoch) visible
+    style = {"marker": "o", "markersize": 4, "linewidth": 1.8}
+    for ax, kind in ((ax_loss, "loss"), (ax_acc, "accuracy")):
+        for split, color in (("train", "tab:blue"), ("val", "tab:orange")):
+            y = series[f"{split}_{kind}"]
+            ok = np.isfinite(y) & np.isfinite(epochs)
+            if ok.any():
+                ax.plot(epochs[ok], y[ok], color=color, label=split, **style)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(kind)
+        ax.set_title(kind)
+        ax.grid(True, alpha=0.35)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(loc="best")
+        finite_ep = epochs[np.isfinite(epochs)]
+        if finite_ep.size:
+            lo, hi = finite_ep.min(), finite_ep.max()
+            if lo == hi:
+                ax.set_xlim(lo - 1, hi + 1)
+            if np.allclose(finite_ep, np.round(finite_ep)):
+                ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    ax_acc.set_ylim(0.0, 1.0)
+    losses = np.concatenate([series["train_loss"], series["val_loss"]])
+    losses = losses[np.isfinite(losses)]
+    if losses.size and losses.min() >= 0:
+        ax_loss.set_ylim(bottom=0.0, top=max(float(losses.max()) * 1.08, 1e-3))
+
+    val_acc = series["val_accuracy"]
+    if np.isfinite(val_acc).any():
+        best = int(np.nanargmax(np.where(np.isfinite(val_acc), val_acc, -np.inf)))
+        ep = epochs[best]
+        ep_txt = f"{int(ep)}" if np.isfinite(ep) and ep == round(ep) else f"{ep:g}"
+        title = f"best val accuracy {val_acc[best] * 100:.2f}% at epoch {ep_txt}"
+        ax_acc.axvline(ep, color="tab:orange", linestyle=":", alpha=0.7)
+    elif not rows:
+        title = "no epochs recorded"
+    else:
+        title = "no validation data"
+    fig.suptitle(title)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+# --------------------------------------------------------------------------- confusion
+
+
+def plot_confusion(
+    matrix: Any,
+    classes: Sequence[str],
+    path: str | PathLike[str],
+    normalized_matrix: Any = None,
+    title: str = "Confusion matrix",
+) -> Path:
+    """Heatmap of a confusion matrix (rows = true, columns = predicted), cells annotated.
+
+    Colour follows the row-normalised matrix (so rare classes are as visible as
+    common ones); each cell shows its count and, if ``normalized_matrix`` is
+    given, the row percentage.
+    """
+    m = np.asarray(matrix, dtype=np.float64)
+    classes = [str(c) for c in classes]
+    k = len(classes)
+    if m.shape != (k, k):
+        raise ValueError(f"matrix shape {m.shape} does not match {k} classes")
+    if normalized_matrix is not None:
+        norm = np.asarray(normalized_matrix, dtype=np.float64)
+        if norm.shape != (k, k):
+            raise ValueError(f"normalized_matrix shape {norm.shape} does not match {k} classes")
+        shade = np.nan_to_num(norm)
+    else:
+        norm = None
+        rs = m.sum(axis=1, keepdims=True)
+        shade = np.divide(m, rs, out=np.zeros_like(m), where=rs != 0)
+
+    # size: ~0.75 in per cell for few classes, shrinking to ~0.55 in for many
+    cell_in = 0.8 if k <= 6 else (0.65 if k <= 12 else 0.55)
+    longest = max((len(c) for c in classes), default=1)
+    label_in = min(2.5, 0.09 * longest + 0.4)
+    side = max(4.0, k * cell_in + label_in + 1.2)
+    fig, ax = plt.subplots(figsize=(side + 1.0, side))
+    cmap = plt.get_cmap("Blues")
+    im = ax.imshow(shade, cmap=cmap, vmin=0.0, vmax=1.0, interpolation="nearest")
+    cbar = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    cbar.set_label("fraction of true class")
+
+    tick_fs = 11 if k <= 6 else (9 if k <= 12 else 8)
+    cell_fs = 12 if k <= 4 else (10 if k <= 8 else (8 if k <= 14 else 7))
+    ax.set_xticks(range(k))
+    ax.set_yticks(range(k))
+    ax.set_xticklabels(classes, fontsize=tick_fs, rotation=45 if (k > 4 or longest > 8) else 0,
+                       ha="right" if (k > 4 or longest > 8) else "center",
+                       rotation_mode="anchor")
+    ax.set_yticklabels(classes, fontsize=tick_fs)
+    ax.set_xlabel("predicted", fontsize=tick_fs + 1)
+    ax.set_ylabel("true", fontsize=tick_fs + 1)
+    ax.set_title(title, fontsize=tick_fs + 3)
+    # thin white grid between cells
+    ax.set_xticks(np.arange(-0.5, k, 1), minor=True)
+    ax.set_yticks(np.arange(-0.5, k, 1), minor=True)
+    ax.grid(which="minor", color="white", linewidth=1.0)
+    ax.tick_params(which="minor", length=0)
+
+    for i in range(k):
+        for j in range(k):
+            count = m[i, j]
+            count_txt = f"{int(count)}" if count == round(count) else f"{count:.2g}"
+            txt = count_txt
+            if norm is not None and count != 0:
+                txt = f"{count_txt}\n{norm[i, j] * 100:.0f}%" if k > 8 else f"{count_txt}\n{norm[i, j] * 100:.1f}%"
+            r, g, b, _ = cmap(float(np.clip(shade[i, j], 0, 1)))
+            luminance = 0.299 * r + 0.587 * g + 0.114 * b
+            color = "white" if luminance < 0.5 else "black"
+            ax.text(j, i, txt, ha="center", va="center", color=color, fontsize=cell_fs,
+                    linespacing=1.1)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+# --------------------------------------------------------------------------- image grids
+
+
+def _thumb(img: Any, max_px: int = THUMB_PX) -> np.ndarray:
+    """Downscale a PIL image (or array) to <= max_px on its long side, as an RGB array."""
+    if not isinstance(img, Image.Image):
+        img = Image.fromarray(np.asarray(img))
+    if img.mode not in ("RGB", "L"):
+        img = img.convert("RGB")
+    if max(img.size) > max_px:
+        img = img.copy()
+        img.thumbnail((max_px, max_px), Image.Resampling.BILINEAR)
+    arr = np.asarray(img)
+    if arr.ndim == 2:
+        arr = np.stack([arr] * 3, axis=-1)
+    return arr
+
+
+def _grid(
+    images: Sequence[Any],
+    titles: Sequence[str],
+    path: str | PathLike[str],
+    ncols: int | None,
+    colors: Sequence[str] | None,
+    suptitle: str | None = None,
+) -> Path:
+    n = len(images)
+    if ncols is None:
+        ncols = min(MAX_COLS, max(1, math.ceil(math.sqrt(n))))
+    ncols = max(1, min(int(ncols), n))
+    nrows = math.ceil(n / ncols)
+    thumbs = [_thumb(im) for im in images]
+    # tile height follows the typical aspect ratio so landscape photos leave no big gaps
+    aspect = float(np.clip(np.median([t.shape[0] / max(1, t.shape[1]) for t in thumbs]), 0.5, 1.5))
+    tile_in = 3.0 if n <= 4 else (2.5 if n <= 16 else 2.2)
+    fontsize = 11 if n <= 4 else (9 if n <= 16 else 8)
+    n_lines = max(str(t).count("\n") + 1 for t in titles) if len(titles) else 1
+    title_in = 0.12 + 0.2 * n_lines * fontsize / 10
+    fig, axes = plt.subplots(
+        nrows, ncols,
+        figsize=(ncols * tile_in, nrows * (tile_in * aspect + title_in) + (0.4 if suptitle else 0)),
+        squeeze=False,
+    )
+    for idx, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if idx >= n:
+            continue
+        ax.imshow(thumbs[idx])
+        color = colors[idx] if colors is not None and idx < len(colors) and colors[idx] else "black"
+        ax.set_title(str(titles[idx]) if idx < len(titles) else "", fontsize=fontsize, color=color)
+    if suptitle:
+        fig.suptitle(suptitle, fontsize=fontsize + 3)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _message_png(text: str, path: str | PathLike[str]) -> Path:
+    fig = plt.figure(figsize=(4, 1.5))
+    fig.text(0.5, 0.5, text, ha="center", va="center", fontsize=16)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fig.savefig(path, format="png", dpi=100)  # no bbox tight: keep the full canvas
+    finally:
+        plt.close(fig)
+    return path
+
+
+def plot_prediction_grid(
+    images: list[Image.Image],
+    titles: list[str],
+    path: str | PathLike[str],
+    ncols: int | None = None,
+    colors: list[str] | None = None,
+) -> Path:
+    """Grid of photos, each titled (e.g. "strawberry 97.3%"), optional per-title colours."""
+    if len(titles) != len(images):
+        raise ValueError(f"{len(images)} images but {len(titles)} titles")
+    if colors is not None and len(colors) != len(images):
+        raise ValueError(f"{len(images)} images but {len(colors)} colors")
+    if not images:
+        return _message_png("No images", path)
+    return _grid(images, titles, path, ncols, colors)
+
+
+def plot_mistakes(
+    images: list[Image.Image],
+    true_labels: list[str],
+    pred_labels: list[str],
+    confidences: list[float],
+    path: str | PathLike[str],
+    max_items: int = 24,
+) -> Path:
+    """Gallery of the most confident wrong predictions (caller sorts them, worst first).
+
+    Confidences may be fractions (0..1) or percentages (>1). With no mistakes a
+    small PNG saying "No mistakes" is written.
+    """
+    n = len(images)
+    if not (len(true_labels) == len(pred_labels) == len(confidences) == n):
+        raise ValueError("images, true_labels, pred_labels and confidences must have equal length")
+    n = min(n, max(0, int(max_items)))
+    if n == 0:
+        return _message_png("No mistakes", path)
+    titles = []
+    for t, p, c in zip(true_labels[:n], pred_labels[:n], confidences[:n]):
+        c = float(c)
+        pct = c * 100 if c <= 1.0 else c
+        title = f"true: {t} / pred: {p} ({pct:.0f}%)"
+        if len(title) > 30:  # keep long titles inside their tile
+            title = f"true: {t} /\npred: {p} ({pct:.0f}%)"
+        titles.append(title)
+    shown = f"{n} of {len(images)}" if n < len(images) else f"{n}"
+    return _grid(
+        images[:n], titles, path, None, ["red"] * n,
+        suptitle=f"Most confident mistakes ({shown})",
+    )
