@@ -1,0 +1,196 @@
+"""Command line: argument parsing only; every command is a call into the library.
+
+Exit codes: 0 success, 1 the job failed or some inputs could not be used, 2 unusable arguments or data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from datetime import datetime
+from pathlib import Path
+
+from fruitnet.backbones import BACKBONES, WeightsUnavailable
+from fruitnet.dataset import DataError
+from fruitnet.images import ImageError
+from fruitnet.model import ModelFileError
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative, not {value}")
+    return value
+
+
+def cmd_check(args) -> int:
+    from fruitnet.dataset import format_report, scan
+
+    report = scan(args.data).report()
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    return 1 if report["skipped"] else 0
+
+
+def cmd_train(args) -> int:
+    from fruitnet.training import RECIPES, TrainConfig, train
+
+    if args.recipe not in RECIPES:
+        raise DataError(f"unknown recipe {args.recipe!r}; choose one of: {', '.join(RECIPES)}")
+    if args.resume is None and args.data is None:
+        raise DataError("give a DATA folder to train on, or --resume RUN")
+    config = TrainConfig(data=args.data, val_dir=args.val, out=args.out, backbone=args.backbone,
+                         weights=args.weights, mode=args.mode, epochs=args.epochs, batch_size=args.batch_size,
+                         lr=args.lr, weight_decay=args.weight_decay, val_fraction=args.val_fraction,
+                         seed=args.seed, recipe=args.recipe, feature_cache=not args.no_feature_cache,
+                         workers=args.workers, device=args.device)
+    try:
+        train(config, resume=args.resume)
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+def _default_out(prefix: str) -> Path:
+    return Path("runs") / f"{prefix}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
+def cmd_evaluate(args) -> int:
+    from fruitnet.evaluate import evaluate
+    from fruitnet.metrics import format_report
+
+    out = Path(args.out) if args.out else _default_out("eval")
+    report = evaluate(args.model, args.data, out, batch_size=args.batch_size, legacy=args.legacy or None,
+                      progress=not args.json)
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print(format_report(report))
+        for s in report["skipped"]:
+            print(f"skipped {s['path']}: {s['reason']}")
+        print(f"{report['n']} images in {report['seconds']:.1f}s; outputs in {out}/: report.txt, report.json, "
+              "confusion.png, confusion.csv, mistakes.png, predictions.csv")
+    return 1 if report["skipped"] else 0
+
+
+def cmd_predict(args) -> int:
+    from tqdm import tqdm
+
+    from fruitnet.predict import Predictor, expand_paths
+
+    paths, problems = expand_paths(args.paths)
+    predictor = Predictor(args.model, legacy=args.legacy or None)
+    with tqdm(total=len(paths), desc="predicting", unit="img", disable=args.json or len(paths) < 2,
+              leave=False) as bar:
+        results = problems + predictor.predict_paths(paths, args.batch_size, progress=bar.update)
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        width = max([len(r["path"]) for r in results] + [4])
+        print(f"{'path':<{width}}  {'label':<12} " + " ".join(f"{c[:12]:>12}" for c in predictor.classes))
+        for r in results:
+            if "error" in r:
+                print(f"{r['path']:<{width}}  error: {r['error']}")
+            else:
+                print(f"{r['path']:<{width}}  {r['label']:<12} "
+                      + " ".join(f"{r['probabilities'][c]:>12.4f}" for c in predictor.classes))
+    if args.csv:
+        with open(args.csv, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["path", "label", "error"] + predictor.classes)
+            for r in results:
+                probs = r.get("probabilities", {})
+                w.writerow([r["path"], r.get("label", ""), r.get("error", "")] + [probs.get(c, "") for c in predictor.classes])
+    if args.grid:
+        from fruitnet.images import load_image
+        from fruitnet.plots import plot_prediction_grid
+
+        good = [r for r in results if "error" not in r][:64]
+        plot_prediction_grid([load_image(r["path"]) for r in good],
+                             [f"{r['label']} {r['probabilities'][r['label']]:.1%}" for r in good], args.grid)
+    if not args.json and (args.csv or args.grid):
+        print("wrote " + ", ".join(str(p) for p in (args.csv, args.grid) if p))
+    return 1 if any("error" in r for r in results) else 0
+
+
+def cmd_demo(args) -> int:
+    from fruitnet.demo import run_demo
+
+    run_demo(Path(args.out) if args.out else None)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fruitnet", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("check", help="data report for a class-folder tree; writes nothing into it")
+    p.add_argument("data")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("train", help="fine-tune a pretrained backbone on DATA/<class>/<image>")
+    p.add_argument("data", nargs="?")
+    p.add_argument("--val", help="a separate labelled folder for validation (instead of splitting DATA)")
+    p.add_argument("--out", help="run folder (default runs/<timestamp>); never overwritten")
+    p.add_argument("--backbone", default="resnet18", choices=sorted(BACKBONES))
+    p.add_argument("--weights", default="imagenet", help="imagenet | none | FILE (a state dict)")
+    p.add_argument("--mode", default="unfreeze", choices=["freeze", "unfreeze"])
+    p.add_argument("--epochs", type=_positive_int, default=30)
+    p.add_argument("--batch-size", type=_positive_int, default=32)
+    p.add_argument("--lr", type=_non_negative_float, default=0.001)
+    p.add_argument("--weight-decay", type=_non_negative_float, default=0.01)
+    p.add_argument("--val-fraction", type=float, default=0.25)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--recipe", default="seed")
+    p.add_argument("--resume", metavar="RUN", help="continue an interrupted run folder")
+    p.add_argument("--no-feature-cache", action="store_true",
+                   help="in freeze mode, run the backbone on every image every epoch (slow; for comparison)")
+    p.add_argument("--workers", type=int, default=2, help="image-decoding worker processes")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="accuracy, per-class report, confusion matrix, mistakes gallery")
+    p.add_argument("model")
+    p.add_argument("data")
+    p.add_argument("--out", help="report folder (default runs/eval-<timestamp>)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--batch-size", type=_positive_int, default=32)
+    p.add_argument("--legacy", action="store_true", help="MODEL is the original project's model.pth")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("predict", help="class and probabilities for images, folders or globs")
+    p.add_argument("model")
+    p.add_argument("paths", nargs="+", metavar="PATH")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--csv", metavar="FILE")
+    p.add_argument("--grid", metavar="FILE.png", help="draw the photos titled with prediction and confidence")
+    p.add_argument("--batch-size", type=_positive_int, default=32)
+    p.add_argument("--legacy", action="store_true", help="MODEL is the original project's model.pth")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("demo", help="train, evaluate and predict on the bundled fruits360 sample")
+    p.add_argument("--out", help="demo folder (default runs/demo-<timestamp>)")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (DataError, ModelFileError, WeightsUnavailable, ImageError) as exc:
+        print(f"fruitnet {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

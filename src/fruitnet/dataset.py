@@ -1,0 +1,200 @@
+"""Scanning a class-folder tree, the data report, the stratified seeded split, torch datasets.
+
+Nothing here ever writes into the dataset folder.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import random
+from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from fruitnet.images import ImageError, load_image, looks_like_image
+
+
+class DataError(ValueError):
+    """The data cannot be used at all (missing folder, fewer than two classes, an empty class)."""
+
+
+@dataclass
+class Item:
+    path: str
+    label: str
+    sha256: str = ""
+    problem: str | None = None  # why the file cannot be used, None if it can
+
+
+@dataclass
+class Catalog:
+    root: str
+    classes: list[str]
+    items: list[Item]  # usable and unusable image files, sorted by path
+    ignored: list[dict] = field(default_factory=list)  # {path, reason}: not images, or outside any class
+
+    @property
+    def usable(self) -> list[Item]:
+        return [it for it in self.items if it.problem is None]
+
+    @property
+    def skipped(self) -> list[dict]:
+        return [{"path": it.path, "reason": it.problem} for it in self.items if it.problem is not None]
+
+    def duplicates(self) -> list[list[str]]:
+        """Groups of usable files with identical bytes."""
+        groups = defaultdict(list)
+        for it in self.usable:
+            groups[it.sha256].append(it.path)
+        return [paths for paths in groups.values() if len(paths) > 1]
+
+    def counts(self) -> dict[str, int]:
+        c = Counter(it.label for it in self.usable)
+        return {cls: c.get(cls, 0) for cls in self.classes}
+
+    def report(self) -> dict:
+        return {"root": self.root, "classes": self.classes, "counts": self.counts(),
+                "usable": len(self.usable), "skipped": self.skipped, "ignored": self.ignored,
+                "duplicates": self.duplicates()}
+
+
+def _check_file(path: Path, label: str, draft_size: int) -> Item:
+    item = Item(str(path), label)
+    try:
+        with open(path, "rb") as f:
+            item.sha256 = hashlib.file_digest(f, "sha256").hexdigest()
+        load_image(path, draft_size=draft_size)  # full decode: truncation shows up here, not mid-training
+    except ImageError as exc:
+        item.problem = exc.reason
+    except OSError as exc:
+        item.problem = f"cannot read file ({exc.strerror or exc})"
+    return item
+
+
+def scan(root: str | Path, progress: bool = True, workers: int = 4, draft_size: int = 256) -> Catalog:
+    """Read DATA/<class>/<image...>; class names are the sorted folder names.
+
+    Decodes every candidate once to find unusable files, one at a time per worker, so memory
+    stays flat however large the folder is.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root}: data folder not found")
+    classes, candidates, ignored = [], [], []
+    for entry in sorted(root.iterdir()):
+        if entry.name.startswith("."):  # .DS_Store, .ipynb_checkpoints: never a class
+            continue
+        if not entry.is_dir():
+            ignored.append({"path": str(entry), "reason": "not inside a class folder"})
+            continue
+        classes.append(entry.name)
+        for dirpath, dirnames, filenames in os.walk(entry):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            for name in sorted(filenames):
+                path = Path(dirpath) / name
+                if name.startswith("."):
+                    continue
+                if looks_like_image(path):
+                    candidates.append((path, entry.name))
+                else:
+                    ignored.append({"path": str(path), "reason": "not an image file"})
+    if len(classes) < 2:
+        raise DataError(f"{root}: found {len(classes)} class folder(s) {classes}; need at least two "
+                        "(layout: DATA/<class>/<image>)")
+    with ThreadPoolExecutor(workers) as pool:  # PIL decodes without the GIL
+        jobs = pool.map(lambda pc: _check_file(pc[0], pc[1], draft_size), candidates)
+        items = list(tqdm(jobs, total=len(candidates), desc=f"checking {root.name}", unit="img",
+                          disable=not progress, leave=False))
+    catalog = Catalog(str(root), classes, items, ignored)
+    empty = [cls for cls, n in catalog.counts().items() if n == 0]
+    if empty:
+        raise DataError(f"{root}: class folder(s) with no usable image: {', '.join(empty)}")
+    return catalog
+
+
+def format_report(report: dict) -> str:
+    lines = [f"data: {report['root']}",
+             f"  {len(report['classes'])} classes, {report['usable']} usable images"]
+    width = max(len(c) for c in report["classes"])
+    lines += [f"    {cls:<{width}}  {n}" for cls, n in report["counts"].items()]
+    if report["duplicates"]:
+        n = sum(len(g) for g in report["duplicates"])
+        lines.append(f"  {len(report['duplicates'])} groups of exact duplicates ({n} files), kept on one side of the split")
+    if report["skipped"]:
+        lines.append(f"  {len(report['skipped'])} file(s) skipped:")
+        lines += [f"    {s['path']}: {s['reason']}" for s in report["skipped"]]
+    if report["ignored"]:
+        lines.append(f"  {len(report['ignored'])} non-image file(s) ignored")
+    return "\n".join(lines)
+
+
+def write_report(report: dict, folder: Path) -> None:
+    (folder / "data_report.json").write_text(json.dumps(report, indent=2))
+    (folder / "data_report.txt").write_text(format_report(report) + "\n")
+
+
+def split(catalog: Catalog, val_fraction: float = 0.25, seed: int = 0) -> tuple[list[Item], list[Item]]:
+    """Stratified per class, seeded; files with identical bytes stay on the same side."""
+    if not 0 < val_fraction < 1:
+        raise DataError(f"val fraction must be between 0 and 1, not {val_fraction}")
+    groups: dict[str, list[Item]] = defaultdict(list)
+    for it in catalog.usable:
+        groups[it.sha256].append(it)
+    by_class: dict[str, list[list[Item]]] = defaultdict(list)
+    for members in groups.values():
+        by_class[members[0].label].append(members)
+    rng = random.Random(seed)
+    train, val = [], []
+    for cls in catalog.classes:
+        class_groups = sorted(by_class[cls], key=lambda g: g[0].path)
+        rng.shuffle(class_groups)
+        total = sum(len(g) for g in class_groups)
+        target = round(total * val_fraction)
+        if total >= 2:
+            target = min(max(target, 1), total - 1)
+        taken = 0
+        for g in class_groups:
+            (val if taken < target else train).extend(g)
+            if taken < target:
+                taken += len(g)
+    return sorted(train, key=lambda it: it.path), sorted(val, key=lambda it: it.path)
+
+
+def write_split(path: Path, train: list[Item], val: list[Item]) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "class", "split"])
+        for name, items in (("train", train), ("val", val)):
+            for it in items:
+                w.writerow([it.path, it.label, name])
+
+
+def read_split(path: Path) -> tuple[list[Item], list[Item]]:
+    train, val = [], []
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            (train if row["split"] == "train" else val).append(Item(row["path"], row["class"]))
+    return train, val
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """(image tensor, class index) pairs, decoded from the files on every access."""
+
+    def __init__(self, items: list[Item], classes: list[str], transform):
+        self.paths = [it.path for it in items]
+        index = {c: i for i, c in enumerate(classes)}
+        self.targets = [index[it.label] for it in items]
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        return self.transform(load_image(self.paths[i])), self.targets[i]
