@@ -77,6 +77,7 @@ def _resnet18_state(weights: str) -> tuple[dict, str]:
     if cached.is_file():
         return _read_state_dict(cached), str(cached)
     try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
         torch.hub.download_url_to_file(RESNET18_URL, str(cached), progress=True)
     except Exception as exc:
         raise WeightsUnavailable(

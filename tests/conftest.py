@@ -1,0 +1,55 @@
+"""Shared fixtures: where the real data lives, a small trained model, a CLI runner."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("FRUITNET_SHARED_DATA", REPO.parent / "shared" / "data"))
+DEMO_DATA = REPO / "src" / "fruitnet" / "demo_data"
+
+
+def shared_folder(name: str) -> Path:
+    path = SHARED_DATA / name
+    if not path.is_dir():
+        pytest.skip(f"{path} is absent: this test needs the real photos in ../shared/data/{name} "
+                    "(set FRUITNET_SHARED_DATA to their parent folder)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def webfruit() -> Path:
+    return shared_folder("webfruit")
+
+
+@pytest.fixture(scope="session")
+def comp309() -> Path:
+    return shared_folder("comp309-sample")
+
+
+@pytest.fixture(scope="session")
+def demo_data() -> Path:
+    return DEMO_DATA
+
+
+@pytest.fixture(scope="session")
+def trained_model(tmp_path_factory) -> Path:
+    """A real EfficientNet-Lite0 with its head trained on the bundled demo sample (seconds)."""
+    from fruitnet.training import TrainConfig, train
+
+    out = tmp_path_factory.mktemp("trained") / "run"
+    summary = train(TrainConfig(data=str(DEMO_DATA / "train"), out=str(out), backbone="efficientnet_lite0",
+                                mode="freeze", epochs=5, lr=0.01, batch_size=16, workers=0),
+                    log=lambda *a: None)
+    return Path(summary["model"])
+
+
+def run_cli(*args, timeout=900, cwd=None) -> subprocess.CompletedProcess:
+    """Run `python -m fruitnet ARGS` as a user would; returns the completed process (text)."""
+    return subprocess.run([sys.executable, "-m", "fruitnet", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, cwd=cwd)

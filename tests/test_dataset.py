@@ -1,0 +1,96 @@
+import csv
+import hashlib
+from pathlib import Path
+
+import pytest
+from awkward import make_awkward_folder
+
+from fruitnet.dataset import DataError, ImageDataset, read_split, scan, split, write_split
+from fruitnet.transforms import eval_transform
+
+
+def snapshot(root: Path) -> dict:
+    return {str(p): (p.stat().st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
+            for p in root.rglob("*") if p.is_file()}
+
+
+def test_scan_awkward_folder_names_every_unusable_file_and_writes_nothing(tmp_path):
+    root = tmp_path / "data"
+    info = make_awkward_folder(root)
+    before = snapshot(root)
+    catalog = scan(root, progress=False)
+    assert snapshot(root) == before
+    assert catalog.classes == ["cherry", "strawberry", "tomato"]  # hidden folders never become classes
+    usable = {str(Path(it.path).relative_to(root).as_posix()): it.label for it in catalog.usable}
+    assert usable == info["usable"]
+    skipped = {Path(s["path"]).relative_to(root).as_posix(): s["reason"] for s in catalog.skipped}
+    assert set(skipped) == set(info["unusable"])
+    for path, reason in info["unusable"].items():
+        assert reason in skipped[path]
+    ignored = {Path(i["path"]).relative_to(root).as_posix() for i in catalog.ignored}
+    assert {"cherry/notes.txt", "tomato/README.md"} <= ignored
+    assert not any(".ipynb_checkpoints" in p or ".DS_Store" in p for p in usable)
+
+
+def test_report_counts_and_exact_duplicates(tmp_path):
+    root = tmp_path / "d"
+    make_awkward_folder(root)
+    counts = scan(root, progress=False).report()["counts"]
+    first = root / "cherry" / "cherry_000.jpg"
+    (root / "cherry" / "copy of first.jpg").write_bytes(first.read_bytes())
+    report = scan(root, progress=False).report()
+    assert report["counts"] == {**counts, "cherry": counts["cherry"] + 1}
+    assert [sorted(Path(p).name for p in g) for g in report["duplicates"]] == [sorted([first.name, "copy of first.jpg"])]
+
+
+@pytest.mark.parametrize("layout, message", [
+    ({}, "not found"),
+    ({"only": 3}, "need at least two"),
+    ({"a": 3, "b": 0}, "no usable image"),
+])
+def test_unusable_data_raises_clear_error(tmp_path, layout, message):
+    from awkward import synthetic_image
+
+    root = tmp_path / "data"
+    if layout:
+        for cls, n in layout.items():
+            (root / cls).mkdir(parents=True)
+            for i in range(n):
+                synthetic_image("cherry", i).save(root / cls / f"{i}.jpg")
+    with pytest.raises(DataError, match=message):
+        scan(root, progress=False)
+
+
+def test_split_is_stratified_seeded_and_keeps_duplicates_together(webfruit):
+    catalog = scan(webfruit, progress=False)
+    train, val = split(catalog, 0.25, seed=0)
+    assert len(train) + len(val) == len(catalog.usable)
+    for cls, n in catalog.counts().items():
+        n_val = sum(it.label == cls for it in val)
+        assert abs(n_val - n * 0.25) <= 3  # duplicate groups move whole
+    assert not {it.sha256 for it in train} & {it.sha256 for it in val}  # no leak of identical bytes
+    again_train, again_val = split(catalog, 0.25, seed=0)
+    assert [it.path for it in again_val] == [it.path for it in val]
+    other_train, other_val = split(catalog, 0.25, seed=1)
+    assert [it.path for it in other_val] != [it.path for it in val]
+
+
+def test_split_csv_round_trip(tmp_path, demo_data):
+    catalog = scan(demo_data / "train", progress=False)
+    train, val = split(catalog, 0.25, seed=0)
+    write_split(tmp_path / "split.csv", train, val)
+    rows = list(csv.DictReader(open(tmp_path / "split.csv")))
+    assert set(rows[0]) == {"path", "class", "split"}
+    t2, v2 = read_split(tmp_path / "split.csv")
+    assert [(i.path, i.label) for i in t2] == [(i.path, i.label) for i in train]
+    assert [(i.path, i.label) for i in v2] == [(i.path, i.label) for i in val]
+
+
+def test_image_dataset_yields_normalised_tensors(demo_data):
+    from fruitnet.backbones import get_backbone
+
+    catalog = scan(demo_data / "test", progress=False)
+    ds = ImageDataset(catalog.usable, catalog.classes, eval_transform(get_backbone("efficientnet_lite0").preprocessing))
+    x, y = ds[0]
+    assert x.shape == (3, 224, 224) and -1.01 <= x.min() and x.max() <= 1.01
+    assert y == 0
