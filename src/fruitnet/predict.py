@@ -10,7 +10,7 @@ import torch
 
 from fruitnet.images import ImageError, is_hidden, load_image, looks_like_image
 from fruitnet.model import load_model
-from fruitnet.transforms import eval_transform, resize_size
+from fruitnet.transforms import eval_transform
 
 
 class Predictor:
@@ -23,8 +23,7 @@ class Predictor:
         self.transform = eval_transform(self.meta["preprocessing"])
 
     def load(self, path) -> "PIL.Image.Image":
-        # JPEG draft decoding: never below the size the resize step needs, so results do not change
-        return load_image(path, draft_size=resize_size(self.meta["preprocessing"]) * 2)
+        return load_image(path)  # full decode, exactly as in training (no JPEG draft shortcuts)
 
     @torch.inference_mode()
     def probabilities(self, images: list) -> torch.Tensor:

@@ -1,0 +1,121 @@
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from torchvision import transforms as T
+from torchvision.models import resnet18
+
+from fruitnet.backbones import LITE0_SHA256, WeightsUnavailable, create_body, get_backbone, lite0_weights_file
+from fruitnet.model import ModelFileError, create_classifier, load_model, save_model
+from fruitnet.predict import Predictor
+
+
+def test_lite0_imagenet_weights_are_real_and_offline(demo_data):
+    """The packaged weights load (sha256 checked) and recognise a strawberry as ImageNet's class 949."""
+    import hashlib
+
+    assert hashlib.sha256(lite0_weights_file().read_bytes()).hexdigest() == LITE0_SHA256
+    body, source = create_body("efficientnet_lite0", "imagenet")
+    assert source.endswith("efficientnet-lite0-57934424.pth")
+    state = torch.load(lite0_weights_file(), weights_only=True)
+    fc_w, fc_b = state["_fc.weight"], state["_fc.bias"]
+    from fruitnet.transforms import eval_transform
+
+    tf = eval_transform(get_backbone("efficientnet_lite0").preprocessing)
+    files = sorted((demo_data / "test" / "strawberry").glob("*.jpg"))
+    x = torch.stack([tf(Image.open(f).convert("RGB")) for f in files])
+    with torch.no_grad():
+        logits = body.eval()(x) @ fc_w.T + fc_b
+    assert (logits.argmax(1) == 949).float().mean() >= 0.8
+
+
+def test_model_file_round_trip_gives_identical_outputs(tmp_path):
+    model, _ = create_classifier("efficientnet_lite0", 4, "none")
+    meta = {"classes": ["a", "b", "c", "d"], "backbone": "efficientnet_lite0",
+            "preprocessing": get_backbone("efficientnet_lite0").preprocessing, "training": {"val_accuracy": 0.5}}
+    path = save_model(tmp_path / "m.safetensors", model.eval(), meta)
+    loaded, meta2 = load_model(path)
+    assert meta2["classes"] == meta["classes"] and meta2["preprocessing"] == meta["preprocessing"]
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        assert torch.equal(model(x), loaded(x))
+
+
+def test_freeze_trains_only_the_head_and_keeps_batchnorm_statistics():
+    model, _ = create_classifier("resnet18", 3, "none")
+    model.set_mode("freeze")
+    assert {id(p) for p in model.trainable_parameters()} == {id(p) for p in model.head.parameters()}
+    before = model.body.bn1.running_mean.clone()
+    model.train()
+    model(torch.randn(4, 3, 64, 64))
+    assert torch.equal(before, model.body.bn1.running_mean)
+    model.set_mode("unfreeze")
+    assert len(model.trainable_parameters()) == len(list(model.parameters()))
+
+
+def test_resnet18_local_weights_file_drops_old_fc(tmp_path):
+    reference = resnet18(weights=None)
+    torch.save(reference.state_dict(), tmp_path / "resnet18-f37072fd.pth")
+    model, source = create_classifier("resnet18", 3, str(tmp_path / "resnet18-f37072fd.pth"))
+    assert source.endswith("resnet18-f37072fd.pth")
+    assert torch.equal(model.body.conv1.weight, reference.conv1.weight)
+    assert model.head.out_features == 3
+
+
+def test_resnet18_without_reachable_weights_says_what_to_do(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-cache"))
+    with pytest.raises(WeightsUnavailable) as err:
+        create_body("resnet18", "imagenet")
+    assert "--weights" in str(err.value) and "efficientnet_lite0" in str(err.value)
+
+
+def original_inference(state_dict_path, image_paths):
+    """The original project's inference code: resnet18 with a 3-way fc, 300x300, mean/std 0.5."""
+    net = resnet18()
+    net.fc = torch.nn.Linear(net.fc.in_features, 3)
+    net.load_state_dict(torch.load(state_dict_path))
+    net.eval()
+    tf = T.Compose([T.Resize((300, 300)), T.ToTensor(), T.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))])
+    x = torch.stack([tf(Image.open(p).convert("RGB")) for p in image_paths])
+    with torch.no_grad():
+        return torch.softmax(net(x), dim=1)
+
+
+def test_original_model_pth_gives_the_original_probabilities(tmp_path, demo_data):
+    torch.manual_seed(0)
+    net = resnet18()
+    net.fc = torch.nn.Linear(512, 3)
+    torch.save(net.state_dict(), tmp_path / "model.pth")
+    paths = sorted(str(p) for p in (demo_data / "test").rglob("*.jpg"))[:12]
+    big = Image.open(paths[0]).resize((1600, 1200))  # a camera-sized photo, not a square thumbnail
+    big.save(tmp_path / "big.jpg", quality=92)
+    paths.append(str(tmp_path / "big.jpg"))
+    expected = original_inference(tmp_path / "model.pth", paths)
+    predictor = Predictor(tmp_path / "model.pth")  # detected as a legacy file
+    assert predictor.classes == ["cherry", "strawberry", "tomato"]
+    got = predictor.predict_paths(paths)
+    for row, exp in zip(got, expected):
+        probs = torch.tensor([row["probabilities"][c] for c in predictor.classes])
+        assert torch.allclose(probs, exp, atol=1e-5)
+        assert row["label"] == predictor.classes[int(exp.argmax())]
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+def test_model_file_never_runs_code(tmp_path):
+    marker = tmp_path / "pwned"
+    evil = _Exploit()
+    evil.marker = str(marker)
+    with open(tmp_path / "model.pth", "wb") as f:
+        pickle.dump({"fc.weight": evil}, f)
+    with pytest.raises(ModelFileError):
+        load_model(tmp_path / "model.pth")
+    assert not marker.exists()
+    (tmp_path / "junk.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
+    with pytest.raises(ModelFileError, match="junk.safetensors"):
+        load_model(tmp_path / "junk.safetensors")
