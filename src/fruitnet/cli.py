@@ -84,10 +84,11 @@ def cmd_evaluate(args) -> int:
 def cmd_predict(args) -> int:
     from tqdm import tqdm
 
-    from fruitnet.predict import Predictor, expand_paths
+    from fruitnet.export import load_predictor
+    from fruitnet.predict import expand_paths
 
     paths, problems = expand_paths(args.paths)
-    predictor = Predictor(args.model, legacy=args.legacy or None)
+    predictor = load_predictor(args.model, args.runtime, legacy=args.legacy or None)
     with tqdm(total=len(paths), desc="predicting", unit="img", disable=args.json or len(paths) < 2,
               leave=False) as bar:
         results = problems + predictor.predict_paths(paths, args.batch_size, progress=bar.update)
@@ -119,6 +120,24 @@ def cmd_predict(args) -> int:
     if not args.json and (args.csv or args.grid):
         print("wrote " + ", ".join(str(p) for p in (args.csv, args.grid) if p))
     return 1 if any("error" in r for r in results) else 0
+
+
+def cmd_export(args) -> int:
+    from fruitnet.export import ExportError, export_onnx
+
+    try:
+        export_onnx(args.model, args.out, check=args.check, int8=args.int8)
+    except ExportError as exc:
+        print(f"fruitnet export: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from fruitnet.server import serve
+
+    serve(args.model, host=args.host, port=args.port, max_upload_mb=args.max_upload_mb, runtime=args.runtime)
+    return 0
 
 
 def cmd_demo(args) -> int:
@@ -175,7 +194,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grid", metavar="FILE.png", help="draw the photos titled with prediction and confidence")
     p.add_argument("--batch-size", type=_positive_int, default=32)
     p.add_argument("--legacy", action="store_true", help="MODEL is the original project's model.pth")
+    p.add_argument("--runtime", default="auto", choices=["auto", "torch", "onnx"],
+                   help="onnx: run an exported .onnx file with onnxruntime (auto: by the file's suffix)")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("export", help="ONNX file carrying classes and preprocessing, checked against PyTorch")
+    p.add_argument("model")
+    p.add_argument("--format", default="onnx", choices=["onnx"])
+    p.add_argument("--out", metavar="FILE", help="default: MODEL with the suffix .onnx")
+    p.add_argument("--check", nargs="+", metavar="PATH",
+                   help="photos (files, folders, globs) for the parity check (default: the bundled demo photos)")
+    p.add_argument("--int8", action="store_true",
+                   help="also write FILE.int8.onnx (static int8 quantisation); report its agreement and speed")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("serve", help="HTTP API and web page for a model file (.safetensors or exported .onnx)")
+    p.add_argument("model")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-upload-mb", type=_positive_int, default=10, help="largest accepted photo, in MB")
+    p.add_argument("--runtime", default="auto", choices=["auto", "torch", "onnx"],
+                   help="onnx: serve an exported .onnx file with onnxruntime (auto: by the file's suffix)")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("demo", help="train, evaluate and predict on the bundled fruits360 sample")
     p.add_argument("--out", help="demo folder (default runs/demo-<timestamp>)")

@@ -1,0 +1,230 @@
+"""ONNX export with a parity check, and OnnxPredictor: the Predictor interface run by onnxruntime.
+
+The exported file carries the model file's metadata (classes, backbone, preprocessing, training)
+as JSON under the ONNX metadata_props key "fruitnet"; OnnxPredictor builds its transform from it
+with the same transforms.eval_transform as the PyTorch path, so nothing is re-typed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import warnings
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fruitnet.model import ModelFileError, load_model
+from fruitnet.predict import Predictor, expand_paths
+from fruitnet.transforms import eval_transform
+
+META_KEY = "fruitnet"
+OPSET = 17
+MAX_PROB_DIFF = 1e-3  # parity: largest |p_onnx - p_torch| allowed, with 100% top-1 agreement
+CHECK_BATCH = 16
+
+
+class ExportError(RuntimeError):
+    """The export failed or did not match the PyTorch model; the message says how."""
+
+
+class OnnxPredictor(Predictor):
+    """Same interface as Predictor (classes, meta, load, probabilities, predict_paths, describe),
+    running an exported .onnx file; only the forward pass differs."""
+
+    def __init__(self, onnx_path: str | Path, threads: int = 0):
+        import onnxruntime as ort
+
+        path = Path(onnx_path)
+        if not path.is_file():
+            raise ModelFileError(f"{path}: ONNX file not found")
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads  # 0: onnxruntime's default (all cores)
+        try:
+            self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+            self.meta = json.loads(self.session.get_modelmeta().custom_metadata_map[META_KEY])
+        except KeyError:
+            raise ModelFileError(f"{path}: ONNX file without fruitnet metadata (not made by fruitnet export)") from None
+        except Exception as exc:  # onnxruntime raises its own types for unreadable files
+            raise ModelFileError(f"{path}: not a readable ONNX file ({exc.__class__.__name__}: {exc})") from exc
+        self.classes = self.meta["classes"]
+        self.transform = eval_transform(self.meta["preprocessing"])
+        self.input_name = self.session.get_inputs()[0].name
+        self.device = torch.device("cpu")
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.session.run(None, {self.input_name: x.numpy()})[0])
+
+    def probabilities(self, images: list) -> torch.Tensor:
+        return self.logits(torch.stack([self.transform(im) for im in images])).float().softmax(1)
+
+
+def load_predictor(path: str | Path, runtime: str = "auto", legacy: bool | None = None) -> Predictor:
+    """runtime 'torch', 'onnx', or 'auto' (onnx for a .onnx file)."""
+    if runtime == "onnx" or (runtime == "auto" and str(path).lower().endswith(".onnx")):
+        return OnnxPredictor(path)
+    return Predictor(path, legacy=legacy)
+
+
+# --- export ---------------------------------------------------------------------------------
+
+def write_onnx(model: torch.nn.Module, meta: dict, out: Path) -> Path:
+    """Trace the classifier to ONNX (dynamic batch axis) and store meta in metadata_props."""
+    import onnx
+
+    size = meta["preprocessing"]["input_size"]
+    model = model.eval().cpu()
+    with warnings.catch_warnings():
+        # The TorchScript exporter (dynamo=False): one self-contained file in under a second for
+        # these plain CNNs; the dynamo exporter takes ~20x longer and needs onnxscript.
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.zeros(2, 3, size, size),), str(out), dynamo=False, opset_version=OPSET,
+                          input_names=["input"], output_names=["logits"],
+                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+    proto = onnx.load(str(out))
+    onnx.helper.set_model_props(proto, {META_KEY: json.dumps(meta)})
+    proto.doc_string = f"fruitnet {meta['backbone']} classifier: {', '.join(meta['classes'])}"
+    onnx.checker.check_model(proto)
+    onnx.save(proto, str(out))
+    return out
+
+
+def check_images(check: list[str] | None, limit: int = 64) -> tuple[list, str]:
+    """Images for the parity check: (PIL images, description).
+
+    From --check paths if given (evenly sampled down to `limit`), else the bundled demo photos,
+    else generated images (a weaker check, and said so).
+    """
+    from fruitnet.images import ImageError, load_image
+
+    if not check:
+        demo = resources.files("fruitnet") / "demo_data"
+        check = [str(demo)] if demo.is_dir() else []
+    paths, _ = expand_paths(check) if check else ([], [])
+    if len(paths) > limit:
+        paths = [paths[round(i * (len(paths) - 1) / (limit - 1))] for i in range(limit)]
+    images = []
+    for p in paths:
+        try:
+            images.append(load_image(p))
+        except (ImageError, OSError):
+            pass
+    if images:
+        return images, f"{len(images)} photos from {', '.join(check)}"
+    if check and paths:
+        raise ExportError(f"none of the check images in {', '.join(check)} could be read")
+    rng = np.random.default_rng(0)
+    gen = [np.kron(rng.integers(0, 256, (8, 8, 3)), np.ones((40, 40, 1))).astype(np.uint8) for _ in range(16)]
+    from PIL import Image
+
+    return [Image.fromarray(a, "RGB") for a in gen], "16 generated images (no photos given: pass --check DIR)"
+
+
+def compare(reference: Predictor, candidate: Predictor, images: list) -> dict:
+    """Top-1 agreement and largest probability difference, in batches (exercises the batch axis)."""
+    ref = torch.cat([reference.probabilities(images[i:i + CHECK_BATCH]) for i in range(0, len(images), CHECK_BATCH)])
+    got = torch.cat([candidate.probabilities(images[i:i + CHECK_BATCH]) for i in range(0, len(images), CHECK_BATCH)])
+    agree = int((ref.argmax(1) == got.argmax(1)).sum())
+    return {"n": len(images), "agree": agree, "top1_agreement": agree / len(images),
+            "max_prob_diff": float((ref - got).abs().max())}
+
+
+@torch.inference_mode()
+def ms_per_image(predictor: Predictor, images: list, batch_size: int = 1, rounds: int = 3) -> float:
+    """Forward-pass time per image (preprocessing excluded: it is the same for every runtime),
+    the median over rounds, after a warm-up."""
+    forward = predictor.logits if isinstance(predictor, OnnxPredictor) else predictor.model
+    x = torch.stack([predictor.transform(im) for im in images])
+    forward(x[:batch_size])
+    times = []
+    for _ in range(rounds):
+        t = time.perf_counter()
+        for i in range(0, len(x), batch_size):
+            forward(x[i:i + batch_size])
+        times.append((time.perf_counter() - t) / len(x) * 1000)
+    return float(np.median(times))
+
+
+def quantize_int8(fp32: Path, out: Path, calibration: list, transform) -> Path:
+    """Static int8 quantisation (QDQ, per-channel weights), activations calibrated on `calibration`."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter([{"input": transform(im)[None].numpy()} for im in calibration])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    pre = out.with_name(out.name + ".pre.onnx")
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # the quantiser logs every shape tensor it leaves alone
+    try:
+        quant_pre_process(str(fp32), str(pre))
+        quantize_static(str(pre), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8)
+    finally:
+        root.setLevel(level)
+        pre.unlink(missing_ok=True)
+    return out
+
+
+def export_onnx(model_path: str | Path, out: str | Path | None = None, check: list[str] | None = None,
+                int8: bool = False, log=print) -> dict:
+    """Export MODEL to ONNX, verify it against PyTorch on real images, optionally add an int8 copy.
+
+    The file appears at `out` only if it passed the parity check (100% top-1 agreement and largest
+    probability difference <= MAX_PROB_DIFF); otherwise ExportError, and it is left at out + '.rejected'.
+    Returns a summary dict (paths, parity, and for int8 its agreement and speed).
+    """
+    model_path = Path(model_path)
+    out = Path(out) if out else model_path.with_suffix(".onnx")
+    reference = Predictor(model_path, device="cpu")
+    meta = {**reference.meta, "exported_from": model_path.name}
+    images, described = check_images(check)
+
+    tmp = out.with_name(out.name + ".tmp")
+    t = time.perf_counter()
+    write_onnx(reference.model, meta, tmp)
+    log(f"exported {model_path} -> {out} ({os.path.getsize(tmp) / 1e6:.1f} MB, opset {OPSET}, "
+        f"dynamic batch) in {time.perf_counter() - t:.1f}s")
+    onnx_predictor = OnnxPredictor(tmp)  # reads classes and preprocessing back from the file itself
+    parity = compare(reference, onnx_predictor, images)
+    ok = parity["agree"] == parity["n"] and parity["max_prob_diff"] <= MAX_PROB_DIFF
+    log(f"parity on {described}: top-1 agreement {parity['top1_agreement']:.1%} ({parity['agree']}/{parity['n']}), "
+        f"largest probability difference {parity['max_prob_diff']:.2e} (limit {MAX_PROB_DIFF:.0e}) "
+        f"-> {'OK' if ok else 'FAILED'}")
+    if not ok:
+        rejected = out.with_name(out.name + ".rejected")
+        tmp.replace(rejected)
+        raise ExportError(f"the ONNX model disagrees with the PyTorch model; kept for inspection at {rejected}")
+    tmp.replace(out)
+    summary = {"onnx": str(out), "check_set": described, "parity": parity}
+    if int8:
+        summary["int8"] = _int8(out, reference, onnx_predictor, images, log)
+    return summary
+
+
+def _int8(fp32: Path, reference: Predictor, onnx_predictor: OnnxPredictor, images: list, log) -> dict:
+    out = fp32.with_suffix(".int8.onnx")
+    calibration, held_out = images[::2], images[1::2] or images
+    t = time.perf_counter()
+    quantize_int8(fp32, out, calibration, onnx_predictor.transform)
+    q = OnnxPredictor(out)
+    parity = compare(reference, q, held_out)
+    speed = {name: ms_per_image(p, images) for name, p in
+             (("pytorch", reference), ("onnx", onnx_predictor), ("onnx_int8", q))}
+    log(f"int8: {out} ({os.path.getsize(out) / 1e6:.1f} MB) in {time.perf_counter() - t:.1f}s, calibrated on "
+        f"{len(calibration)} check images; on the other {parity['n']}: top-1 agreement with PyTorch "
+        f"{parity['top1_agreement']:.1%} ({parity['agree']}/{parity['n']}), largest probability difference "
+        f"{parity['max_prob_diff']:.3f}")
+    log("forward pass, batch 1, ms/image (median of 3 rounds): " +
+        ", ".join(f"{k} {v:.1f}" for k, v in speed.items()) +
+        f"; int8 is {speed['onnx'] / speed['onnx_int8']:.1f}x onnx fp32")
+    return {"path": str(out), "parity": parity, "ms_per_image": speed}
