@@ -1,0 +1,247 @@
+"""HTTP API and web page for a model file: create_app(model_path, max_upload_mb) and serve().
+
+GET /          the web page (src/fruitnet/web/index.html: no external assets, works offline)
+POST /predict  multipart form field `files` (repeatable) -> [{filename, label, probabilities}]
+GET /health    {"status": "ok"}
+GET /model     classes, backbone, preprocessing, validation accuracy, limits
+
+Bad files are judged one by one.  A request with at least one usable photo answers 200 with a
+list in upload order where each unusable file has an entry {filename, error}.  A request with no
+usable photo answers {error, results} with the status of its files' problem (all the same: that
+one, else 400): 413 larger than --max-upload-mb, 415 not an image (content is not JPEG, PNG, GIF,
+BMP, TIFF or WebP), 400 an image that cannot be decoded (truncated, corrupt, decompression bomb);
+422 when no file was sent at all.  Every error body is JSON {"error": "..."}.
+
+One thread owns the model (so concurrent requests are safe); photos that arrive while it is busy
+go through together in the next forward pass (up to MAX_BATCH images).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import tempfile
+import threading
+from contextlib import asynccontextmanager
+from importlib import resources
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
+
+from fruitnet.export import load_predictor
+from fruitnet.images import ImageError, sniff_format
+
+MAX_FILES = 32  # per request
+MAX_BATCH = 32  # images per forward pass
+MB = 1024 * 1024
+
+
+class Batcher:
+    """Runs every forward pass on one thread; jobs waiting together share one pass."""
+
+    def __init__(self, predictor, max_batch: int = MAX_BATCH):
+        self.predictor, self.max_batch = predictor, max_batch
+        self.jobs: queue.Queue = queue.Queue()
+        self.thread = threading.Thread(target=self._run, name="fruitnet-model", daemon=True)
+        self.thread.start()
+
+    async def probabilities(self, images: list):
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self.jobs.put((images, loop, future))
+        return await future
+
+    def close(self) -> None:
+        self.jobs.put(None)
+        self.thread.join(timeout=10)
+
+    def _run(self) -> None:
+        while (job := self.jobs.get()) is not None:
+            batch, stop = [job], False
+            while sum(len(j[0]) for j in batch) < self.max_batch:
+                try:
+                    more = self.jobs.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    stop = True
+                    break
+                batch.append(more)
+            try:
+                probs = self.predictor.probabilities([im for images, _, _ in batch for im in images])
+                start, outcomes = 0, []
+                for images, _, _ in batch:
+                    outcomes.append((probs[start:start + len(images)], None))
+                    start += len(images)
+            except Exception as exc:  # reported to each waiting request, the thread lives on
+                outcomes = [(None, exc)] * len(batch)
+            for (_, loop, future), (result, error) in zip(batch, outcomes):
+                loop.call_soon_threadsafe(_settle, future, result, error)
+            if stop:
+                return
+
+
+def _settle(future: asyncio.Future, result, error) -> None:
+    if future.done():  # the client went away
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+class BodyLimit:
+    """ASGI middleware: refuse request bodies over `limit` bytes (413) before they are spooled."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length", b"0")
+        if length.isdigit() and int(length) > self.limit:
+            return await _error(413, f"request larger than {self.limit // MB} MB")(scope, receive, send)
+        seen = 0
+
+        async def counted():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                raise BodyTooLarge(f"request larger than {self.limit // MB} MB")
+            return message
+
+        return await self.app(scope, counted, send)
+
+
+def _error(status: int, message: str, **extra) -> JSONResponse:
+    return JSONResponse({"error": message, **extra}, status_code=status)
+
+
+class Unusable(Exception):
+    def __init__(self, status: int, reason: str):
+        super().__init__(reason)
+        self.status, self.reason = status, reason
+
+
+def decode(predictor, data: bytes):
+    """Bytes of one upload -> RGB image via the same loader as the command line, or Unusable."""
+    with tempfile.NamedTemporaryFile(prefix="fruitnet-upload-") as f:
+        f.write(data)
+        f.flush()
+        try:
+            return predictor.load(f.name)
+        except ImageError as exc:
+            # The content announces no accepted format: 415; an accepted format that fails to decode: 400.
+            raise Unusable(415 if sniff_format(f.name) is None else 400, exc.reason) from None
+
+
+def create_app(model_path: str | Path, max_upload_mb: int = 10, runtime: str = "auto") -> FastAPI:
+    predictor = load_predictor(model_path, runtime)
+    batcher = Batcher(predictor)
+    limit = max_upload_mb * MB
+    page = (resources.files("fruitnet") / "web" / "index.html").read_text(encoding="utf-8")
+    training = predictor.meta.get("training") or {}
+    model_info = {
+        "file": Path(model_path).name,
+        "runtime": "onnxruntime" if hasattr(predictor, "session") else "pytorch",
+        "classes": predictor.classes,
+        "backbone": predictor.meta.get("backbone"),
+        "preprocessing": predictor.meta.get("preprocessing"),
+        "validation_accuracy": training.get("val_accuracy", training.get("best_val_accuracy")),
+        "training": training or None,
+        "max_upload_mb": max_upload_mb,
+        "max_files": MAX_FILES,
+    }
+
+    @asynccontextmanager
+    async def lifespan(app):
+        yield
+        batcher.close()
+
+    app = FastAPI(title="fruitnet", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.add_middleware(BodyLimit, limit=MAX_FILES * limit + MB)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request, exc):
+        return _error(exc.status_code, str(exc.detail))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request, exc):
+        return _error(422, "invalid request")
+
+    @app.exception_handler(BodyTooLarge)
+    async def too_large(request, exc):
+        return _error(413, str(exc))
+
+    @app.exception_handler(Exception)
+    async def internal_error(request, exc):
+        return _error(500, f"internal error ({exc.__class__.__name__})")
+
+    @app.get("/", response_class=HTMLResponse)
+    async def index():
+        return HTMLResponse(page)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/model")
+    async def model():
+        return model_info
+
+    @app.post("/predict")
+    async def predict(request: Request):
+        async with request.form(max_files=MAX_FILES, max_fields=MAX_FILES) as form:
+            uploads = [u for u in form.getlist("files")
+                       if not (isinstance(u, UploadFile) and not u.filename and not u.size)]  # empty form slot
+            if not uploads:
+                return _error(422, "no file: send one or more images in the multipart form field 'files'")
+            results, images = [], []
+            for i, upload in enumerate(uploads):
+                name = upload.filename if isinstance(upload, UploadFile) and upload.filename else f"file {i + 1}"
+                results.append({"filename": name})
+                try:
+                    if not isinstance(upload, UploadFile):
+                        raise Unusable(422, "not a file (a text field)")
+                    data = await upload.read(limit + 1)
+                    if len(data) > limit:
+                        raise Unusable(413, f"file larger than the {max_upload_mb} MB limit")
+                    images.append((i, await run_in_threadpool(decode, predictor, data)))
+                except Unusable as exc:
+                    results[i].update(error=exc.reason, status=exc.status)
+        if images:
+            probs = await batcher.probabilities([im for _, im in images])
+            for (i, _), row in zip(images, probs):
+                results[i].update(predictor.describe(row))
+        statuses = {r.pop("status") for r in results if "status" in r}
+        if not images:
+            status = statuses.pop() if len(statuses) == 1 else 400
+            message = "no usable image: " + "; ".join(f"{r['filename']}: {r['error']}" for r in results)
+            return _error(status, message, results=results)
+        return results
+
+    return app
+
+
+def serve(model_path: str | Path, host: str = "127.0.0.1", port: int = 8000, max_upload_mb: int = 10,
+          runtime: str = "auto") -> None:
+    import uvicorn
+
+    app = create_app(model_path, max_upload_mb, runtime)
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: listening on {host}: anyone who can reach this machine can use the service "
+              "(there is no authentication)")
+    print(f"fruitnet: serving {model_path} at http://{'[' + host + ']' if ':' in host else host}:{port}/ "
+          "(Ctrl+C stops)", flush=True)
+    uvicorn.run(app, host=host, port=port, log_level="info")
