@@ -1,0 +1,150 @@
+"""End-to-end: the commands a user types, with real files, real models and exit codes."""
+
+import csv
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from awkward import make_awkward_folder
+from conftest import run_cli
+
+RUN_FILES = {"config.json", "split.csv", "data_report.json", "data_report.txt", "metrics.csv", "curves.png",
+             "best.safetensors", "last.safetensors", "summary.json", "checkpoint.pt"}
+
+
+@pytest.fixture(scope="module")
+def awkward(tmp_path_factory):
+    root = tmp_path_factory.mktemp("awkward") / "photos"
+    return root, make_awkward_folder(root)
+
+
+def test_check_names_every_unusable_file_and_exits_1(awkward):
+    root, info = awkward
+    result = run_cli("check", root)
+    assert result.returncode == 1
+    for rel, reason in info["unusable"].items():
+        assert f"{root / rel}: " in result.stdout and reason in result.stdout
+    report = json.loads(run_cli("check", root, "--json").stdout)
+    assert report["classes"] == ["cherry", "strawberry", "tomato"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["check", "/no/such/folder"], "not found"),
+    (["train", "/no/such/folder"], "not found"),
+    (["train", "x", "--epochs", "0"], "at least 1"),
+    (["train", "x", "--backbone", "vgg"], "invalid choice"),
+])
+def test_unusable_arguments_exit_2(args, message):
+    result = run_cli(*args)
+    assert result.returncode == 2
+    assert message in result.stderr
+
+
+def test_awkward_folder_trains_predicts_and_evaluates(awkward, tmp_path):
+    root, info = awkward
+    run = tmp_path / "run"
+    result = run_cli("train", root, "--backbone", "efficientnet_lite0", "--mode", "freeze", "--epochs", "2",
+                     "--lr", "0.01", "--out", run)
+    assert result.returncode == 0, result.stderr
+    assert RUN_FILES <= {p.name for p in run.iterdir()}
+    for rel in info["unusable"]:
+        assert str(root / rel) in result.stdout
+    report = json.loads((run / "data_report.json").read_text())
+    assert {Path(s["path"]).relative_to(root).as_posix() for s in report["skipped"]} == set(info["unusable"])
+    rows = list(csv.DictReader(open(run / "metrics.csv")))
+    assert list(rows[0]) == ["epoch", "seconds", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr"]
+    assert [r["epoch"] for r in rows] == ["1", "2"]
+    summary = json.loads((run / "summary.json").read_text())
+    assert {"best_val_accuracy", "best_epoch", "epochs", "seconds", "model"} <= set(summary)
+    config = json.loads((run / "config.json").read_text())
+    assert config["train"]["lr"] == 0.01 and config["train"]["weight_decay"] == 0.01 and config["machine"]["torch"]
+    # never overwrite a run
+    again = run_cli("train", root, "--backbone", "efficientnet_lite0", "--epochs", "1", "--out", run)
+    assert again.returncode == 2 and "already exists" in again.stderr
+
+    model = run / "best.safetensors"
+    pred = run_cli("predict", model, root, "--json", "--grid", tmp_path / "grid.png", "--csv", tmp_path / "p.csv")
+    assert pred.returncode == 1  # some files could not be read
+    results = {Path(r["path"]).relative_to(root).as_posix(): r for r in json.loads(pred.stdout)}
+    assert set(results) == set(info["usable"]) | set(info["unusable"])
+    for rel in info["unusable"]:
+        assert "error" in results[rel]
+    for rel in info["usable"]:
+        assert results[rel]["label"] in info["classes"]
+        assert sum(results[rel]["probabilities"].values()) == pytest.approx(1, abs=1e-4)
+    assert (tmp_path / "grid.png").stat().st_size > 10_000
+    assert len(list(csv.reader(open(tmp_path / "p.csv")))) == len(results) + 1
+
+    ev = run_cli("evaluate", model, root, "--json", "--out", tmp_path / "eval")
+    assert ev.returncode == 1  # unusable files were skipped
+    rep = json.loads(ev.stdout)
+    assert {"accuracy", "n", "classes", "per_class", "confusion_matrix", "skipped"} <= set(rep)
+    assert rep["n"] == len(info["usable"])
+    assert {"accuracy", "precision", "recall", "f1", "support"} == set(rep["per_class"]["cherry"])
+    assert {"confusion.png", "confusion.csv", "mistakes.png", "report.json"} <= {p.name for p in (tmp_path / "eval").iterdir()}
+
+
+def test_evaluate_refuses_classes_the_model_does_not_know(trained_model, tmp_path, demo_data):
+    data = tmp_path / "data"
+    for cls in ("cherry", "banana"):
+        (data / cls).mkdir(parents=True)
+        for src in sorted((demo_data / "test" / "cherry").glob("*.jpg"))[:2]:
+            (data / cls / src.name).write_bytes(src.read_bytes())
+    result = run_cli("evaluate", trained_model, data, "--out", tmp_path / "ev")
+    assert result.returncode == 2 and "banana" in result.stderr
+
+
+def test_predict_table_shows_every_class_probability(trained_model, demo_data):
+    photo = sorted((demo_data / "test" / "strawberry").glob("*.jpg"))[0]
+    result = run_cli("predict", trained_model, photo)
+    assert result.returncode == 0
+    header, row = result.stdout.strip().splitlines()[-2:]
+    assert header.split()[-3:] == ["cherry", "strawberry", "tomato"]
+    assert row.split()[1] == "strawberry"
+
+
+def test_resnet18_trains_from_a_local_weights_file_and_stops_without_weights(tmp_path, demo_data):
+    from torchvision.models import resnet18
+
+    torch.save(resnet18().state_dict(), tmp_path / "resnet18-f37072fd.pth")
+    result = run_cli("train", demo_data / "test", "--weights", tmp_path / "resnet18-f37072fd.pth", "--epochs", "1",
+                     "--out", tmp_path / "run")
+    assert result.returncode == 0, result.stderr
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["weights_source"].endswith("resnet18-f37072fd.pth")
+
+    import os
+
+    env_result = subprocess.run([sys.executable, "-m", "fruitnet", "train", str(demo_data / "test"), "--epochs", "1",
+                                 "--out", str(tmp_path / "none")], capture_output=True, text=True,
+                                env={**os.environ, "TORCH_HOME": str(tmp_path / "empty")})
+    assert env_result.returncode == 2
+    assert "--weights" in env_result.stderr and "--backbone efficientnet_lite0" in env_result.stderr
+    assert not (tmp_path / "none").exists()
+
+
+def test_ctrl_c_leaves_a_resumable_run(tmp_path, demo_data):
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "fruitnet", "train", str(demo_data / "train"), "--backbone",
+                             "efficientnet_lite0", "--mode", "freeze", "--no-feature-cache", "--workers", "0",
+                             "--epochs", "6", "--lr", "0.01", "--out", str(run)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = run / "metrics.csv"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "--resume" in out
+    done = len(metrics.read_text().splitlines()) - 1
+    assert 1 <= done < 6
+    result = run_cli("train", "--resume", run)
+    assert result.returncode == 0, result.stderr
+    rows = list(csv.DictReader(open(metrics)))
+    assert [int(r["epoch"]) for r in rows] == list(range(1, 7))
+    assert json.loads((run / "summary.json").read_text())["epochs"] == 6
