@@ -41,6 +41,7 @@ def cmd_check(args) -> int:
 
 
 def cmd_train(args) -> int:
+    from fruitnet import distributed
     from fruitnet.training import RECIPES, TrainConfig, train
 
     if args.recipe not in RECIPES:
@@ -48,14 +49,21 @@ def cmd_train(args) -> int:
     if args.resume is None and args.data is None:
         raise DataError("give a DATA folder to train on, or --resume RUN")
     config = TrainConfig(data=args.data, val_dir=args.val, out=args.out, backbone=args.backbone,
-                         weights=args.weights, mode=args.mode, epochs=args.epochs, batch_size=args.batch_size,
+                         weights=args.weights, mode=args.mode, batch_size=args.batch_size,
+                         epochs=args.epochs or (None if args.resume else 30),  # --resume: the run's own
                          lr=args.lr, weight_decay=args.weight_decay, val_fraction=args.val_fraction,
                          seed=args.seed, recipe=args.recipe, feature_cache=not args.no_feature_cache,
                          workers=args.workers, device=args.device)
-    try:
+    try:  # under torchrun every process runs this; see fruitnet.distributed
         train(config, resume=args.resume)
     except KeyboardInterrupt:
         return 130
+    except (DataError, ModelFileError, WeightsUnavailable, ImageError) as exc:
+        if getattr(exc, "reported_by_main", False):
+            return 2  # the same error on every rank: rank 0 prints it
+        raise
+    finally:
+        distributed.teardown()
     return 0
 
 
@@ -163,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backbone", default="resnet18", choices=sorted(BACKBONES))
     p.add_argument("--weights", default="imagenet", help="imagenet | none | FILE (a state dict)")
     p.add_argument("--mode", default="unfreeze", choices=["freeze", "unfreeze"])
-    p.add_argument("--epochs", type=_positive_int, default=30)
+    p.add_argument("--epochs", type=_positive_int, help="default 30; with --resume, the run's own unless given")
     p.add_argument("--batch-size", type=_positive_int, default=32)
     p.add_argument("--lr", type=_non_negative_float, default=0.001)
     p.add_argument("--weight-decay", type=_non_negative_float, default=0.01)
