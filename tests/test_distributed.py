@@ -146,6 +146,29 @@ def test_evaluation_shards_cover_every_item_exactly_once(n, size):
     assert full.tolist() == list(range(n))
 
 
+def test_scan_keeps_a_bounded_number_of_files_in_flight():
+    """Rank 0 scans alone; a huge folder must not queue one job (and its result) per file at once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fruitnet.dataset import _ordered_map
+
+    pulled, yielded, most = 0, 0, 0
+
+    def args():
+        nonlocal pulled
+        for i in range(500):
+            pulled += 1
+            yield i
+
+    with ThreadPoolExecutor(4) as pool:
+        out = []
+        for r in _ordered_map(pool, lambda i: i * i, args(), window=8):
+            yielded += 1
+            most = max(most, pulled - yielded)
+            out.append(r)
+    assert out == [i * i for i in range(500)] and most < 8
+
+
 # --- two processes with torchrun ----------------------------------------------------------------
 
 def test_two_processes_train_resume_and_validate_like_one(shapes, tmp_path):
