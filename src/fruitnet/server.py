@@ -2,7 +2,7 @@
 
 GET /          the web page (src/fruitnet/web/index.html: no external assets, works offline)
 POST /predict  multipart form field `files` (repeatable) -> [{filename, label, probabilities}]
-GET /health    {"status": "ok"}
+GET /health    {"status": "ok", "images": classified so far, "forward_passes": ...}
 GET /model     classes, backbone, preprocessing, validation accuracy, limits
 
 Bad files are judged one by one.  A request with at least one usable photo answers 200 with a
@@ -26,6 +26,7 @@ from contextlib import asynccontextmanager
 from importlib import resources
 from pathlib import Path
 
+import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
@@ -33,7 +34,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
-from fruitnet.export import load_predictor
+from fruitnet.export import batch_logits, load_predictor
 from fruitnet.images import ImageError, sniff_format
 
 MAX_FILES = 32  # per request
@@ -42,18 +43,22 @@ MB = 1024 * 1024
 
 
 class Batcher:
-    """Runs every forward pass on one thread; jobs waiting together share one pass."""
+    """Runs every forward pass on one thread; jobs waiting together share one pass.
+
+    A job is a list of preprocessed image tensors (decoding and preprocessing run in the request
+    threads, in parallel); its answer is their (n, classes) probabilities."""
 
     def __init__(self, predictor, max_batch: int = MAX_BATCH):
         self.predictor, self.max_batch = predictor, max_batch
         self.jobs: queue.Queue = queue.Queue()
+        self.passes = self.images = 0  # forward passes run, images classified
         self.thread = threading.Thread(target=self._run, name="fruitnet-model", daemon=True)
         self.thread.start()
 
-    async def probabilities(self, images: list):
+    async def probabilities(self, tensors: list):
         loop = asyncio.get_running_loop()
         future = loop.create_future()
-        self.jobs.put((images, loop, future))
+        self.jobs.put((tensors, loop, future))
         return await future
 
     def close(self) -> None:
@@ -73,11 +78,13 @@ class Batcher:
                     break
                 batch.append(more)
             try:
-                probs = self.predictor.probabilities([im for images, _, _ in batch for im in images])
+                x = torch.stack([t for tensors, _, _ in batch for t in tensors])
+                probs = batch_logits(self.predictor, x).float().softmax(1)
+                self.passes, self.images = self.passes + 1, self.images + len(probs)
                 start, outcomes = 0, []
-                for images, _, _ in batch:
-                    outcomes.append((probs[start:start + len(images)], None))
-                    start += len(images)
+                for tensors, _, _ in batch:
+                    outcomes.append((probs[start:start + len(tensors)], None))
+                    start += len(tensors)
             except Exception as exc:  # reported to each waiting request, the thread lives on
                 outcomes = [(None, exc)] * len(batch)
             for (_, loop, future), (result, error) in zip(batch, outcomes):
@@ -134,16 +141,17 @@ class Unusable(Exception):
         self.status, self.reason = status, reason
 
 
-def decode(predictor, data: bytes):
-    """Bytes of one upload -> RGB image via the same loader as the command line, or Unusable."""
+def preprocess(predictor, data: bytes) -> torch.Tensor:
+    """Bytes of one upload -> model input, by the same loader and transform as the command line."""
     with tempfile.NamedTemporaryFile(prefix="fruitnet-upload-") as f:
         f.write(data)
         f.flush()
         try:
-            return predictor.load(f.name)
+            image = predictor.load(f.name)
         except ImageError as exc:
             # The content announces no accepted format: 415; an accepted format that fails to decode: 400.
             raise Unusable(415 if sniff_format(f.name) is None else 400, exc.reason) from None
+    return predictor.transform(image)
 
 
 def create_app(model_path: str | Path, max_upload_mb: int = 10, runtime: str = "auto") -> FastAPI:
@@ -194,7 +202,7 @@ def create_app(model_path: str | Path, max_upload_mb: int = 10, runtime: str = "
 
     @app.get("/health")
     async def health():
-        return {"status": "ok"}
+        return {"status": "ok", "images": batcher.images, "forward_passes": batcher.passes}
 
     @app.get("/model")
     async def model():
@@ -217,7 +225,7 @@ def create_app(model_path: str | Path, max_upload_mb: int = 10, runtime: str = "
                     data = await upload.read(limit + 1)
                     if len(data) > limit:
                         raise Unusable(413, f"file larger than the {max_upload_mb} MB limit")
-                    images.append((i, await run_in_threadpool(decode, predictor, data)))
+                    images.append((i, await run_in_threadpool(preprocess, predictor, data)))
                 except Unusable as exc:
                     results[i].update(error=exc.reason, status=exc.status)
         if images:
