@@ -144,8 +144,7 @@ def cmd_export(args) -> int:
 def cmd_serve(args) -> int:
     from fruitnet.server import serve
 
-    serve(args.model, host=args.host, port=args.port, max_upload_mb=args.max_upload_mb, runtime=args.runtime)
-    return 0
+    return serve(args.model, host=args.host, port=args.port, max_upload_mb=args.max_upload_mb, runtime=args.runtime)
 
 
 def cmd_demo(args) -> int:

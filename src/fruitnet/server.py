@@ -243,13 +243,16 @@ def create_app(model_path: str | Path, max_upload_mb: int = 10, runtime: str = "
 
 
 def serve(model_path: str | Path, host: str = "127.0.0.1", port: int = 8000, max_upload_mb: int = 10,
-          runtime: str = "auto") -> None:
+          runtime: str = "auto") -> int:
+    """Run the service until Ctrl+C (0); 1 if it could not start (e.g. the port is in use)."""
     import uvicorn
 
     app = create_app(model_path, max_upload_mb, runtime)
     if host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: listening on {host}: anyone who can reach this machine can use the service "
-              "(there is no authentication)")
-    print(f"fruitnet: serving {model_path} at http://{'[' + host + ']' if ':' in host else host}:{port}/ "
-          "(Ctrl+C stops)", flush=True)
-    uvicorn.run(app, host=host, port=port, log_level="info")
+              "(there is no authentication)", flush=True)
+    try:
+        uvicorn.run(app, host=host, port=port, log_level="info")
+    except SystemExit as exc:  # uvicorn logged why it could not start; exit 1 (the job failed), not its 3
+        return 0 if exc.code in (0, None) else 1
+    return 0
