@@ -124,3 +124,10 @@ def test_cli_export_then_predict_with_onnx_runtime(exported, tmp_path):
     a, b = json.loads(by_onnx.stdout), json.loads(by_torch.stdout)
     assert [r["label"] for r in a] == [r["label"] for r in b] and [r["path"] for r in a] == files
     assert max(abs(x["probabilities"][c] - y["probabilities"][c]) for x, y in zip(a, b) for c in CLASSES) <= 1e-3
+
+
+def test_check_set_without_photos_is_an_argument_error(exported, tmp_path):
+    model, _, _, _ = exported
+    (tmp_path / "empty").mkdir()
+    assert cli.main(["export", str(model), "--out", str(tmp_path / "x.onnx"), "--check", str(tmp_path / "empty")]) == 2
+    assert not (tmp_path / "x.onnx").exists()

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fruitnet.dataset import DataError
 from fruitnet.model import ModelFileError, load_model
 from fruitnet.predict import Predictor, expand_paths
 from fruitnet.transforms import eval_transform
@@ -110,7 +111,8 @@ def check_images(check: list[str] | None, limit: int = 64) -> tuple[list, str]:
     """
     from fruitnet.images import ImageError, load_image
 
-    if not check:
+    given = bool(check)
+    if not given:
         demo = resources.files("fruitnet") / "demo_data"
         check = [str(demo)] if demo.is_dir() else []
     paths, _ = expand_paths(check) if check else ([], [])
@@ -124,8 +126,8 @@ def check_images(check: list[str] | None, limit: int = 64) -> tuple[list, str]:
             pass
     if images:
         return images, f"{len(images)} photos from {', '.join(check)}"
-    if check and paths:
-        raise ExportError(f"none of the check images in {', '.join(check)} could be read")
+    if given:
+        raise DataError(f"no usable photos for the parity check in {', '.join(check)}")
     rng = np.random.default_rng(0)
     gen = [np.kron(rng.integers(0, 256, (8, 8, 3)), np.ones((40, 40, 1))).astype(np.uint8) for _ in range(16)]
     from PIL import Image
