@@ -68,7 +68,7 @@ class OnnxPredictor(Predictor):
 @torch.inference_mode()
 def batch_logits(predictor: Predictor, x: torch.Tensor) -> torch.Tensor:
     """A normalised image batch (from predictor.transform) -> logits, for Predictor and OnnxPredictor."""
-    if isinstance(predictor, OnnxPredictor):
+    if hasattr(predictor, "logits"):  # OnnxPredictor, and Predictor where it has the method
         return predictor.logits(x)
     return predictor.model(x.to(predictor.device)).cpu()
 
