@@ -62,7 +62,9 @@ def test_awkward_folder_trains_predicts_and_evaluates(awkward, tmp_path):
     summary = json.loads((run / "summary.json").read_text())
     assert {"best_val_accuracy", "best_epoch", "epochs", "seconds", "model"} <= set(summary)
     config = json.loads((run / "config.json").read_text())
-    assert config["train"]["lr"] == 0.01 and config["train"]["weight_decay"] == 0.01 and config["machine"]["torch"]
+    # given values are honoured exactly; the others are the recipe's, resolved and recorded
+    assert config["train"]["lr"] == 0.01 and config["train"]["weight_decay"] == config["recipe"]["weight_decay"]
+    assert config["machine"]["torch"] and config["arithmetic"]["dtype"] in ("bf16", "fp32")
     # never overwrite a run
     again = run_cli("train", root, "--backbone", "efficientnet_lite0", "--epochs", "1", "--out", run)
     assert again.returncode == 2 and "already exists" in again.stderr

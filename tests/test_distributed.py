@@ -25,7 +25,9 @@ from fruitnet import distributed
 from fruitnet.predict import Predictor
 
 # 21 train / 9 validation images: both odd, so a padded shard would count an image twice
-COMMON = ["--backbone", "efficientnet_lite0", "--batch-size", "4", "--workers", "0", "--val-fraction", "0.3"]
+# fp32: the exact comparisons below need the same arithmetic as the single-process reference
+COMMON = ["--backbone", "efficientnet_lite0", "--batch-size", "4", "--workers", "0", "--val-fraction", "0.3",
+          "--precision", "fp32"]
 RUN_FILES = {"best.safetensors", "last.safetensors", "checkpoint.pt", "metrics.csv", "curves.png", "split.csv",
              "data_report.txt", "data_report.json", "config.json", "summary.json"}
 

@@ -2,11 +2,12 @@
 
 Every later epoch crops, flips and normalises tensors instead of re-decoding JPEGs.  The
 stored image is exactly what the evaluation transform has after its resize step (same PIL
-resize), so a centre crop of it gives the evaluation input bit for bit.
+resize), so a centre crop of it gives the evaluation input (to float rounding, ~1e-7).
 """
 
 from __future__ import annotations
 
+import copy
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -38,13 +39,21 @@ class DecodedImages(torch.utils.data.Dataset):
         side = resize_size(pre)
         resize = (T.Resize((side, side), interpolation=interp, antialias=True) if pre["resize"] == "squash"
                   else T.Resize(side, interpolation=interp, antialias=True))
-        self._decode = T.Compose([resize, T.ToImage()])  # PIL resize, then uint8 CHW tensor
+        # PIL resize, then a plain contiguous uint8 CHW tensor (tv_tensor wrappers slow every op down)
+        self._decode = T.Compose([resize, T.PILToTensor(), lambda t: t.as_subclass(torch.Tensor).contiguous()])
         with ThreadPoolExecutor(threads) as pool:  # PIL decodes and resizes without the GIL
             jobs = pool.map(lambda it: self._decode(load_image(it.path)), items)
             self.images = list(tqdm(jobs, total=len(items), desc=desc, unit="img", disable=not progress,
                                     leave=False))
-        self._normalise = T.Compose([T.ToDtype(torch.float32, scale=True), T.Normalize(pre["mean"], pre["std"])])
+        self._mean = torch.tensor(pre["mean"]).view(3, 1, 1) * 255
+        self._std = torch.tensor(pre["std"]).view(3, 1, 1) * 255
         self.interp = interp
+
+    def with_augment(self, augment: str) -> "DecodedImages":
+        """The same decoded images under another augmentation (nothing decoded again)."""
+        other = copy.copy(self)
+        other.augment = augment
+        return other
 
     def set_resolution(self, size: int) -> None:
         """Training resolution for augmented crops (progressive resizing); evaluation stays at input_size."""
@@ -63,4 +72,4 @@ class DecodedImages(torch.utils.data.Dataset):
                 img = T.functional.horizontal_flip(img)
         else:
             raise ValueError(f"unknown augmentation {self.augment!r}")
-        return self._normalise(img), self.targets[i]
+        return (img.float() - self._mean) / self._std, self.targets[i]  # = ToDtype(scale) + Normalize

@@ -16,6 +16,7 @@ from fruitnet.backbones import BACKBONES, WeightsUnavailable
 from fruitnet.dataset import DataError
 from fruitnet.images import ImageError
 from fruitnet.model import ModelFileError
+from fruitnet.training import DEFAULT_RECIPE, RECIPES
 
 
 def _positive_int(text: str) -> int:
@@ -42,17 +43,16 @@ def cmd_check(args) -> int:
 
 def cmd_train(args) -> int:
     from fruitnet import distributed
-    from fruitnet.training import RECIPES, TrainConfig, train
+    from fruitnet.training import TrainConfig, train
 
-    if args.recipe not in RECIPES:
-        raise DataError(f"unknown recipe {args.recipe!r}; choose one of: {', '.join(RECIPES)}")
     if args.resume is None and args.data is None:
         raise DataError("give a DATA folder to train on, or --resume RUN")
     config = TrainConfig(data=args.data, val_dir=args.val, out=args.out, backbone=args.backbone,
                          weights=args.weights, mode=args.mode, batch_size=args.batch_size,
-                         epochs=args.epochs or (None if args.resume else 30),  # --resume: the run's own
+                         epochs=args.epochs,  # None: the recipe's, or with --resume the run's own
                          lr=args.lr, weight_decay=args.weight_decay, val_fraction=args.val_fraction,
                          seed=args.seed, recipe=args.recipe, feature_cache=not args.no_feature_cache,
+                         image_cache=not args.no_image_cache, precision=args.precision,
                          workers=args.workers, device=args.device)
     try:  # under torchrun every process runs this; see fruitnet.distributed
         train(config, resume=args.resume)
@@ -170,17 +170,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backbone", default="resnet18", choices=sorted(BACKBONES))
     p.add_argument("--weights", default="imagenet", help="imagenet | none | FILE (a state dict)")
     p.add_argument("--mode", default="unfreeze", choices=["freeze", "unfreeze"])
-    p.add_argument("--epochs", type=_positive_int, help="default 30; with --resume, the run's own unless given")
+    p.add_argument("--recipe", default=DEFAULT_RECIPE, choices=list(RECIPES),
+                   help=f"training recipe (default {DEFAULT_RECIPE}); 'seed' is the original project's exactly")
+    p.add_argument("--epochs", type=_positive_int,
+                   help="default: the recipe's (seed 30, fast 8); with --resume, the run's own unless given")
     p.add_argument("--batch-size", type=_positive_int, default=32)
-    p.add_argument("--lr", type=_non_negative_float, default=0.001)
-    p.add_argument("--weight-decay", type=_non_negative_float, default=0.01)
+    p.add_argument("--lr", type=_non_negative_float, help="default: the recipe's (seed 0.001, fast 0.001)")
+    p.add_argument("--weight-decay", type=_non_negative_float, help="default: the recipe's (seed 0.01, fast 0.05)")
     p.add_argument("--val-fraction", type=float, default=0.25)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--recipe", default="seed")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="auto: bf16 where the CPU (AVX512-BF16/AMX) or GPU runs it natively, else fp32")
     p.add_argument("--resume", metavar="RUN", help="continue an interrupted run folder")
     p.add_argument("--no-feature-cache", action="store_true",
                    help="in freeze mode, run the backbone on every image every epoch (slow; for comparison)")
-    p.add_argument("--workers", type=int, default=2, help="image-decoding worker processes")
+    p.add_argument("--no-image-cache", action="store_true",
+                   help="decode every image every epoch instead of once per run")
+    p.add_argument("--workers", type=int, default=2, help="image-decoding worker processes (without the image cache)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.set_defaults(func=cmd_train)
 

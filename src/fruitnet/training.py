@@ -1,9 +1,16 @@
 """The training loop and its recipes.
 
 Read top to bottom: resolve the config, scan and split the data, build the classifier, then
-one plain loop of epochs.  In --mode freeze the backbone never changes, so its features are
-computed once and the head trains on them (epochs then take milliseconds); --no-feature-cache
-keeps the per-epoch image path for comparison.
+one plain loop of epochs.  Where the time goes, and what saves it:
+- images are decoded, oriented and resized once per run and kept as uint8 (cache.py); epochs
+  then crop, flip and normalise tensors;
+- in --mode freeze the backbone never changes, so its features are computed once (a few
+  augmented views when the recipe augments) and the head trains on them: epochs take
+  milliseconds; --no-feature-cache keeps the per-epoch image path for comparison;
+- bf16 autocast and channels-last where the hardware runs them natively (arithmetic.py);
+- recipes: 'seed' is the original project exactly; 'fast' warms the head up on cached
+  features, then fine-tunes everything with AdamW, a cosine schedule, label smoothing,
+  random-resized crops and flips, at a lower resolution in the first epochs.
 
 Under torchrun the same function trains data-parallel (DistributedDataParallel): see
 distributed.py for the rules (rank 0 owns the run folder and the console; --batch-size is the
@@ -20,7 +27,7 @@ import platform
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from datetime import datetime
 from pathlib import Path
 
@@ -30,7 +37,9 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from tqdm import tqdm
 
 from fruitnet import __version__, distributed
+from fruitnet.arithmetic import PRECISIONS, Arithmetic, choose
 from fruitnet.backbones import get_backbone
+from fruitnet.cache import DEFAULT_MAX_BYTES, DecodedImages, estimated_bytes
 from fruitnet.dataset import (DataError, ImageDataset, Item, format_report, read_split, scan, split,
                               write_report, write_split)
 from fruitnet.model import Classifier, create_classifier, save_model
@@ -38,9 +47,17 @@ from fruitnet.transforms import eval_transform, train_transform
 
 RECIPES = {
     # The original project, exactly: plain SGD, constant learning rate, no augmentation.
-    "seed": {"optimizer": "sgd", "momentum": 0.0, "schedule": "constant", "label_smoothing": 0.0,
-             "augment": "none"},
+    "seed": {"optimizer": "sgd", "momentum": 0.0, "lr": 0.001, "weight_decay": 0.01, "epochs": 30,
+             "schedule": "constant", "warmup_epochs": 0, "label_smoothing": 0.0, "augment": "none",
+             "feature_views": 1, "head_warmup_epochs": 0, "low_res": None, "drop_last": False},
+    # Chosen by measurement (bench/bench_train.py): see the README's performance section.
+    "fast": {"optimizer": "adamw", "momentum": 0.0, "lr": 0.001, "weight_decay": 0.05, "epochs": 8,
+             "schedule": "cosine", "warmup_epochs": 0.5, "label_smoothing": 0.1, "augment": "light",
+             "feature_views": 4, "head_warmup_epochs": 40, "low_res": {"size": 160, "fraction": 0.5},
+             # one batch shape per resolution: bf16 kernels are compiled per shape on first use
+             "drop_last": True},
 }
+DEFAULT_RECIPE = "fast"
 METRIC_COLUMNS = ["epoch", "seconds", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr"]
 
 
@@ -52,14 +69,16 @@ class TrainConfig:
     backbone: str = "resnet18"
     weights: str = "imagenet"
     mode: str = "unfreeze"
-    epochs: int = 30
+    epochs: int | None = None  # None: the recipe's
     batch_size: int = 32
-    lr: float = 0.001
-    weight_decay: float = 0.01
+    lr: float | None = None  # None: the recipe's
+    weight_decay: float | None = None  # None: the recipe's
     val_fraction: float = 0.25
     seed: int = 0
-    recipe: str = "seed"
+    recipe: str = DEFAULT_RECIPE
     feature_cache: bool = True
+    image_cache: bool = True
+    precision: str = "auto"
     workers: int = 2
     device: str = "auto"
 
@@ -96,45 +115,75 @@ def new_run_folder(out: str | None) -> Path:
     return path
 
 
-def _loader(dataset: Dataset, batch_size, shuffle, workers, seed) -> DataLoader:
+def _loader(dataset: Dataset, batch_size, shuffle, workers, seed, drop_last: bool = False) -> DataLoader:
     """Under torchrun each rank reads its own shard (distributed.sampler)."""
     g = torch.Generator().manual_seed(seed)
+    drop_last = drop_last and len(dataset) > batch_size * distributed.world().size
     return DataLoader(dataset, batch_size=batch_size, sampler=distributed.sampler(dataset, shuffle, seed, g),
-                      num_workers=workers, generator=g, persistent_workers=workers > 0)
+                      num_workers=workers, generator=g, persistent_workers=workers > 0, drop_last=drop_last)
 
 
 @torch.no_grad()
-def extract_features(body: nn.Module, loader: DataLoader, device, desc: str) -> tuple[torch.Tensor, torch.Tensor]:
+def extract_features(body: nn.Module, loader: DataLoader, device, desc: str,
+                     arith: Arithmetic | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    arith = arith or choose("fp32", device)
     body.eval()
     feats, targets = [], []
     for x, y in tqdm(loader, desc=desc, unit="batch", leave=False, disable=not distributed.is_main()):
-        feats.append(body(x.to(device)).float().cpu())
+        with arith.autocast(device):
+            feats.append(body(arith.prepare_input(x.to(device))).float().cpu())
         targets.append(y)
     if not feats:  # an empty shard (fewer images than ranks)
         return torch.empty(0), torch.empty(0, dtype=torch.long)
     return torch.cat(feats), torch.cat(targets)
 
 
-def run_epoch(net: nn.Module, loader: DataLoader, device, optimizer=None, loss_fn=None, desc="") -> tuple[float, float]:
+def run_epoch(net: nn.Module, loader: DataLoader, device, optimizer=None, loss_fn=None, desc="",
+              arith: Arithmetic | None = None, scheduler=None) -> tuple[float, float]:
     """One pass; trains when an optimizer is given. Returns (mean loss, accuracy) over all ranks."""
+    arith = arith or choose("fp32", device)
     training = optimizer is not None
     net.train(training)
     total_loss, correct, n = 0.0, 0, 0
     bar = tqdm(loader, desc=desc, unit="batch", leave=False, disable=len(loader) < 2 or not distributed.is_main())
     with torch.set_grad_enabled(training):
         for x, y in bar:
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            logits = net(x)
+            x, y = arith.prepare_input(x.to(device, non_blocking=True)), y.to(device, non_blocking=True)
+            with arith.autocast(device):
+                logits = net(x).float()
             loss = loss_fn(logits, y)
             if training:
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
+                if scheduler is not None:
+                    scheduler.step()
             total_loss += loss.item() * len(y)
             correct += (logits.argmax(1) == y).sum().item()
             n += len(y)
     total_loss, correct, n = distributed.sum_across(total_loss, correct, n)
     return total_loss / max(n, 1), correct / max(n, 1)
+
+
+def make_optimizer(params, recipe: dict, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    if recipe["optimizer"] == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=recipe["momentum"], weight_decay=weight_decay)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+
+def make_scheduler(optimizer, recipe: dict, epochs: int, steps_per_epoch: int):
+    """Per-step learning-rate factor: constant, or linear warm-up then cosine decay to zero."""
+    total = max(1, epochs * steps_per_epoch)
+    warmup = int(recipe["warmup_epochs"] * steps_per_epoch)
+
+    def factor(step: int) -> float:
+        if recipe["schedule"] == "constant":
+            return 1.0
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def _load_json(path: Path) -> dict:
@@ -180,8 +229,13 @@ def train(config: TrainConfig, resume: str | None = None, log=print) -> dict:
         config = TrainConfig(**{f.name: saved[f.name] for f in fields(TrainConfig) if f.name in saved})
     if config.recipe not in RECIPES:
         raise DataError(f"unknown recipe {config.recipe!r}; choose one of: {', '.join(RECIPES)}")
+    if config.precision not in PRECISIONS:
+        raise DataError(f"unknown precision {config.precision!r}; choose one of: {', '.join(PRECISIONS)}")
     recipe = RECIPES[config.recipe]
+    # values given on the command line are honoured exactly; the rest come from the recipe
+    config = replace(config, **{k: recipe[k] for k in ("epochs", "lr", "weight_decay") if getattr(config, k) is None})
     device = world.device if world.distributed else _device(config.device)
+    arith = choose(config.precision, device)
     batch_size = world.per_rank_batch(config.batch_size)  # --batch-size is global; a plain run: itself
     torch.manual_seed(config.seed)
     backbone = get_backbone(config.backbone)
@@ -197,7 +251,10 @@ def train(config: TrainConfig, resume: str | None = None, log=print) -> dict:
     # --- model (weights resolved before the run folder exists: a missing file stops early) ---
     model, weights_source = create_classifier(config.backbone, len(classes), config.weights)
     model.set_mode(config.mode)
-    model.to(device)
+    arith.prepare_model(model.to(device))
+    torch.manual_seed(config.seed + world.rank)  # same initial model everywhere, own augmentations per rank
+    use_image_cache = config.image_cache and \
+        estimated_bytes(len(train_items) + len(val_items), pre) <= DEFAULT_MAX_BYTES
 
     def start_run() -> Path:
         run = new_run_folder(config.out)
@@ -205,44 +262,80 @@ def train(config: TrainConfig, resume: str | None = None, log=print) -> dict:
         write_split(run / "split.csv", train_items, val_items)
         (run / "config.json").write_text(json.dumps({
             "train": asdict(config), "recipe": recipe, "classes": classes, "preprocessing": pre,
-            "weights_source": weights_source, "device": str(device), "machine": machine_info(),
+            "weights_source": weights_source, "device": str(device), "arithmetic": arith.as_dict(),
+            "image_cache": use_image_cache, "machine": machine_info(),
             "distributed": world.describe(config.batch_size),
             "command": sys.argv, "started": datetime.now().isoformat(timespec="seconds")}, indent=2))
         return run
 
     run = run if resume else distributed.on_main(start_run)  # only rank 0 creates and writes the folder
 
-    optimizer = torch.optim.SGD(model.trainable_parameters(), lr=config.lr, momentum=recipe["momentum"],
-                                weight_decay=config.weight_decay)
+    log(f"arithmetic: {arith.dtype}{', channels-last' if arith.channels_last else ''} ({arith.reason}); "
+        f"decoded-image cache: {'on' if use_image_cache else 'off'}")
+    if world.distributed:
+        log(f"data-parallel: {world.size} processes ({world.backend}), global batch {config.batch_size} = "
+            f"{world.size} x {batch_size}")
+
+    # --- data pipeline: decoded images in memory, and cached features where the body is frozen ---
+    t0 = time.perf_counter()
+    if use_image_cache:  # decoded once; crops and flips then run on tensors, no worker processes needed
+        workers = 0
+        train_ds = DecodedImages(train_items, classes, pre, recipe["augment"], desc="decoding (train)",
+                                 progress=world.is_main)
+        val_ds = DecodedImages(val_items, classes, pre, "none", desc="decoding (val)", progress=world.is_main)
+    else:
+        workers = config.workers
+        train_ds = ImageDataset(train_items, classes, train_transform(pre, recipe["augment"]))
+        val_ds = ImageDataset(val_items, classes, eval_transform(pre))
+    train_loader = _loader(train_ds, batch_size, True, workers, config.seed, recipe["drop_last"])
+    val_loader = _loader(val_ds, batch_size, False, workers, config.seed)
+
+    def features(dataset: Dataset, desc: str) -> tuple[torch.Tensor, torch.Tensor]:
+        # in dataset order; under torchrun each rank extracts its shard and all gather the whole set
+        loader = _loader(dataset, batch_size, False, workers, config.seed)
+        return distributed.gather_shards(*extract_features(model.body, loader, device, desc, arith))
+
+    net: nn.Module = model
+    train_views = None  # frozen: one TensorDataset of features per view, epoch e trains on view e % n
+    if config.mode == "freeze" and config.feature_cache:
+        n_views = recipe["feature_views"] if recipe["augment"] != "none" else 1
+        plain = (train_ds.with_augment("none") if use_image_cache
+                 else ImageDataset(train_items, classes, eval_transform(pre)))
+        train_views = [TensorDataset(*features(plain, "features (train)"))]
+        for v in range(1, n_views):
+            train_views.append(TensorDataset(*features(train_ds, f"features (train, augmented view {v})")))
+        val_loader = _loader(TensorDataset(*features(val_ds, "features (val)")), 256, False, 0, config.seed)
+        train_loader = _loader(train_views[0], batch_size, True, 0, config.seed)
+        net = model.head
+        log(f"feature pass: {time.perf_counter() - t0:.1f}s for {n_views} view(s) "
+            "(the frozen backbone runs once, not every epoch)")
+    elif recipe["head_warmup_epochs"] and not resume:
+        # a trained head first, so that fine-tuning does not start from random gradients
+        ftrain = features(train_ds.with_augment("none") if use_image_cache
+                          else ImageDataset(train_items, classes, eval_transform(pre)), "features (head warm-up)")
+        warm_loader = _loader(TensorDataset(*ftrain), batch_size, True, 0, config.seed)
+        warm_opt = make_optimizer(model.head.parameters(), recipe, config.lr * 10, config.weight_decay)
+        warm_sched = make_scheduler(warm_opt, recipe, recipe["head_warmup_epochs"], len(warm_loader))
+        head = distributed.wrap(model.head)
+        for _ in range(recipe["head_warmup_epochs"]):
+            distributed.set_epoch(warm_loader, _)
+            _, warm_acc = run_epoch(head, warm_loader, device, warm_opt, nn.CrossEntropyLoss(), scheduler=warm_sched)
+        log(f"head warm-up on cached features: {recipe['head_warmup_epochs']} epochs, train accuracy "
+            f"{warm_acc:.4f}, {time.perf_counter() - t0:.1f}s")
+
+    optimizer = make_optimizer(net.parameters() if net is model.head else model.trainable_parameters(),
+                               recipe, config.lr, config.weight_decay)
+    scheduler = make_scheduler(optimizer, recipe, config.epochs, len(train_loader))
     loss_fn = nn.CrossEntropyLoss(label_smoothing=recipe["label_smoothing"])
     start_epoch, best, rows, elapsed = 1, {"val_accuracy": -1.0, "epoch": 0}, [], 0.0
     if resume:
         state = saved_run["state"]
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
         start_epoch, best, rows, elapsed = state["epoch"] + 1, state["best"], state["rows"], state["elapsed"]
         torch.set_rng_state(state["rng"])
         log(f"resuming {run} at epoch {start_epoch}")
-    if world.distributed:
-        log(f"data-parallel: {world.size} processes ({world.backend}), global batch {config.batch_size} = "
-            f"{world.size} x {batch_size}")
-
-    # --- data pipeline: cached features (frozen) or images --------------------------------
-    t0 = time.perf_counter()
-    workers = config.workers
-    train_tf = train_transform(pre, recipe["augment"])
-    val_loader = _loader(ImageDataset(val_items, classes, eval_transform(pre)), batch_size, False, workers, config.seed)
-    train_loader = _loader(ImageDataset(train_items, classes, train_tf), batch_size, True, workers, config.seed)
-    net: nn.Module = model
-    if config.mode == "freeze" and config.feature_cache and recipe["augment"] == "none":
-        # in dataset order; under torchrun each rank extracts its shard and all gather the whole set
-        in_order = _loader(ImageDataset(train_items, classes, train_tf), batch_size, False, workers, config.seed)
-        ftrain = distributed.gather_shards(*extract_features(model.body, in_order, device, "features (train)"))
-        fval = distributed.gather_shards(*extract_features(model.body, val_loader, device, "features (val)"))
-        train_loader = _loader(TensorDataset(*ftrain), batch_size, True, 0, config.seed)
-        val_loader = _loader(TensorDataset(*fval), 256, False, 0, config.seed)
-        net = model.head
-        log(f"feature pass: {time.perf_counter() - t0:.1f}s (the frozen backbone runs once, not every epoch)")
     parallel_net = distributed.wrap(net)  # DistributedDataParallel under torchrun; else net itself
     setup_seconds = time.perf_counter() - t0
 
@@ -258,16 +351,24 @@ def train(config: TrainConfig, resume: str | None = None, log=print) -> dict:
     try:
         for epoch in range(start_epoch, config.epochs + 1):
             t = time.perf_counter()
+            if train_views is not None and len(train_views) > 1:
+                train_loader = _loader(train_views[(epoch - 1) % len(train_views)], batch_size, True, 0, config.seed)
+            if use_image_cache and recipe["low_res"]:  # progressive resizing: small crops first, full size last
+                low = epoch <= recipe["low_res"]["fraction"] * config.epochs
+                train_ds.set_resolution(recipe["low_res"]["size"] if low else pre["input_size"])
             distributed.set_epoch(train_loader, epoch)
+            lr = optimizer.param_groups[0]["lr"]
             train_loss, train_acc = run_epoch(parallel_net, train_loader, device, optimizer, loss_fn,
-                                              desc=f"epoch {epoch}/{config.epochs}")
+                                              desc=f"epoch {epoch}/{config.epochs}", arith=arith, scheduler=scheduler)
             distributed.sync_buffers(net)  # every rank validates exactly the model rank 0 saves
-            val_loss, val_acc = run_epoch(net, val_loader, device, loss_fn=loss_fn, desc="validating")
+            # validation loss is plain cross-entropy, comparable across recipes (no label smoothing)
+            val_loss, val_acc = run_epoch(net, val_loader, device, loss_fn=nn.CrossEntropyLoss(), desc="validating",
+                                          arith=arith)
             seconds = time.perf_counter() - t + (setup_seconds if epoch == start_epoch else 0.0)
             elapsed += seconds
             row = {"epoch": epoch, "seconds": round(seconds, 3), "train_loss": train_loss,
                    "train_accuracy": train_acc, "val_loss": val_loss, "val_accuracy": val_acc,
-                   "lr": optimizer.param_groups[0]["lr"]}
+                   "lr": lr}
             rows.append(row)
             log(f"{epoch:>5} {seconds:>8.1f} {train_loss:>10.4f} {train_acc:>9.4f} {val_loss:>9.4f} {val_acc:>8.4f}")
             summary = {"epoch": epoch, "val_accuracy": val_acc}
@@ -280,7 +381,8 @@ def train(config: TrainConfig, resume: str | None = None, log=print) -> dict:
                 save_model(run / "last.safetensors", model, {**meta, "training": summary})
                 if improved:
                     save_model(run / "best.safetensors", model, {**meta, "training": summary})
-                torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
+                torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                            "scheduler": scheduler.state_dict(), "epoch": epoch,
                             "best": best, "rows": rows, "elapsed": elapsed, "rng": torch.get_rng_state()},
                            run / "checkpoint.pt.tmp")
                 os.replace(run / "checkpoint.pt.tmp", run / "checkpoint.pt")  # a kill mid-write leaves the old one
