@@ -157,7 +157,7 @@ def main() -> int:
             row, _ = serve_row(f"serve, onnxruntime, {args.clients} clients", onnx_model, photos, args, log)
             rows.append(row)
 
-    predictor = Predictor(model, device="cpu")
+    predictor = Predictor(model, device="cpu", precision="auto")  # as `fruitnet predict` runs by default
     predictor.predict_paths(paths[:4])  # warm-up, as for the server
     n = args.requests
     sequence = [paths[i % len(paths)] for i in range(n)]

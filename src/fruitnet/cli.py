@@ -12,6 +12,7 @@ import sys
 from datetime import datetime
 from pathlib import Path
 
+from fruitnet.arithmetic import PRECISIONS
 from fruitnet.backbones import BACKBONES, WeightsUnavailable
 from fruitnet.dataset import DataError
 from fruitnet.images import ImageError
@@ -77,6 +78,7 @@ def cmd_evaluate(args) -> int:
 
     out = Path(args.out) if args.out else _default_out("eval")
     report = evaluate(args.model, args.data, out, batch_size=args.batch_size, legacy=args.legacy or None,
+                      precision=args.precision,
                       progress=not args.json)
     if args.json:
         print(json.dumps(report))
@@ -96,7 +98,7 @@ def cmd_predict(args) -> int:
     from fruitnet.predict import expand_paths
 
     paths, problems = expand_paths(args.paths)
-    predictor = load_predictor(args.model, args.runtime, legacy=args.legacy or None)
+    predictor = load_predictor(args.model, args.runtime, legacy=args.legacy or None, precision=args.precision)
     with tqdm(total=len(paths), desc="predicting", unit="img", disable=args.json or len(paths) < 2,
               leave=False) as bar:
         results = problems + predictor.predict_paths(paths, args.batch_size, progress=bar.update)
@@ -144,7 +146,8 @@ def cmd_export(args) -> int:
 def cmd_serve(args) -> int:
     from fruitnet.server import serve
 
-    return serve(args.model, host=args.host, port=args.port, max_upload_mb=args.max_upload_mb, runtime=args.runtime)
+    return serve(args.model, host=args.host, port=args.port, max_upload_mb=args.max_upload_mb, runtime=args.runtime,
+                 precision=args.precision)
 
 
 def cmd_demo(args) -> int:
@@ -152,6 +155,16 @@ def cmd_demo(args) -> int:
 
     run_demo(Path(args.out) if args.out else None)
     return 0
+
+
+def _add_precision(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--precision", default="auto", choices=list(PRECISIONS),
+                   help="auto: bf16 where the CPU (AVX512-BF16/AMX) or GPU runs it natively, else fp32")
+
+
+def _add_runtime(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--runtime", default="auto", choices=["auto", "torch", "onnx"],
+                   help="onnx: use an exported .onnx file with onnxruntime (auto: by the file's suffix)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -179,8 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weight-decay", type=_non_negative_float, help="default: the recipe's (seed 0.01, fast 0.05)")
     p.add_argument("--val-fraction", type=float, default=0.25)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
-                   help="auto: bf16 where the CPU (AVX512-BF16/AMX) or GPU runs it natively, else fp32")
+    _add_precision(p)
     p.add_argument("--resume", metavar="RUN", help="continue an interrupted run folder")
     p.add_argument("--no-feature-cache", action="store_true",
                    help="in freeze mode, run the backbone on every image every epoch (slow; for comparison)")
@@ -197,6 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--batch-size", type=_positive_int, default=32)
     p.add_argument("--legacy", action="store_true", help="MODEL is the original project's model.pth")
+    _add_precision(p)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("predict", help="class and probabilities for images, folders or globs")
@@ -207,8 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grid", metavar="FILE.png", help="draw the photos titled with prediction and confidence")
     p.add_argument("--batch-size", type=_positive_int, default=32)
     p.add_argument("--legacy", action="store_true", help="MODEL is the original project's model.pth")
-    p.add_argument("--runtime", default="auto", choices=["auto", "torch", "onnx"],
-                   help="onnx: run an exported .onnx file with onnxruntime (auto: by the file's suffix)")
+    _add_runtime(p)
+    _add_precision(p)
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("export", help="ONNX file carrying classes and preprocessing, checked against PyTorch")
@@ -226,8 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-upload-mb", type=_positive_int, default=10, help="largest accepted photo, in MB")
-    p.add_argument("--runtime", default="auto", choices=["auto", "torch", "onnx"],
-                   help="onnx: serve an exported .onnx file with onnxruntime (auto: by the file's suffix)")
+    _add_runtime(p)
+    _add_precision(p)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("demo", help="train, evaluate and predict on the bundled fruits360 sample")

@@ -16,11 +16,11 @@ from fruitnet.predict import Predictor
 
 
 def evaluate(model_path, data, out: Path, batch_size: int = 32, legacy: bool | None = None,
-             progress: bool = True) -> dict:
+             progress: bool = True, precision: str = "fp32") -> dict:
     """Returns the report dict (accuracy, n, classes, per_class, confusion_matrix, skipped, ...)
     and writes report.json/.txt, confusion.png/.csv, mistakes.png and predictions.csv into out."""
     t0 = time.perf_counter()
-    predictor = Predictor(model_path, legacy=legacy)
+    predictor = Predictor(model_path, legacy=legacy, precision=precision)
     catalog = scan(data, progress=progress)
     unknown = [c for c in catalog.classes if c not in predictor.classes]
     if unknown:

@@ -59,25 +59,15 @@ class OnnxPredictor(Predictor):
         self.device = torch.device("cpu")
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(self.session.run(None, {self.input_name: x.numpy()})[0])
-
-    def probabilities(self, images: list) -> torch.Tensor:
-        return self.logits(torch.stack([self.transform(im) for im in images])).float().softmax(1)
+        return torch.from_numpy(self.session.run(None, {self.input_name: x.numpy()})[0]).float()
 
 
-@torch.inference_mode()
-def batch_logits(predictor: Predictor, x: torch.Tensor) -> torch.Tensor:
-    """A normalised image batch (from predictor.transform) -> logits, for Predictor and OnnxPredictor."""
-    if hasattr(predictor, "logits"):  # OnnxPredictor, and Predictor where it has the method
-        return predictor.logits(x)
-    return predictor.model(x.to(predictor.device)).cpu()
-
-
-def load_predictor(path: str | Path, runtime: str = "auto", legacy: bool | None = None) -> Predictor:
-    """runtime 'torch', 'onnx', or 'auto' (onnx for a .onnx file)."""
+def load_predictor(path: str | Path, runtime: str = "auto", legacy: bool | None = None,
+                   precision: str = "fp32") -> Predictor:
+    """runtime 'torch', 'onnx', or 'auto' (onnx for a .onnx file); precision applies to torch."""
     if runtime == "onnx" or (runtime == "auto" and str(path).lower().endswith(".onnx")):
         return OnnxPredictor(path)
-    return Predictor(path, legacy=legacy)
+    return Predictor(path, legacy=legacy, precision=precision)
 
 
 # --- export ---------------------------------------------------------------------------------
@@ -148,12 +138,12 @@ def ms_per_image(predictor: Predictor, images: list, batch_size: int = 1, rounds
     """Forward-pass time per image on (up to 16 of) images, preprocessing excluded (it is the same
     for every runtime): the median over rounds, after a warm-up."""
     x = torch.stack([predictor.transform(im) for im in images[:16]])
-    batch_logits(predictor, x[:batch_size])
+    predictor.logits(x[:batch_size])
     times = []
     for _ in range(rounds):
         t = time.perf_counter()
         for i in range(0, len(x), batch_size):
-            batch_logits(predictor, x[i:i + batch_size])
+            predictor.logits(x[i:i + batch_size])
         times.append((time.perf_counter() - t) / len(x) * 1000)
     return float(np.median(times))
 

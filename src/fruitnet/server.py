@@ -34,7 +34,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
-from fruitnet.export import batch_logits, load_predictor
+from fruitnet.export import load_predictor
 from fruitnet.images import ImageError, sniff_format
 
 MAX_FILES = 32  # per request
@@ -79,7 +79,7 @@ class Batcher:
                 batch.append(more)
             try:
                 x = torch.stack([t for tensors, _, _ in batch for t in tensors])
-                probs = batch_logits(self.predictor, x).float().softmax(1)
+                probs = self.predictor.logits(x).softmax(1)
                 self.passes, self.images = self.passes + 1, self.images + len(probs)
                 start, outcomes = 0, []
                 for tensors, _, _ in batch:
@@ -154,8 +154,9 @@ def preprocess(predictor, data: bytes) -> torch.Tensor:
     return predictor.transform(image)
 
 
-def create_app(model_path: str | Path, max_upload_mb: int = 10, runtime: str = "auto") -> FastAPI:
-    predictor = load_predictor(model_path, runtime)
+def create_app(model_path: str | Path, max_upload_mb: int = 10, runtime: str = "auto",
+               precision: str = "fp32") -> FastAPI:
+    predictor = load_predictor(model_path, runtime, precision=precision)
     batcher = Batcher(predictor)
     limit = max_upload_mb * MB
     page = (resources.files("fruitnet") / "web" / "index.html").read_text(encoding="utf-8")
@@ -163,6 +164,7 @@ def create_app(model_path: str | Path, max_upload_mb: int = 10, runtime: str = "
     model_info = {
         "file": Path(model_path).name,
         "runtime": "onnxruntime" if hasattr(predictor, "session") else "pytorch",
+        "arithmetic": predictor.arith.as_dict() if hasattr(predictor, "arith") else "fp32 (onnxruntime)",
         "classes": predictor.classes,
         "backbone": predictor.meta.get("backbone"),
         "preprocessing": predictor.meta.get("preprocessing"),
@@ -243,11 +245,11 @@ def create_app(model_path: str | Path, max_upload_mb: int = 10, runtime: str = "
 
 
 def serve(model_path: str | Path, host: str = "127.0.0.1", port: int = 8000, max_upload_mb: int = 10,
-          runtime: str = "auto") -> int:
+          runtime: str = "auto", precision: str = "fp32") -> int:
     """Run the service until Ctrl+C (0); 1 if it could not start (e.g. the port is in use)."""
     import uvicorn
 
-    app = create_app(model_path, max_upload_mb, runtime)
+    app = create_app(model_path, max_upload_mb, runtime, precision)
     if host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: listening on {host}: anyone who can reach this machine can use the service "
               "(there is no authentication)", flush=True)
