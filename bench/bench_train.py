@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -80,7 +79,6 @@ def part1(tmp: Path, webfruit: Path) -> str:
     print(f"  {orig_unfrozen:.1f}s\npart 1: fruitnet frozen, 10 epochs ...", flush=True)
     common = dict(data=str(webfruit), backbone="resnet18", weights="none", recipe="seed")
     _, rows_f, wall_f = run_train(tmp, "p1-frozen", mode="freeze", epochs=10, **common)
-    first_f = float(rows_f[0]["seconds"])
     later_f = sum(float(r["seconds"]) for r in rows_f[1:]) / (len(rows_f) - 1)
     print("part 1: fruitnet unfrozen, 2 epochs ...", flush=True)
     _, rows_u, wall_u = run_train(tmp, "p1-unfrozen", mode="unfreeze", epochs=2, **common)

@@ -15,7 +15,6 @@ import httpx
 import pytest
 from awkward import bomb_png_bytes
 from conftest import DEMO_DATA
-from PIL import Image
 from quick_model import CLASSES, make_quick_model
 
 from fruitnet.predict import Predictor

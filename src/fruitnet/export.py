@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from fruitnet.dataset import DataError
-from fruitnet.model import ModelFileError, load_model
+from fruitnet.model import ModelFileError
 from fruitnet.predict import Predictor, expand_paths
 from fruitnet.transforms import eval_transform
 

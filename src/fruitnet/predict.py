@@ -8,6 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 from fruitnet.arithmetic import choose
 from fruitnet.images import ImageError, is_hidden, load_image, looks_like_image
@@ -28,7 +29,7 @@ class Predictor:
         self.arith.prepare_model(self.model.to(self.device).eval())
         self.transform = eval_transform(self.meta["preprocessing"])
 
-    def load(self, path) -> "PIL.Image.Image":
+    def load(self, path) -> Image.Image:
         return load_image(path)  # full decode, exactly as in training (no JPEG draft shortcuts)
 
     @torch.inference_mode()

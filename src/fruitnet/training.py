@@ -24,7 +24,6 @@ import json
 import math
 import os
 import platform
-import signal
 import sys
 import time
 from dataclasses import asdict, dataclass, fields, replace
@@ -42,7 +41,7 @@ from fruitnet.backbones import get_backbone
 from fruitnet.cache import DEFAULT_MAX_BYTES, DecodedImages, estimated_bytes
 from fruitnet.dataset import (DataError, ImageDataset, Item, format_report, read_split, scan, split,
                               write_report, write_split)
-from fruitnet.model import Classifier, create_classifier, save_model
+from fruitnet.model import create_classifier, save_model
 from fruitnet.transforms import eval_transform, train_transform
 
 RECIPES = {
