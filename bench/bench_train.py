@@ -141,7 +141,7 @@ def part3(tmp: Path, fruits360: Path, webfruit: Path, seed_epochs: int) -> str:
 
 
 PREDICT_CHILD = """
-import json, resource, sys, time
+import json, sys, time
 t0 = time.perf_counter()
 from fruitnet.predict import Predictor, expand_paths
 model, folder, precision = sys.argv[1:4]
@@ -152,7 +152,8 @@ t1 = time.perf_counter()
 results = predictor.predict_paths(paths)
 t2 = time.perf_counter()
 print(json.dumps({"ok": sum("label" in r for r in results), "steady": t2 - t1, "start": t1 - t0,
-                  "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                  # VmHWM: this process's own peak (ru_maxrss on Linux keeps the forking parent's)
+                  "peak_mib": int(next(l.split()[1] for l in open("/proc/self/status") if l.startswith("VmHWM"))) / 1024}))
 """
 
 
