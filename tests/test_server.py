@@ -101,7 +101,8 @@ def test_predict_matches_the_command_line_predictor(client, model):
     r = post(client, photo(0), photo(11))
     assert r.status_code == 200
     got = r.json()
-    expected = Predictor(model, device="cpu").predict_paths([str(PHOTOS[0]), str(PHOTOS[11])])
+    # both default to --precision auto (bf16 where the CPU runs it natively)
+    expected = Predictor(model, device="cpu", precision="auto").predict_paths([str(PHOTOS[0]), str(PHOTOS[11])])
     assert [g["filename"] for g in got] == [PHOTOS[0].name, PHOTOS[11].name]
     for g, e in zip(got, expected):
         assert set(g) == {"filename", "label", "probabilities"} and g["label"] == e["label"]
