@@ -286,6 +286,8 @@ def train(config: TrainConfig, resume: str | None = None, log=print) -> dict:
         workers = config.workers
         train_ds = ImageDataset(train_items, classes, train_transform(pre, recipe["augment"]))
         val_ds = ImageDataset(val_items, classes, eval_transform(pre))
+    plain_train = (train_ds.with_augment("none") if use_image_cache  # the training images, unaugmented
+                   else ImageDataset(train_items, classes, eval_transform(pre)))
     train_loader = _loader(train_ds, batch_size, True, workers, config.seed, recipe["drop_last"])
     val_loader = _loader(val_ds, batch_size, False, workers, config.seed)
 
@@ -298,9 +300,7 @@ def train(config: TrainConfig, resume: str | None = None, log=print) -> dict:
     train_views = None  # frozen: one TensorDataset of features per view, epoch e trains on view e % n
     if config.mode == "freeze" and config.feature_cache:
         n_views = recipe["feature_views"] if recipe["augment"] != "none" else 1
-        plain = (train_ds.with_augment("none") if use_image_cache
-                 else ImageDataset(train_items, classes, eval_transform(pre)))
-        train_views = [TensorDataset(*features(plain, "features (train)"))]
+        train_views = [TensorDataset(*features(plain_train, "features (train)"))]
         for v in range(1, n_views):
             train_views.append(TensorDataset(*features(train_ds, f"features (train, augmented view {v})")))
         val_loader = _loader(TensorDataset(*features(val_ds, "features (val)")), 256, False, 0, config.seed)
@@ -310,14 +310,13 @@ def train(config: TrainConfig, resume: str | None = None, log=print) -> dict:
             "(the frozen backbone runs once, not every epoch)")
     elif recipe["head_warmup_epochs"] and not resume:
         # a trained head first, so that fine-tuning does not start from random gradients
-        ftrain = features(train_ds.with_augment("none") if use_image_cache
-                          else ImageDataset(train_items, classes, eval_transform(pre)), "features (head warm-up)")
+        ftrain = features(plain_train, "features (head warm-up)")
         warm_loader = _loader(TensorDataset(*ftrain), batch_size, True, 0, config.seed)
         warm_opt = make_optimizer(model.head.parameters(), recipe, config.lr * 10, config.weight_decay)
         warm_sched = make_scheduler(warm_opt, recipe, recipe["head_warmup_epochs"], len(warm_loader))
         head = distributed.wrap(model.head)
-        for _ in range(recipe["head_warmup_epochs"]):
-            distributed.set_epoch(warm_loader, _)
+        for warm_epoch in range(recipe["head_warmup_epochs"]):
+            distributed.set_epoch(warm_loader, warm_epoch)
             _, warm_acc = run_epoch(head, warm_loader, device, warm_opt, nn.CrossEntropyLoss(), scheduler=warm_sched)
         log(f"head warm-up on cached features: {recipe['head_warmup_epochs']} epochs, train accuracy "
             f"{warm_acc:.4f}, {time.perf_counter() - t0:.1f}s")
