@@ -16,6 +16,13 @@ import torch
 PRECISIONS = ("auto", "fp32", "bf16")
 
 
+def resolve_device(name: str) -> torch.device:
+    """'auto': CUDA when present, else the CPU; otherwise the named device."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
 def cpu_has_native_bf16() -> bool:
     try:
         flags = Path("/proc/cpuinfo").read_text()

@@ -32,6 +32,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import Dataset, DistributedSampler, RandomSampler, Sampler, SequentialSampler
 
+from fruitnet.arithmetic import resolve_device
 from fruitnet.dataset import DataError
 
 # Rank 0 scans the data (decoding every image once) while the others wait in a broadcast, which
@@ -86,12 +87,6 @@ def launched() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ
 
 
-def _plain_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def _interrupted(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
@@ -106,7 +101,7 @@ def init(device: str = "auto") -> World:
     if _WORLD is not None:
         return _WORLD
     if not launched():
-        return World(device=_plain_device(device))
+        return World(device=resolve_device(device))
     rank, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     local_size = int(os.environ.get("LOCAL_WORLD_SIZE", str(size)))

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from fruitnet.arithmetic import choose
+from fruitnet.arithmetic import choose, resolve_device
 from fruitnet.images import ImageError, is_hidden, load_image, looks_like_image
 from fruitnet.model import load_model
 from fruitnet.transforms import eval_transform
@@ -23,8 +23,7 @@ class Predictor:
                  precision: str = "fp32"):
         self.model, self.meta = load_model(model_path, legacy=legacy)
         self.classes: list[str] = self.meta["classes"]
-        self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                                   ("cpu" if device == "auto" else device))
+        self.device = resolve_device(device)
         self.arith = choose(precision, self.device)
         self.arith.prepare_model(self.model.to(self.device).eval())
         self.transform = eval_transform(self.meta["preprocessing"])

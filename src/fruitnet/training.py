@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from tqdm import tqdm
 
 from fruitnet import __version__, distributed
-from fruitnet.arithmetic import PRECISIONS, Arithmetic, choose
+from fruitnet.arithmetic import PRECISIONS, Arithmetic, choose, resolve_device
 from fruitnet.backbones import get_backbone
 from fruitnet.cache import DEFAULT_MAX_BYTES, DecodedImages, estimated_bytes
 from fruitnet.dataset import (DataError, ImageDataset, Item, format_report, read_split, scan, split,
@@ -80,12 +80,6 @@ class TrainConfig:
     precision: str = "auto"
     workers: int = 2
     device: str = "auto"
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def machine_info() -> dict:
@@ -233,7 +227,8 @@ def train(config: TrainConfig, resume: str | None = None, log=print) -> dict:
     recipe = RECIPES[config.recipe]
     # values given on the command line are honoured exactly; the rest come from the recipe
     config = replace(config, **{k: recipe[k] for k in ("epochs", "lr", "weight_decay") if getattr(config, k) is None})
-    device = world.device if world.distributed else _device(config.device)
+    # under torchrun: this rank's device; a plain run: the (possibly resumed) config's
+    device = world.device if world.distributed else resolve_device(config.device)
     arith = choose(config.precision, device)
     batch_size = world.per_rank_batch(config.batch_size)  # --batch-size is global; a plain run: itself
     torch.manual_seed(config.seed)
