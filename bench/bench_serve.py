@@ -118,7 +118,7 @@ def main() -> int:
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "serve.md"))
     args = parser.parse_args()
 
-    from fruitnet.predict import Predictor, expand_paths
+    from fruitnet.predictors import TorchPredictor, expand_paths
 
     data = Path(args.data)
     if not data.is_dir():
@@ -157,7 +157,7 @@ def main() -> int:
             row, _ = serve_row(f"serve, onnxruntime, {args.clients} clients", onnx_model, photos, args, log)
             rows.append(row)
 
-    predictor = Predictor(model, device="cpu", precision="auto")  # as `fruitnet predict` runs by default
+    predictor = TorchPredictor(model, device="cpu", precision="auto")  # as `fruitnet predict` runs by default
     predictor.predict_paths(paths[:4])  # warm-up, as for the server
     n = args.requests
     sequence = [paths[i % len(paths)] for i in range(n)]

@@ -143,9 +143,9 @@ def part3(tmp: Path, fruits360: Path, webfruit: Path, seed_epochs: int) -> str:
 PREDICT_CHILD = """
 import json, sys, time
 t0 = time.perf_counter()
-from fruitnet.predict import Predictor, expand_paths
+from fruitnet.predictors import TorchPredictor, expand_paths
 model, folder, precision = sys.argv[1:4]
-predictor = Predictor(model, precision=precision)
+predictor = TorchPredictor(model, precision=precision)
 paths, _ = expand_paths([folder])
 predictor.predict_paths(paths[:8])  # warm-up: kernels are built on first use
 t1 = time.perf_counter()

@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 from awkward import make_awkward_folder
 
-from fruitnet.dataset import DataError, ImageDataset, read_split, scan, split, write_split
+from fruitnet.errors import DataError
+from fruitnet.dataset import ImageDataset, read_split, scan, split, write_split
 from fruitnet.transforms import eval_transform
 
 

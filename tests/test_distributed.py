@@ -22,7 +22,7 @@ from PIL import Image, ImageDraw
 from torch.utils.data import DataLoader, RandomSampler, SequentialSampler, TensorDataset
 
 from fruitnet import distributed
-from fruitnet.predict import Predictor
+from fruitnet.predictors import TorchPredictor
 
 # 21 train / 9 validation images: both odd, so a padded shard would count an image twice
 # fp32: the exact comparisons below need the same arithmetic as the single-process reference
@@ -77,7 +77,7 @@ def independent_evaluation(model: Path, run: Path) -> tuple[float, float, int]:
     """(accuracy, mean cross-entropy, n) of a model file on the run's validation list, one process."""
     with open(run / "split.csv", newline="") as f:
         val = [row for row in csv.DictReader(f) if row["split"] == "val"]
-    results = Predictor(model, device="cpu").predict_paths([row["path"] for row in val], batch_size=64)
+    results = TorchPredictor(model, device="cpu").predict_paths([row["path"] for row in val], batch_size=64)
     correct = sum(r["label"] == row["class"] for r, row in zip(results, val))
     loss = -sum(math.log(r["probabilities"][row["class"]]) for r, row in zip(results, val)) / len(val)
     return correct / len(val), loss, len(val)

@@ -11,9 +11,11 @@ from conftest import DEMO_DATA, run_cli
 from quick_model import CLASSES, make_quick_model
 
 from fruitnet import cli
-from fruitnet.export import MAX_PROB_DIFF, ExportError, OnnxPredictor, export_onnx, load_predictor
-from fruitnet.model import ModelFileError
-from fruitnet.predict import Predictor, expand_paths
+from fruitnet.errors import ExportError
+from fruitnet.export import MAX_PROB_DIFF, export_onnx
+from fruitnet.predictors import OnnxPredictor, load_predictor
+from fruitnet.errors import ModelFileError
+from fruitnet.predictors import TorchPredictor, expand_paths
 
 PHOTOS = DEMO_DATA / "test"  # 30 Fruits-360 photos (CC BY-SA 4.0, see demo_data/ATTRIBUTION.md)
 
@@ -41,7 +43,7 @@ def test_file_carries_classes_and_preprocessing(exported):
     model, onnx_path, _, _ = exported
     props = {p.key: p.value for p in onnx.load(str(onnx_path)).metadata_props}
     meta = json.loads(props["fruitnet"])
-    reference = Predictor(model, device="cpu").meta
+    reference = TorchPredictor(model, device="cpu").meta
     assert meta["classes"] == CLASSES == reference["classes"]
     assert meta["preprocessing"] == reference["preprocessing"]
     assert meta["backbone"] == "efficientnet_lite0" and meta["training"] == {"val_accuracy": 0.9}
@@ -53,7 +55,7 @@ def test_onnx_predictor_matches_pytorch_path_for_any_batch_size(exported, tmp_pa
     bad.write_text("not a photo")
     paths, _ = expand_paths([str(PHOTOS)])
     paths = paths[:7] + [str(bad)]
-    torch_pred, onnx_pred = Predictor(model, device="cpu"), load_predictor(onnx_path)
+    torch_pred, onnx_pred = TorchPredictor(model, device="cpu"), load_predictor(onnx_path)
     assert isinstance(onnx_pred, OnnxPredictor)
     assert onnx_pred.transform.__repr__() == torch_pred.transform.__repr__()  # built from the file's metadata
     expected = torch_pred.predict_paths(paths, batch_size=32)

@@ -7,9 +7,11 @@ from PIL import Image
 from torchvision import transforms as T
 from torchvision.models import resnet18
 
-from fruitnet.backbones import LITE0_SHA256, WeightsUnavailable, create_body, get_backbone, lite0_weights_file
-from fruitnet.model import ModelFileError, create_classifier, load_model, save_model
-from fruitnet.predict import Predictor
+from fruitnet.errors import WeightsUnavailable
+from fruitnet.backbones import LITE0_SHA256, create_body, get_backbone, lite0_weights_file
+from fruitnet.errors import ModelFileError
+from fruitnet.model import create_classifier, load_model, save_model
+from fruitnet.predictors import TorchPredictor
 
 
 def test_lite0_imagenet_weights_are_real_and_offline(demo_data):
@@ -93,7 +95,7 @@ def test_original_model_pth_gives_the_original_probabilities(tmp_path, demo_data
     big.save(tmp_path / "big.jpg", quality=92)
     paths.append(str(tmp_path / "big.jpg"))
     expected = original_inference(tmp_path / "model.pth", paths)
-    predictor = Predictor(tmp_path / "model.pth")  # detected as a legacy file
+    predictor = TorchPredictor(tmp_path / "model.pth")  # detected as a legacy file
     assert predictor.classes == ["cherry", "strawberry", "tomato"]
     got = predictor.predict_paths(paths)
     for row, exp in zip(got, expected):

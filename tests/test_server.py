@@ -17,7 +17,7 @@ from awkward import bomb_png_bytes
 from conftest import DEMO_DATA
 from quick_model import CLASSES, make_quick_model
 
-from fruitnet.predict import Predictor
+from fruitnet.predictors import TorchPredictor
 
 PHOTOS = sorted((DEMO_DATA / "test").rglob("*.jpg"))  # Fruits-360 (CC BY-SA 4.0), see demo_data/ATTRIBUTION.md
 LIMIT_MB = 1  # the test server's --max-upload-mb
@@ -102,7 +102,7 @@ def test_predict_matches_the_command_line_predictor(client, model):
     assert r.status_code == 200
     got = r.json()
     # both default to --precision auto (bf16 where the CPU runs it natively)
-    expected = Predictor(model, device="cpu", precision="auto").predict_paths([str(PHOTOS[0]), str(PHOTOS[11])])
+    expected = TorchPredictor(model, device="cpu", precision="auto").predict_paths([str(PHOTOS[0]), str(PHOTOS[11])])
     assert [g["filename"] for g in got] == [PHOTOS[0].name, PHOTOS[11].name]
     for g, e in zip(got, expected):
         assert set(g) == {"filename", "label", "probabilities"} and g["label"] == e["label"]
@@ -209,7 +209,7 @@ def test_onnx_file_is_served_the_same_way(model, tmp_path):
     with TestClient(create_app(onnx_path, max_upload_mb=LIMIT_MB)) as c:
         assert c.get("/model").json()["runtime"] == "onnxruntime"
         got = c.post("/predict", files=[("files", photo(0))]).json()[0]
-    want = Predictor(model, device="cpu").predict_paths([str(PHOTOS[0])])[0]
+    want = TorchPredictor(model, device="cpu").predict_paths([str(PHOTOS[0])])[0]
     assert got["label"] == want["label"]
     assert max(abs(got["probabilities"][k] - want["probabilities"][k]) for k in CLASSES) < 1e-3
 
@@ -248,7 +248,7 @@ def test_page_shows_prediction_and_readable_error(browser, server, model, tmp_pa
     browser.find_element(By.ID, "files").send_keys(f"{PHOTOS[0]}\n{bad}")
     done = WebDriverWait(browser, 60).until(
         lambda d: d.find_elements(By.CSS_SELECTOR, ".card[data-label]") and d.find_elements(By.CSS_SELECTOR, ".card.error"))
-    expected = Predictor(model, device="cpu").predict_paths([str(PHOTOS[0])])[0]["label"]
+    expected = TorchPredictor(model, device="cpu").predict_paths([str(PHOTOS[0])])[0]["label"]
     card = browser.find_element(By.CSS_SELECTOR, ".card[data-label]")
     assert card.get_attribute("data-label") == expected
     assert card.find_element(By.CSS_SELECTOR, ".label").text.lower() == expected

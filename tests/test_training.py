@@ -9,7 +9,7 @@ import torch
 from fruitnet.cache import DecodedImages
 from fruitnet.dataset import ImageDataset, scan
 from fruitnet.backbones import get_backbone
-from fruitnet.predict import Predictor
+from fruitnet.predictors import TorchPredictor
 from fruitnet.training import TrainConfig, train
 from fruitnet.transforms import eval_transform
 
@@ -66,8 +66,8 @@ def test_feature_cache_matches_the_uncached_path(demo_data, tmp_path):
 
 def test_bf16_predictions_agree_with_fp32(trained_model, demo_data):
     paths = sorted(str(p) for p in (demo_data / "test").rglob("*.jpg"))
-    fp32 = Predictor(trained_model, precision="fp32").predict_paths(paths)
-    bf16 = Predictor(trained_model, precision="bf16").predict_paths(paths)
+    fp32 = TorchPredictor(trained_model, precision="fp32").predict_paths(paths)
+    bf16 = TorchPredictor(trained_model, precision="bf16").predict_paths(paths)
     agree = sum(a["label"] == b["label"] for a, b in zip(fp32, bf16)) / len(paths)
     assert agree >= 0.95
     worst = max(abs(a["probabilities"][c] - b["probabilities"][c]) for a, b in zip(fp32, bf16) for c in a["probabilities"])

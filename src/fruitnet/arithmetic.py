@@ -13,14 +13,30 @@ from pathlib import Path
 
 import torch
 
+from fruitnet.errors import UsageError
+
 PRECISIONS = ("auto", "fp32", "bf16")
 
 
+DEVICES = ("auto", "cpu", "cuda")  # and cuda:N
+
+
 def resolve_device(name: str) -> torch.device:
-    """'auto': CUDA when present, else the CPU; otherwise the named device."""
+    """'auto': CUDA when present, else the CPU; 'cpu'; 'cuda' or 'cuda:N' where there is one."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device {name}: not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device {name}: fruitnet runs on auto, cpu, cuda or cuda:N")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {name}: no CUDA device here; use --device cpu (or auto)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
 
 
 def cpu_has_native_bf16() -> bool:

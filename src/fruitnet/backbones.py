@@ -16,16 +16,14 @@ from typing import Callable
 import torch
 from torch import nn
 
+from fruitnet.errors import WeightsUnavailable
+
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
 
 RESNET18_URL = "https://download.pytorch.org/models/resnet18-f37072fd.pth"
 RESNET18_FILE = "resnet18-f37072fd.pth"
 LITE0_SHA256 = "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"
-
-
-class WeightsUnavailable(RuntimeError):
-    """Pretrained weights could not be found or fetched; the message says what to do."""
 
 
 @dataclass(frozen=True)

@@ -13,10 +13,8 @@ from datetime import datetime
 from pathlib import Path
 
 from fruitnet.arithmetic import PRECISIONS
-from fruitnet.backbones import BACKBONES, WeightsUnavailable
-from fruitnet.dataset import DataError
-from fruitnet.images import ImageError
-from fruitnet.model import ModelFileError
+from fruitnet.backbones import BACKBONES
+from fruitnet.errors import DataError, FruitnetError
 from fruitnet.training import DEFAULT_RECIPE, RECIPES
 
 
@@ -59,9 +57,9 @@ def cmd_train(args) -> int:
         train(config, resume=args.resume)
     except KeyboardInterrupt:
         return 130
-    except (DataError, ModelFileError, WeightsUnavailable, ImageError) as exc:
+    except FruitnetError as exc:
         if getattr(exc, "reported_by_main", False):
-            return 2  # the same error on every rank: rank 0 prints it
+            return exc.exit_code  # the same error on every rank: rank 0 prints it
         raise
     finally:
         distributed.teardown()
@@ -94,8 +92,7 @@ def cmd_evaluate(args) -> int:
 def cmd_predict(args) -> int:
     from tqdm import tqdm
 
-    from fruitnet.export import load_predictor
-    from fruitnet.predict import expand_paths
+    from fruitnet.predictors import expand_paths, load_predictor
 
     paths, problems = expand_paths(args.paths)
     predictor = load_predictor(args.model, args.runtime, legacy=args.legacy or None, precision=args.precision)
@@ -133,13 +130,9 @@ def cmd_predict(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from fruitnet.export import ExportError, export_onnx
+    from fruitnet.export import export_onnx
 
-    try:
-        export_onnx(args.model, args.out, check=args.check, int8=args.int8)
-    except ExportError as exc:
-        print(f"fruitnet export: {exc}", file=sys.stderr)
-        return 1
+    export_onnx(args.model, args.out, check=args.check, int8=args.int8)
     return 0
 
 
@@ -253,9 +246,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (DataError, ModelFileError, WeightsUnavailable, ImageError) as exc:
+    except FruitnetError as exc:  # expected errors: one line, their own exit code; anything else is a bug
         print(f"fruitnet {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        return exc.exit_code
 
 
 if __name__ == "__main__":

@@ -18,11 +18,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from fruitnet.images import ImageError, load_image, looks_like_image
-
-
-class DataError(ValueError):
-    """The data cannot be used at all (missing folder, fewer than two classes, an empty class)."""
+from fruitnet.errors import DataError, ImageError
+from fruitnet.images import load_image, looks_like_image
 
 
 @dataclass

@@ -10,7 +10,7 @@ from fruitnet.evaluate import evaluate
 from fruitnet.images import load_image
 from fruitnet.metrics import format_report
 from fruitnet.plots import plot_prediction_grid
-from fruitnet.predict import Predictor, expand_paths
+from fruitnet.predictors import TorchPredictor, expand_paths
 from fruitnet.training import TrainConfig, train
 
 DEMO_DATA = Path(str(files("fruitnet") / "demo_data"))
@@ -25,7 +25,7 @@ def run_demo(out: Path | None = None, epochs: int = 10) -> dict:
     print("\nevaluating on the 30 held-out test images ...")
     report = evaluate(summary["model"], DEMO_DATA / "test", out / "evaluation")
     print(format_report(report))
-    predictor = Predictor(summary["model"])
+    predictor = TorchPredictor(summary["model"])
     paths, _ = expand_paths([str(DEMO_DATA / "test")])
     sample = paths[::3]
     results = predictor.predict_paths(sample)

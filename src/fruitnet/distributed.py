@@ -33,7 +33,7 @@ from torch import nn
 from torch.utils.data import Dataset, DistributedSampler, RandomSampler, Sampler, SequentialSampler
 
 from fruitnet.arithmetic import resolve_device
-from fruitnet.dataset import DataError
+from fruitnet.errors import DataError, UsageError
 
 # Rank 0 scans the data (decoding every image once) while the others wait in a broadcast, which
 # can take a while on a large folder: wait longer than torch's default before giving up.
@@ -108,9 +108,9 @@ def init(device: str = "auto") -> World:
     use_cuda = device == "auto" and torch.cuda.is_available() or device.startswith("cuda")
     if use_cuda:
         if not torch.cuda.is_available():
-            raise DataError(f"--device {device}: no CUDA device here")
+            raise UsageError(f"--device {device}: no CUDA device here; use --device cpu")
         if local_rank >= torch.cuda.device_count():
-            raise DataError(f"local rank {local_rank} needs GPU {local_rank}, but this machine has "
+            raise UsageError(f"local rank {local_rank} needs GPU {local_rank}, but this machine has "
                             f"{torch.cuda.device_count()}: use --nproc_per_node at most the number of GPUs")
         dev, backend = torch.device("cuda", local_rank), "nccl"
         torch.cuda.set_device(dev)

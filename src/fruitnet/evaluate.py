@@ -9,10 +9,11 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from fruitnet.dataset import DataError, scan
+from fruitnet.dataset import scan
+from fruitnet.errors import DataError
 from fruitnet.images import load_image
 from fruitnet.metrics import classification_report, format_report, write_confusion_csv
-from fruitnet.predict import Predictor
+from fruitnet.predictors import TorchPredictor
 
 
 def evaluate(model_path, data, out: Path, batch_size: int = 32, legacy: bool | None = None,
@@ -20,7 +21,7 @@ def evaluate(model_path, data, out: Path, batch_size: int = 32, legacy: bool | N
     """Returns the report dict (accuracy, n, classes, per_class, confusion_matrix, skipped, ...)
     and writes report.json/.txt, confusion.png/.csv, mistakes.png and predictions.csv into out."""
     t0 = time.perf_counter()
-    predictor = Predictor(model_path, legacy=legacy, precision=precision)
+    predictor = TorchPredictor(model_path, legacy=legacy, precision=precision)
     catalog = scan(data, progress=progress)
     unknown = [c for c in catalog.classes if c not in predictor.classes]
     if unknown:

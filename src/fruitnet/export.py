@@ -1,8 +1,9 @@
-"""ONNX export with a parity check, and OnnxPredictor: the Predictor interface run by onnxruntime.
+"""ONNX export with a parity check (and an optional int8 copy).
 
 The exported file carries the model file's metadata (classes, backbone, preprocessing, training)
-as JSON under the ONNX metadata_props key "fruitnet"; OnnxPredictor builds its transform from it
-with the same transforms.eval_transform as the PyTorch path, so nothing is re-typed.
+as JSON under the ONNX metadata_props key "fruitnet"; predictors.OnnxPredictor builds its
+transform from it with the same transforms.eval_transform as the PyTorch path, so nothing is
+re-typed.
 """
 
 from __future__ import annotations
@@ -18,56 +19,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fruitnet.dataset import DataError
-from fruitnet.model import ModelFileError
-from fruitnet.predict import Predictor, expand_paths
-from fruitnet.transforms import eval_transform
+from fruitnet.errors import DataError, ExportError
+from fruitnet.predictors import ONNX_META_KEY, OnnxPredictor, Predictor, TorchPredictor, expand_paths
 
-META_KEY = "fruitnet"
 OPSET = 17
 MAX_PROB_DIFF = 1e-3  # parity: largest |p_onnx - p_torch| allowed, with 100% top-1 agreement
 CHECK_BATCH = 16
-
-
-class ExportError(RuntimeError):
-    """The export failed or did not match the PyTorch model; the message says how."""
-
-
-class OnnxPredictor(Predictor):
-    """Same interface as Predictor (classes, meta, load, probabilities, predict_paths, describe),
-    running an exported .onnx file; only the forward pass differs."""
-
-    def __init__(self, onnx_path: str | Path, threads: int = 0):
-        import onnxruntime as ort
-
-        path = Path(onnx_path)
-        if not path.is_file():
-            raise ModelFileError(f"{path}: ONNX file not found")
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads  # 0: onnxruntime's default (all cores)
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")  # leave idle cores to decoding
-        try:
-            self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-            self.meta = json.loads(self.session.get_modelmeta().custom_metadata_map[META_KEY])
-        except KeyError:
-            raise ModelFileError(f"{path}: ONNX file without fruitnet metadata (not made by fruitnet export)") from None
-        except Exception as exc:  # onnxruntime raises its own types for unreadable files
-            raise ModelFileError(f"{path}: not a readable ONNX file ({exc.__class__.__name__}: {exc})") from exc
-        self.classes = self.meta["classes"]
-        self.transform = eval_transform(self.meta["preprocessing"])
-        self.input_name = self.session.get_inputs()[0].name
-        self.device = torch.device("cpu")
-
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(self.session.run(None, {self.input_name: x.numpy()})[0]).float()
-
-
-def load_predictor(path: str | Path, runtime: str = "auto", legacy: bool | None = None,
-                   precision: str = "fp32") -> Predictor:
-    """runtime 'torch', 'onnx', or 'auto' (onnx for a .onnx file); precision applies to torch."""
-    if runtime == "onnx" or (runtime == "auto" and str(path).lower().endswith(".onnx")):
-        return OnnxPredictor(path)
-    return Predictor(path, legacy=legacy, precision=precision)
 
 
 # --- export ---------------------------------------------------------------------------------
@@ -86,7 +43,7 @@ def write_onnx(model: torch.nn.Module, meta: dict, out: Path) -> Path:
                           input_names=["input"], output_names=["logits"],
                           dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
     proto = onnx.load(str(out))
-    onnx.helper.set_model_props(proto, {META_KEY: json.dumps(meta)})
+    onnx.helper.set_model_props(proto, {ONNX_META_KEY: json.dumps(meta)})
     proto.doc_string = f"fruitnet {meta['backbone']} classifier: {', '.join(meta['classes'])}"
     onnx.checker.check_model(proto)
     onnx.save(proto, str(out))
@@ -99,7 +56,8 @@ def check_images(check: list[str] | None, limit: int = 64) -> tuple[list, str]:
     From --check paths if given (evenly sampled down to `limit`), else the bundled demo photos,
     else generated images (a weaker check, and said so).
     """
-    from fruitnet.images import ImageError, load_image
+    from fruitnet.errors import ImageError
+    from fruitnet.images import load_image
 
     given = bool(check)
     if not given:
@@ -184,7 +142,7 @@ def export_onnx(model_path: str | Path, out: str | Path | None = None, check: li
     """
     model_path = Path(model_path)
     out = Path(out) if out else model_path.with_suffix(".onnx")
-    reference = Predictor(model_path, device="cpu")
+    reference = TorchPredictor(model_path, device="cpu")
     meta = {**reference.meta, "exported_from": model_path.name}
     images, described = check_images(check)
 

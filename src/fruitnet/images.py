@@ -15,6 +15,8 @@ from pathlib import PurePath
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from fruitnet.errors import ImageError
+
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 MAX_PIXELS = 64_000_000
 
@@ -35,18 +37,6 @@ _MAGIC = (
     (b"II+\x00", "TIFF"),  # BigTIFF
     (b"MM\x00+", "TIFF"),
 )
-
-
-class ImageError(Exception):
-    """A file that cannot be used as an image; ``str(err) == f"{path}: {reason}"``."""
-
-    def __init__(self, path, reason: str):
-        super().__init__(str(path), reason)  # both in args so the error pickles across processes
-        self.path = str(path)
-        self.reason = reason
-
-    def __str__(self) -> str:
-        return f"{self.path}: {self.reason}"
 
 
 def is_hidden(path) -> bool:

@@ -17,16 +17,13 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from fruitnet.backbones import create_body, get_backbone
+from fruitnet.errors import ModelFileError
 
 FORMAT_VERSION = 1
 # The original project: resnet18, 3 classes, 300x300 squashed, mean/std 0.5 per channel.
 LEGACY_CLASSES = ["cherry", "strawberry", "tomato"]
 LEGACY_PREPROCESSING = {"input_size": 300, "resize": "squash", "crop_pct": 1.0,
                         "interpolation": "bilinear", "mean": [0.5] * 3, "std": [0.5] * 3}
-
-
-class ModelFileError(ValueError):
-    """A model file that cannot be used; the message names the file and the reason."""
 
 
 class Classifier(nn.Module):

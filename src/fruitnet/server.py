@@ -34,8 +34,9 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
-from fruitnet.export import load_predictor
-from fruitnet.images import ImageError, sniff_format
+from fruitnet.errors import ImageError
+from fruitnet.images import sniff_format
+from fruitnet.predictors import load_predictor
 
 MAX_FILES = 32  # per request
 MAX_BATCH = 32  # images per forward pass
@@ -163,8 +164,7 @@ def create_app(model_path: str | Path, max_upload_mb: int = 10, runtime: str = "
     training = predictor.meta.get("training") or {}
     model_info = {
         "file": Path(model_path).name,
-        "runtime": "onnxruntime" if hasattr(predictor, "session") else "pytorch",
-        "arithmetic": predictor.arith.as_dict() if hasattr(predictor, "arith") else "fp32 (onnxruntime)",
+        **predictor.runtime(),
         "classes": predictor.classes,
         "backbone": predictor.meta.get("backbone"),
         "preprocessing": predictor.meta.get("preprocessing"),

@@ -39,7 +39,8 @@ from fruitnet import __version__, distributed
 from fruitnet.arithmetic import PRECISIONS, Arithmetic, choose, resolve_device
 from fruitnet.backbones import get_backbone
 from fruitnet.cache import DEFAULT_MAX_BYTES, DecodedImages, estimated_bytes
-from fruitnet.dataset import (DataError, ImageDataset, Item, format_report, read_split, scan, split,
+from fruitnet.errors import DataError
+from fruitnet.dataset import (ImageDataset, Item, format_report, read_split, scan, split,
                               write_report, write_split)
 from fruitnet.model import create_classifier, save_model
 from fruitnet.transforms import eval_transform, train_transform
