@@ -14,7 +14,9 @@ from pathlib import Path
 
 from fruitnet.arithmetic import PRECISIONS
 from fruitnet.backbones import BACKBONES
-from fruitnet.errors import DataError, FruitnetError
+from fruitnet.errors import DataError, FruitnetError, UsageError
+from fruitnet.ood import DEFAULT_RECALL
+from fruitnet.predictors import UNKNOWN
 from fruitnet.training import DEFAULT_RECIPE, RECIPES
 
 
@@ -52,7 +54,7 @@ def cmd_train(args) -> int:
                          lr=args.lr, weight_decay=args.weight_decay, val_fraction=args.val_fraction,
                          seed=args.seed, recipe=args.recipe, feature_cache=not args.no_feature_cache,
                          image_cache=not args.no_image_cache, precision=args.precision,
-                         workers=args.workers, device=args.device)
+                         workers=args.workers, device=args.device, unknown_recall=args.unknown_recall)
     try:  # under torchrun every process runs this; see fruitnet.distributed
         train(config, resume=args.resume)
     except KeyboardInterrupt:
@@ -71,21 +73,21 @@ def _default_out(prefix: str) -> Path:
 
 
 def cmd_evaluate(args) -> int:
-    from fruitnet.evaluate import evaluate
+    from fruitnet.evaluate import evaluate, format_trust
     from fruitnet.metrics import format_report
 
     out = Path(args.out) if args.out else _default_out("eval")
     report = evaluate(args.model, args.data, out, batch_size=args.batch_size, legacy=args.legacy or None,
-                      precision=args.precision,
+                      precision=args.precision, unknown_dir=args.unknown, unknown=not args.no_unknown,
                       progress=not args.json)
     if args.json:
         print(json.dumps(report))
     else:
-        print(format_report(report))
+        print(format_report(report) + format_trust(report))
         for s in report["skipped"]:
             print(f"skipped {s['path']}: {s['reason']}")
         print(f"{report['n']} images in {report['seconds']:.1f}s; outputs in {out}/: report.txt, report.json, "
-              "confusion.png, confusion.csv, mistakes.png, predictions.csv")
+              "confusion.png, confusion.csv, calibration.png, mistakes.png, predictions.csv")
     return 1 if report["skipped"] else 0
 
 
@@ -95,38 +97,64 @@ def cmd_predict(args) -> int:
     from fruitnet.predictors import expand_paths, load_predictor
 
     paths, problems = expand_paths(args.paths)
-    predictor = load_predictor(args.model, args.runtime, legacy=args.legacy or None, precision=args.precision)
+    predictor = load_predictor(args.model, args.runtime, legacy=args.legacy or None, precision=args.precision,
+                               unknown=not args.no_unknown)
+    if args.explain and predictor.explain_unavailable:
+        raise UsageError(f"--explain: {predictor.explain_unavailable}")
     with tqdm(total=len(paths), desc="predicting", unit="img", disable=args.json or len(paths) < 2,
               leave=False) as bar:
         results = problems + predictor.predict_paths(paths, args.batch_size, progress=bar.update)
+    good = [r for r in results if "error" not in r]
+    overlays = {}
+    if args.explain:
+        from fruitnet.explain import write_overlays
+
+        overlays = write_overlays(predictor, good, Path(args.explain), progress=not args.json)
     if args.json:
         print(json.dumps(results, indent=2))
     else:
-        width = max([len(r["path"]) for r in results] + [4])
-        print(f"{'path':<{width}}  {'label':<12} " + " ".join(f"{c[:12]:>12}" for c in predictor.classes))
-        for r in results:
-            if "error" in r:
-                print(f"{r['path']:<{width}}  error: {r['error']}")
-            else:
-                print(f"{r['path']:<{width}}  {r['label']:<12} "
-                      + " ".join(f"{r['probabilities'][c]:>12.4f}" for c in predictor.classes))
+        _print_predictions(results, predictor)
     if args.csv:
         with open(args.csv, "w", newline="") as f:
             w = csv.writer(f)
-            w.writerow(["path", "label", "error"] + predictor.classes)
+            w.writerow(["path", "label", "best_guess", "in_distribution", "error"] + predictor.classes)
             for r in results:
                 probs = r.get("probabilities", {})
-                w.writerow([r["path"], r.get("label", ""), r.get("error", "")] + [probs.get(c, "") for c in predictor.classes])
+                w.writerow([r["path"], r.get("label", ""), r.get("best_guess", r.get("label", "")),
+                            r.get("in_distribution", ""), r.get("error", "")]
+                           + [probs.get(c, "") for c in predictor.classes])
     if args.grid:
+        from fruitnet.explain import caption
         from fruitnet.images import load_image
         from fruitnet.plots import plot_prediction_grid
 
-        good = [r for r in results if "error" not in r][:64]
-        plot_prediction_grid([load_image(r["path"]) for r in good],
-                             [f"{r['label']} {r['probabilities'][r['label']]:.1%}" for r in good], args.grid)
-    if not args.json and (args.csv or args.grid):
-        print("wrote " + ", ".join(str(p) for p in (args.csv, args.grid) if p))
+        shown = good[:64]  # with --explain the grid shows the overlays
+        plot_prediction_grid([overlays[r["path"]] if r["path"] in overlays else load_image(r["path"]) for r in shown],
+                             [caption(r, wrap=True) for r in shown], args.grid)
+    if not args.json and (args.csv or args.grid or args.explain):
+        print("wrote " + ", ".join(str(p) for p in (args.csv, args.grid) if p)
+              + (", " if (args.csv or args.grid) and args.explain else "")
+              + (f"{len(overlays)} heat-map overlays in {args.explain}/" if args.explain else ""))
     return 1 if any("error" in r for r in results) else 0
+
+
+def _print_predictions(results: list[dict], predictor) -> None:
+    """One row per photo: label ("unknown" with the closest class), in_distribution, probabilities."""
+    def label(r):
+        return f"unknown ({r['best_guess']})" if r["label"] == UNKNOWN else r["label"]
+
+    trust = any("in_distribution" in r for r in results)
+    width = max([len(r["path"]) for r in results] + [4])
+    lw = max([len(label(r)) for r in results if "error" not in r] + [12])
+    print(f"{'path':<{width}}  {'label':<{lw}} " + (f"{'in_dist':>8} " if trust else "")
+          + " ".join(f"{c[:12]:>12}" for c in predictor.classes))
+    for r in results:
+        if "error" in r:
+            print(f"{r['path']:<{width}}  error: {r['error']}")
+        else:
+            print(f"{r['path']:<{width}}  {label(r):<{lw}} "
+                  + (f"{r['in_distribution']:>8.2f} " if trust else "")
+                  + " ".join(f"{r['probabilities'][c]:>12.4f}" for c in predictor.classes))
 
 
 def cmd_export(args) -> int:
@@ -140,7 +168,7 @@ def cmd_serve(args) -> int:
     from fruitnet.server import serve
 
     return serve(args.model, host=args.host, port=args.port, max_upload_mb=args.max_upload_mb, runtime=args.runtime,
-                 precision=args.precision)
+                 precision=args.precision, unknown=not args.no_unknown)
 
 
 def cmd_demo(args) -> int:
@@ -153,6 +181,11 @@ def cmd_demo(args) -> int:
 def _add_precision(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", default="auto", choices=list(PRECISIONS),
                    help="auto: bf16 where the CPU (AVX512-BF16/AMX) or GPU runs it natively, else fp32")
+
+
+def _add_no_unknown(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-unknown", action="store_true",
+                   help="never answer 'unknown': always the best class (in_distribution is still given)")
 
 
 def _add_runtime(p: argparse.ArgumentParser) -> None:
@@ -193,6 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decode every image every epoch instead of once per run")
     p.add_argument("--workers", type=int, default=2, help="image-decoding worker processes (without the image cache)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--unknown-recall", type=float, default=DEFAULT_RECALL, metavar="SHARE",
+                   help=f"share of validation photos that keep their label; the others' in_distribution sets "
+                        f"the threshold below which a photo is 'unknown' (default {DEFAULT_RECALL})")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="accuracy, per-class report, confusion matrix, mistakes gallery")
@@ -202,6 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--batch-size", type=_positive_int, default=32)
     p.add_argument("--legacy", action="store_true", help="MODEL is the original project's model.pth")
+    p.add_argument("--unknown", metavar="DIR",
+                   help="photos of none of the classes (default: DATA/unknown/ if present): AUROC, share rejected")
+    _add_no_unknown(p)
     _add_precision(p)
     p.set_defaults(func=cmd_evaluate)
 
@@ -210,9 +249,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("paths", nargs="+", metavar="PATH")
     p.add_argument("--json", action="store_true")
     p.add_argument("--csv", metavar="FILE")
-    p.add_argument("--grid", metavar="FILE.png", help="draw the photos titled with prediction and confidence")
+    p.add_argument("--grid", metavar="FILE.png",
+                   help="draw the photos titled with prediction and confidence (with --explain: the heat maps)")
+    p.add_argument("--explain", metavar="DIR",
+                   help="write one Grad-CAM overlay per photo into DIR: where the network looked (PyTorch models)")
     p.add_argument("--batch-size", type=_positive_int, default=32)
     p.add_argument("--legacy", action="store_true", help="MODEL is the original project's model.pth")
+    _add_no_unknown(p)
     _add_runtime(p)
     _add_precision(p)
     p.set_defaults(func=cmd_predict)
@@ -232,6 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-upload-mb", type=_positive_int, default=10, help="largest accepted photo, in MB")
+    _add_no_unknown(p)
     _add_runtime(p)
     _add_precision(p)
     p.set_defaults(func=cmd_serve)

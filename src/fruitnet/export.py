@@ -1,9 +1,14 @@
 """ONNX export with a parity check (and an optional int8 copy).
 
-The exported file carries the model file's metadata (classes, backbone, preprocessing, training)
-as JSON under the ONNX metadata_props key "fruitnet"; predictors.OnnxPredictor builds its
+The exported file carries the model file's metadata (classes, backbone, preprocessing, training,
+trust) as JSON under the ONNX metadata_props key "fruitnet"; predictors.OnnxPredictor builds its
 transform from it with the same transforms.eval_transform as the PyTorch path, so nothing is
 re-typed.
+
+The graph itself gives a user of the bare .onnx file everything predict gives (`Exported`):
+outputs `logits`, `probabilities` (calibrated: the temperature is a constant in the graph) and,
+for model files with in-distribution statistics, `score`, `in_distribution` (the share of
+validation photos scoring no higher) and `known` (in_distribution >= the stored threshold).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
 from fruitnet.errors import DataError, ExportError
 from fruitnet.predictors import ONNX_META_KEY, OnnxPredictor, Predictor, TorchPredictor, expand_paths
@@ -29,19 +35,43 @@ CHECK_BATCH = 16
 
 # --- export ---------------------------------------------------------------------------------
 
+class Exported(nn.Module):
+    """The classifier as exported: logits, calibrated probabilities and the unknown verdict's inputs."""
+
+    def __init__(self, model: nn.Module, meta: dict):
+        super().__init__()
+        trust = meta.get("trust") or {}
+        self.model = model
+        self.temperature = float(trust.get("temperature", 1.0))
+        self.threshold = float(trust.get("threshold", 0.0))
+
+    def output_names(self) -> list[str]:
+        return ["logits", "probabilities"] + (["score", "in_distribution", "known"] if self.model.trust else [])
+
+    def forward(self, x: torch.Tensor):
+        features = self.model.body(x)
+        logits = self.model.head(features)
+        outputs = (logits, (logits / self.temperature).softmax(1))
+        if self.model.trust is None:
+            return outputs
+        score, in_dist = self.model.trust(features)
+        return outputs + (score, in_dist, in_dist >= self.threshold)
+
+
 def write_onnx(model: torch.nn.Module, meta: dict, out: Path) -> Path:
     """Trace the classifier to ONNX (dynamic batch axis) and store meta in metadata_props."""
     import onnx
 
     size = meta["preprocessing"]["input_size"]
-    model = model.eval().cpu()
+    graph = Exported(model.eval().cpu(), meta).eval()
+    names = graph.output_names()
     with warnings.catch_warnings():
         # The TorchScript exporter (dynamo=False): one self-contained file in under a second for
         # these plain CNNs; the dynamo exporter takes ~20x longer and needs onnxscript.
         warnings.simplefilter("ignore")
-        torch.onnx.export(model, (torch.zeros(2, 3, size, size),), str(out), dynamo=False, opset_version=OPSET,
-                          input_names=["input"], output_names=["logits"],
-                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+        torch.onnx.export(graph, (torch.zeros(2, 3, size, size),), str(out), dynamo=False, opset_version=OPSET,
+                          input_names=["input"], output_names=names,
+                          dynamic_axes={"input": {0: "batch"}, **{n: {0: "batch"} for n in names}})
     proto = onnx.load(str(out))
     onnx.helper.set_model_props(proto, {ONNX_META_KEY: json.dumps(meta)})
     proto.doc_string = f"fruitnet {meta['backbone']} classifier: {', '.join(meta['classes'])}"
@@ -83,13 +113,31 @@ def check_images(check: list[str] | None, limit: int = 64) -> tuple[list, str]:
     return [Image.fromarray(a, "RGB") for a in gen], "16 generated images (no photos given: pass --check DIR)"
 
 
+def _outputs(predictor: Predictor, images: list) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(calibrated probabilities, in_distribution or None), in batches (exercises the batch axis)."""
+    parts = [predictor.outputs(torch.stack([predictor.transform(im) for im in images[i:i + CHECK_BATCH]]))
+             for i in range(0, len(images), CHECK_BATCH)]
+    probs = torch.cat([p for p, _ in parts])
+    return probs, None if parts[0][1] is None else torch.cat([d for _, d in parts])
+
+
 def compare(reference: Predictor, candidate: Predictor, images: list) -> dict:
-    """Top-1 agreement and largest probability difference, in batches (exercises the batch axis)."""
-    ref = torch.cat([reference.probabilities(images[i:i + CHECK_BATCH]) for i in range(0, len(images), CHECK_BATCH)])
-    got = torch.cat([candidate.probabilities(images[i:i + CHECK_BATCH]) for i in range(0, len(images), CHECK_BATCH)])
+    """Top-1 agreement, largest probability difference and, with in-distribution statistics,
+    agreement of the unknown verdicts and the largest in_distribution difference."""
+    ref, ref_in = _outputs(reference, images)
+    got, got_in = _outputs(candidate, images)
     agree = int((ref.argmax(1) == got.argmax(1)).sum())
-    return {"n": len(images), "agree": agree, "top1_agreement": agree / len(images),
-            "max_prob_diff": float((ref - got).abs().max())}
+    result = {"n": len(images), "agree": agree, "top1_agreement": agree / len(images),
+              "max_prob_diff": float((ref - got).abs().max())}
+    if ref_in is not None and got_in is not None and reference.threshold is not None:
+        same = int(((ref_in >= reference.threshold) == (got_in >= candidate.threshold)).sum())
+        result.update(verdicts_agree=same, max_in_distribution_diff=float((ref_in - got_in).abs().max()))
+    return result
+
+
+def parity_ok(parity: dict) -> bool:
+    return (parity["agree"] == parity["n"] and parity["max_prob_diff"] <= MAX_PROB_DIFF
+            and parity.get("verdicts_agree", parity["n"]) == parity["n"])
 
 
 def ms_per_image(predictor: Predictor, images: list, batch_size: int = 1, rounds: int = 3) -> float:
@@ -153,9 +201,11 @@ def export_onnx(model_path: str | Path, out: str | Path | None = None, check: li
         f"dynamic batch) in {time.perf_counter() - t:.1f}s")
     onnx_predictor = OnnxPredictor(tmp)  # reads classes and preprocessing back from the file itself
     parity = compare(reference, onnx_predictor, images)
-    ok = parity["agree"] == parity["n"] and parity["max_prob_diff"] <= MAX_PROB_DIFF
+    ok = parity_ok(parity)
+    verdicts = (f", unknown verdicts agree {parity['verdicts_agree']}/{parity['n']}"
+                if "verdicts_agree" in parity else "")
     log(f"parity on {described}: top-1 agreement {parity['top1_agreement']:.1%} ({parity['agree']}/{parity['n']}), "
-        f"largest probability difference {parity['max_prob_diff']:.2e} (limit {MAX_PROB_DIFF:.0e}) "
+        f"largest probability difference {parity['max_prob_diff']:.2e} (limit {MAX_PROB_DIFF:.0e}){verdicts} "
         f"-> {'OK' if ok else 'FAILED'}")
     if not ok:
         rejected = out.with_name(out.name + ".rejected")

@@ -18,6 +18,7 @@ from torch import nn
 
 from fruitnet.backbones import create_body, get_backbone
 from fruitnet.errors import ModelFileError
+from fruitnet.ood import TRUST_PREFIX, TrustHead
 
 FORMAT_VERSION = 1
 # The original project: resnet18, 3 classes, 300x300 squashed, mean/std 0.5 per channel.
@@ -31,6 +32,7 @@ class Classifier(nn.Module):
         super().__init__()
         self.body = body
         self.head = nn.Linear(feature_dim, num_classes)
+        self.trust: TrustHead | None = None  # set at the end of training (ood.fit_trust); old files have none
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.body(x))
@@ -100,6 +102,12 @@ def load_model(path: str | Path, legacy: bool | None = None) -> tuple[Classifier
     if not isinstance(meta, dict) or meta.get("format") != "fruitnet":
         raise ModelFileError(f"{path}: safetensors file without fruitnet metadata")
     model, _ = create_classifier(meta["backbone"], len(meta["classes"]), weights="none")
+    trust = {k[len(TRUST_PREFIX):]: state[k] for k in state if k.startswith(TRUST_PREFIX)}
+    if trust:  # the in-distribution statistics (ood.TrustHead), shaped by the file's own tensors
+        try:
+            model.trust = TrustHead(**trust)
+        except TypeError as exc:
+            raise ModelFileError(f"{path}: unexpected in-distribution statistics ({sorted(trust)})") from exc
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:

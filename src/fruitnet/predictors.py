@@ -3,8 +3,12 @@
 Every consumer (predict, evaluate, serve, export's parity check) talks to a Predictor:
 - `classes`, `meta` (the model file's metadata) and `preprocessing` (from that metadata);
 - `transform(image)`: PIL RGB -> normalised tensor, built from the metadata, never re-typed;
-- `logits(batch)`: the forward pass, the one thing each runtime does its own way;
-- `probabilities(images)`, `predict_paths(paths)`, `describe(row)`: shared, built on the above.
+- `forward(batch)`: logits, and where the model file has them the in-distribution score and
+  share (ood.TrustHead); the one thing each runtime does its own way;
+- `outputs(batch)`, `probabilities(images)`, `predict_paths(paths)`, `describe(row)`: shared,
+  built on the above. Probabilities are calibrated (the logits divided by the model file's
+  temperature, 1 for files made before calibration), and a photo whose in_distribution is below
+  the file's threshold is labelled "unknown", its best class kept as `best_guess`.
 
 `TorchPredictor` runs a .safetensors file (or the original project's model.pth) with PyTorch,
 `OnnxPredictor` an exported .onnx file with onnxruntime; `load_predictor` picks one.
@@ -28,6 +32,7 @@ from fruitnet.model import load_model
 from fruitnet.transforms import eval_transform
 
 ONNX_META_KEY = "fruitnet"  # the ONNX metadata_props key that carries the model file's metadata
+UNKNOWN = "unknown"  # the label of a photo that looks like none of the classes
 
 
 class Predictor:
@@ -38,15 +43,30 @@ class Predictor:
 
     meta: dict
 
-    def __init__(self, meta: dict):
+    explain_unavailable: str | None = None  # why this runtime cannot draw heat maps (None: it can)
+
+    def __init__(self, meta: dict, unknown: bool = True):
         self.meta = meta
         self.classes: list[str] = meta["classes"]
         self.preprocessing: dict = meta["preprocessing"]
         self.transform = eval_transform(self.preprocessing)
+        trust = meta.get("trust") or {}
+        self.temperature = float(trust.get("temperature", 1.0))  # files made before calibration: 1
+        self.threshold: float | None = trust.get("threshold")  # None: no in-distribution statistics
+        self.unknown = unknown and self.threshold is not None  # False: never answer "unknown" (--no-unknown)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """A normalised image batch -> (logits, score, in_distribution), float32 on the CPU; the
+        last two are None for a model file without in-distribution statistics."""
+        raise NotImplementedError
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """A normalised image batch -> logits (float32, on the CPU)."""
-        raise NotImplementedError
+        return self.forward(x)[0]
+
+    def outputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(calibrated probabilities, in_distribution or None) for a normalised image batch."""
+        logits, _, in_dist = self.forward(x)
+        return (logits / self.temperature).softmax(1), in_dist
 
     def runtime(self) -> dict:
         """What runs the forward pass, for reports: {"runtime", "arithmetic"}."""
@@ -56,8 +76,14 @@ class Predictor:
         return load_image(path)  # full decode, exactly as in training (no JPEG draft shortcuts)
 
     def probabilities(self, images: list) -> torch.Tensor:
-        """PIL RGB images -> (n, classes) softmax probabilities."""
-        return self.logits(torch.stack([self.transform(im) for im in images])).softmax(1)
+        """PIL RGB images -> (n, classes) calibrated probabilities."""
+        return self.outputs(torch.stack([self.transform(im) for im in images]))[0]
+
+    def heat_maps(self, x: torch.Tensor, targets: list[int]):
+        """(n, H, W) Grad-CAM heat maps in [0, 1] for a normalised batch and the target classes."""
+        from fruitnet.explain import ExplainUnavailable
+
+        raise ExplainUnavailable(self.explain_unavailable or "this runtime cannot draw heat maps")
 
     def _prepare(self, path) -> torch.Tensor | str:
         """Decode and transform one file (runs in a thread: PIL works without the GIL); an error is a str."""
@@ -68,8 +94,9 @@ class Predictor:
         except OSError as exc:
             return f"cannot read file ({exc.strerror or exc})"
 
-    def predict_paths(self, paths: list[str], batch_size: int = 32, progress=None) -> list[dict]:
-        """[{path, label, probabilities}] or [{path, error}] per path, in order; never raises for a bad file.
+    def predict_paths(self, paths: list[str], batch_size: int = 32, progress=None, raw: bool = False) -> list[dict]:
+        """[{path, label, probabilities, ...}] (see describe) or [{path, error}] per path, in order;
+        never raises for a bad file. raw=True adds each photo's uncalibrated "logits" and raw "score".
 
         The next batch is decoded by threads while the model runs on this one; at most two
         batches are in memory, however many paths there are.
@@ -86,17 +113,34 @@ class Predictor:
                        for p, t in zip(chunk, prepared)]
                 good = [i for i, t in enumerate(prepared) if isinstance(t, torch.Tensor)]
                 if good:
-                    probs = self.logits(torch.stack([prepared[i] for i in good])).softmax(1)
-                    for i, row in zip(good, probs):
-                        out[i].update(self.describe(row))
+                    logits, score, in_dist = self.forward(torch.stack([prepared[i] for i in good]))
+                    probs = (logits / self.temperature).softmax(1)
+                    for k, i in enumerate(good):
+                        out[i].update(self.describe(probs[k], None if in_dist is None else in_dist[k]))
+                        if raw:
+                            out[i].update(logits=logits[k].tolist(),
+                                          score=None if score is None else float(score[k]))
                 results.extend(out)
                 if progress is not None:
                     progress(len(chunk))
         return results
 
-    def describe(self, probs: torch.Tensor) -> dict:
-        return {"label": self.classes[int(probs.argmax())],
-                "probabilities": {c: float(p) for c, p in zip(self.classes, probs)}}
+    def describe(self, probs: torch.Tensor, in_dist: torch.Tensor | None = None) -> dict:
+        """{label, probabilities} and, where the model file has in-distribution statistics,
+        best_guess and in_distribution; label is "unknown" when in_distribution is below the threshold."""
+        best = self.classes[int(probs.argmax())]
+        result = {"label": best, "probabilities": {c: float(p) for c, p in zip(self.classes, probs)}}
+        if in_dist is not None:
+            in_dist = float(in_dist)
+            known = not self.unknown or in_dist >= self.threshold
+            result.update(label=best if known else UNKNOWN, best_guess=best, in_distribution=round(in_dist, 4))
+        return result
+
+    def trust_info(self) -> dict:
+        """For reports: temperature, threshold and whether the unknown verdict is on."""
+        trust = self.meta.get("trust") or {}
+        return {"temperature": self.temperature, "unknown_verdict": self.unknown, "threshold": self.threshold,
+                "score": trust.get("score"), "recall": trust.get("recall")}
 
 
 class TorchPredictor(Predictor):
@@ -105,17 +149,30 @@ class TorchPredictor(Predictor):
     precision 'fp32' (exact, the library default), 'bf16' or 'auto' (bf16 where native: faster)."""
 
     def __init__(self, model_path: str | Path, device: str = "auto", legacy: bool | None = None,
-                 precision: str = "fp32"):
+                 precision: str = "fp32", unknown: bool = True):
         self.model, meta = load_model(model_path, legacy=legacy)
-        super().__init__(meta)
+        super().__init__(meta, unknown)
         self.device = resolve_device(device)
         self.arith = choose(precision, self.device)
         self.arith.prepare_model(self.model.to(self.device).eval())
+        self._gradcam = None
 
     @torch.inference_mode()
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor):
         with self.arith.autocast(self.device):
-            return self.model(self.arith.prepare_input(x.to(self.device))).float().cpu()
+            features = self.model.body(self.arith.prepare_input(x.to(self.device)))
+            logits = self.model.head(features).float().cpu()
+        if self.model.trust is None:
+            return logits, None, None
+        score, in_dist = self.model.trust(features.float())  # fp32, outside autocast
+        return logits, score.cpu(), in_dist.cpu()
+
+    def heat_maps(self, x: torch.Tensor, targets: list[int]):
+        from fruitnet.explain import GradCam
+
+        if self._gradcam is None:
+            self._gradcam = GradCam(self.model, self.preprocessing)
+        return self._gradcam.heat(x, targets)
 
     def runtime(self) -> dict:
         return {"runtime": "pytorch", "arithmetic": self.arith.as_dict()}
@@ -124,7 +181,10 @@ class TorchPredictor(Predictor):
 class OnnxPredictor(Predictor):
     """An exported .onnx file run by onnxruntime; metadata and preprocessing read from the file."""
 
-    def __init__(self, onnx_path: str | Path, threads: int = 0):
+    explain_unavailable = ("heat maps need the PyTorch model file (.safetensors): Grad-CAM needs gradients, "
+                           "which an exported ONNX file does not give")
+
+    def __init__(self, onnx_path: str | Path, threads: int = 0, unknown: bool = True):
         import onnxruntime as ort
 
         path = Path(onnx_path)
@@ -140,22 +200,27 @@ class OnnxPredictor(Predictor):
             raise ModelFileError(f"{path}: ONNX file without fruitnet metadata (not made by fruitnet export)") from None
         except Exception as exc:  # onnxruntime raises its own types for unreadable files
             raise ModelFileError(f"{path}: not a readable ONNX file ({exc.__class__.__name__}: {exc})") from exc
-        super().__init__(meta)
+        super().__init__(meta, unknown)
         self.input_name = self.session.get_inputs()[0].name
+        names = {o.name for o in self.session.get_outputs()}
+        # files exported before calibration have only "logits"
+        self.output_names = ["logits"] + (["score", "in_distribution"] if {"score", "in_distribution"} <= names else [])
 
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(self.session.run(None, {self.input_name: x.numpy()})[0]).float()
+    def forward(self, x: torch.Tensor):
+        out = [torch.from_numpy(a).float() for a in self.session.run(self.output_names, {self.input_name: x.numpy()})]
+        return (out[0], out[1], out[2]) if len(out) == 3 else (out[0], None, None)
 
     def runtime(self) -> dict:
         return {"runtime": "onnxruntime", "arithmetic": "fp32 (onnxruntime, CPU)"}
 
 
 def load_predictor(path: str | Path, runtime: str = "auto", legacy: bool | None = None,
-                   precision: str = "fp32", device: str = "auto") -> Predictor:
-    """runtime 'torch', 'onnx', or 'auto' (onnx for a .onnx file); precision and device apply to torch."""
+                   precision: str = "fp32", device: str = "auto", unknown: bool = True) -> Predictor:
+    """runtime 'torch', 'onnx', or 'auto' (onnx for a .onnx file); precision and device apply to torch;
+    unknown=False never answers "unknown" (the in_distribution share is still given)."""
     if runtime == "onnx" or (runtime == "auto" and str(path).lower().endswith(".onnx")):
-        return OnnxPredictor(path)
-    return TorchPredictor(path, device=device, legacy=legacy, precision=precision)
+        return OnnxPredictor(path, unknown=unknown)
+    return TorchPredictor(path, device=device, legacy=legacy, precision=precision, unknown=unknown)
 
 
 def expand_paths(patterns: list[str]) -> tuple[list[str], list[dict]]:

@@ -1,9 +1,13 @@
 """HTTP API and web page for a model file: create_app(model_path, max_upload_mb) and serve().
 
 GET /          the web page (src/fruitnet/web/index.html: no external assets, works offline)
-POST /predict  multipart form field `files` (repeatable) -> [{filename, label, probabilities}]
+POST /predict  multipart form field `files` (repeatable) -> [{filename, label, probabilities}, ...]; with a
+               model file that has in-distribution statistics also best_guess and in_distribution, and
+               label "unknown" for a photo that looks like none of the classes
+POST /explain  multipart form field `file` (one photo) -> PNG: the model's view with its Grad-CAM heat map
+               for the best class (501 with the reason for an ONNX model: no gradients there)
 GET /health    {"status": "ok", "images": classified so far, "forward_passes": ...}
-GET /model     classes, backbone, preprocessing, validation accuracy, limits
+GET /model     classes, backbone, preprocessing, validation accuracy, limits, calibration and verdict, explain
 
 Bad files are judged one by one.  A request with at least one usable photo answers 200 with a
 list in upload order where each unusable file has an entry {filename, error}.  A request with no
@@ -13,12 +17,14 @@ BMP, TIFF or WebP), 400 an image that cannot be decoded (truncated, corrupt, dec
 422 when no file was sent at all.  Every error body is JSON {"error": "..."}.
 
 One thread owns the model (so concurrent requests are safe); photos that arrive while it is busy
-go through together in the next forward pass (up to MAX_BATCH images).
+go through together in the next forward pass (up to MAX_BATCH images). A heat map holds the same
+lock as a forward pass (Grad-CAM hooks a layer of the model while it runs).
 """
 
 from __future__ import annotations
 
 import asyncio
+import io
 import queue
 import tempfile
 import threading
@@ -29,7 +35,7 @@ from pathlib import Path
 import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
@@ -47,10 +53,12 @@ class Batcher:
     """Runs every forward pass on one thread; jobs waiting together share one pass.
 
     A job is a list of preprocessed image tensors (decoding and preprocessing run in the request
-    threads, in parallel); its answer is their (n, classes) probabilities."""
+    threads, in parallel); its answer is their (n, classes) calibrated probabilities and their
+    in_distribution (None for a model file without in-distribution statistics)."""
 
     def __init__(self, predictor, max_batch: int = MAX_BATCH):
         self.predictor, self.max_batch = predictor, max_batch
+        self.lock = threading.Lock()  # the model runs one thing at a time: a forward pass or a heat map
         self.jobs: queue.Queue = queue.Queue()
         self.passes = self.images = 0  # forward passes run, images classified
         self.thread = threading.Thread(target=self._run, name="fruitnet-model", daemon=True)
@@ -80,12 +88,14 @@ class Batcher:
                 batch.append(more)
             try:
                 x = torch.stack([t for tensors, _, _ in batch for t in tensors])
-                probs = self.predictor.logits(x).softmax(1)
+                with self.lock:
+                    probs, in_dist = self.predictor.outputs(x)
                 self.passes, self.images = self.passes + 1, self.images + len(probs)
                 start, outcomes = 0, []
                 for tensors, _, _ in batch:
-                    outcomes.append((probs[start:start + len(tensors)], None))
-                    start += len(tensors)
+                    end = start + len(tensors)
+                    outcomes.append(((probs[start:end], None if in_dist is None else in_dist[start:end]), None))
+                    start = end
             except Exception as exc:  # reported to each waiting request, the thread lives on
                 outcomes = [(None, exc)] * len(batch)
             for (_, loop, future), (result, error) in zip(batch, outcomes):
@@ -142,22 +152,39 @@ class Unusable(Exception):
         self.status, self.reason = status, reason
 
 
-def preprocess(predictor, data: bytes) -> torch.Tensor:
-    """Bytes of one upload -> model input, by the same loader and transform as the command line."""
+def decode(predictor, data: bytes):
+    """Bytes of one upload -> RGB image, by the same loader as the command line."""
     with tempfile.NamedTemporaryFile(prefix="fruitnet-upload-") as f:
         f.write(data)
         f.flush()
         try:
-            image = predictor.load(f.name)
+            return predictor.load(f.name)
         except ImageError as exc:
             # The content announces no accepted format: 415; an accepted format that fails to decode: 400.
             raise Unusable(415 if sniff_format(f.name) is None else 400, exc.reason) from None
-    return predictor.transform(image)
+
+
+def preprocess(predictor, data: bytes) -> torch.Tensor:
+    """Bytes of one upload -> model input, by the same loader and transform as the command line."""
+    return predictor.transform(decode(predictor, data))
+
+
+def explain_png(predictor, tensor: torch.Tensor, image, lock: threading.Lock) -> bytes:
+    """The model's view of one photo with the heat map of its best class, as PNG bytes."""
+    from fruitnet.explain import model_view, overlay
+
+    with lock:
+        probs, _ = predictor.outputs(tensor[None])
+        heat = predictor.heat_maps(tensor[None], [int(probs[0].argmax())])[0]
+    buffer = io.BytesIO()
+    view = model_view(image, predictor.preprocessing)
+    overlay(view, heat).save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def create_app(model_path: str | Path, max_upload_mb: int = 10, runtime: str = "auto",
-               precision: str = "fp32") -> FastAPI:
-    predictor = load_predictor(model_path, runtime, precision=precision)
+               precision: str = "fp32", unknown: bool = True) -> FastAPI:
+    predictor = load_predictor(model_path, runtime, precision=precision, unknown=unknown)
     batcher = Batcher(predictor)
     limit = max_upload_mb * MB
     page = (resources.files("fruitnet") / "web" / "index.html").read_text(encoding="utf-8")
@@ -172,6 +199,8 @@ def create_app(model_path: str | Path, max_upload_mb: int = 10, runtime: str = "
         "training": training or None,
         "max_upload_mb": max_upload_mb,
         "max_files": MAX_FILES,
+        "trust": predictor.trust_info(),
+        "explain": {"available": predictor.explain_unavailable is None, "reason": predictor.explain_unavailable},
     }
 
     @asynccontextmanager
@@ -231,9 +260,9 @@ def create_app(model_path: str | Path, max_upload_mb: int = 10, runtime: str = "
                 except Unusable as exc:
                     results[i].update(error=exc.reason, status=exc.status)
         if images:
-            probs = await batcher.probabilities([im for _, im in images])
-            for (i, _), row in zip(images, probs):
-                results[i].update(predictor.describe(row))
+            probs, in_dist = await batcher.probabilities([im for _, im in images])
+            for k, (i, _) in enumerate(images):
+                results[i].update(predictor.describe(probs[k], None if in_dist is None else in_dist[k]))
         statuses = {r.pop("status") for r in results if "status" in r}
         if not images:
             status = statuses.pop() if len(statuses) == 1 else 400
@@ -241,15 +270,33 @@ def create_app(model_path: str | Path, max_upload_mb: int = 10, runtime: str = "
             return _error(status, message, results=results)
         return results
 
+    @app.post("/explain")
+    async def explain(request: Request):
+        if predictor.explain_unavailable:
+            return _error(501, predictor.explain_unavailable)
+        async with request.form(max_files=1, max_fields=1) as form:
+            upload = form.get("file")
+            if not isinstance(upload, UploadFile) or not (upload.filename or upload.size):
+                return _error(422, "no file: send one image in the multipart form field 'file'")
+            data = await upload.read(limit + 1)
+        if len(data) > limit:
+            return _error(413, f"file larger than the {max_upload_mb} MB limit")
+        try:
+            image = await run_in_threadpool(decode, predictor, data)
+        except Unusable as exc:
+            return _error(exc.status, exc.reason)
+        png = await run_in_threadpool(explain_png, predictor, predictor.transform(image), image, batcher.lock)
+        return Response(png, media_type="image/png")
+
     return app
 
 
 def serve(model_path: str | Path, host: str = "127.0.0.1", port: int = 8000, max_upload_mb: int = 10,
-          runtime: str = "auto", precision: str = "fp32") -> int:
+          runtime: str = "auto", precision: str = "fp32", unknown: bool = True) -> int:
     """Run the service until Ctrl+C (0); 1 if it could not start (e.g. the port is in use)."""
     import uvicorn
 
-    app = create_app(model_path, max_upload_mb, runtime, precision)
+    app = create_app(model_path, max_upload_mb, runtime, precision, unknown)
     if host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: listening on {host}: anyone who can reach this machine can use the service "
               "(there is no authentication)", flush=True)

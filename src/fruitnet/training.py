@@ -43,6 +43,7 @@ from fruitnet.errors import DataError
 from fruitnet.dataset import (ImageDataset, Item, format_report, read_split, scan, split,
                               write_report, write_split)
 from fruitnet.model import create_classifier, save_model
+from fruitnet.ood import DEFAULT_RECALL, check_recall, fit_model_files  # issue 9: calibration, unknown verdict
 from fruitnet.transforms import eval_transform, train_transform
 
 RECIPES = {
@@ -81,6 +82,7 @@ class TrainConfig:
     precision: str = "auto"
     workers: int = 2
     device: str = "auto"
+    unknown_recall: float = DEFAULT_RECALL  # issue 9: share of validation photos that keep their label
 
 
 def machine_info() -> dict:
@@ -226,6 +228,7 @@ def train(config: TrainConfig, resume: str | None = None, log=print) -> dict:
     if config.precision not in PRECISIONS:
         raise DataError(f"unknown precision {config.precision!r}; choose one of: {', '.join(PRECISIONS)}")
     recipe = RECIPES[config.recipe]
+    check_recall(config.unknown_recall)  # issue 9: a bad --unknown-recall stops before training
     # values given on the command line are honoured exactly; the rest come from the recipe
     config = replace(config, **{k: recipe[k] for k in ("epochs", "lr", "weight_decay") if getattr(config, k) is None})
     # under torchrun: this rank's device; a plain run: the (possibly resumed) config's
@@ -385,6 +388,11 @@ def train(config: TrainConfig, resume: str | None = None, log=print) -> dict:
         log(f"\n{why}: the last finished epoch is saved; continue with: fruitnet train --resume {run}" if rows
             else f"\n{why} before the first epoch finished: nothing to resume")
         raise
+
+    # issue 9: temperature, in-distribution statistics and threshold, fitted into best and last
+    if world.is_main and rows:
+        fit_model_files(run, best["epoch"], rows[-1]["epoch"], plain_train, val_ds, config.unknown_recall,
+                        device, arith, log)
 
     from fruitnet.plots import plot_curves
 
