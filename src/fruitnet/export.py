@@ -156,6 +156,7 @@ def ms_per_image(predictor: Predictor, images: list, batch_size: int = 1, rounds
 
 def quantize_int8(fp32: Path, out: Path, calibration: list, transform) -> Path:
     """Static int8 quantisation (QDQ, per-channel weights), activations calibrated on `calibration`."""
+    import onnx
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -172,8 +173,10 @@ def quantize_int8(fp32: Path, out: Path, calibration: list, transform) -> Path:
     root.setLevel(logging.ERROR)  # the quantiser logs every shape tensor it leaves alone
     try:
         quant_pre_process(str(fp32), str(pre))
+        # the in-distribution score (distances, a comparison with the validation scores) stays fp32
+        keep = [n.name for n in onnx.load(str(pre)).graph.node if n.name.startswith("/trust/")]
         quantize_static(str(pre), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                        weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8)
+                        weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8, nodes_to_exclude=keep)
     finally:
         root.setLevel(level)
         pre.unlink(missing_ok=True)
@@ -230,7 +233,8 @@ def _int8(fp32: Path, reference: Predictor, onnx_predictor: OnnxPredictor, image
     log(f"int8: {out} ({os.path.getsize(out) / 1e6:.1f} MB) in {time.perf_counter() - t:.1f}s, calibrated on "
         f"{len(calibration)} check images; on the other {parity['n']}: top-1 agreement with PyTorch "
         f"{parity['top1_agreement']:.1%} ({parity['agree']}/{parity['n']}), largest probability difference "
-        f"{parity['max_prob_diff']:.3f}")
+        f"{parity['max_prob_diff']:.3f}"
+        + (f", unknown verdicts agree {parity['verdicts_agree']}/{parity['n']}" if "verdicts_agree" in parity else ""))
     log("forward pass, batch 1, ms/image (median of 3 rounds): " +
         ", ".join(f"{k} {v:.1f}" for k, v in speed.items()) +
         f"; int8 is {speed['onnx'] / speed['onnx_int8']:.1f}x onnx fp32")

@@ -184,7 +184,7 @@ def fit_model_files(run: Path, best_epoch: int, last_epoch: int, train_set, val_
     """
     from fruitnet.model import load_model, save_model
 
-    fitted = {}
+    fitted, features, body = {}, None, None
     for name in ("last", "best"):
         path = run / f"{name}.safetensors"
         if name == "best" and best_epoch == last_epoch:
@@ -192,8 +192,12 @@ def fit_model_files(run: Path, best_epoch: int, last_epoch: int, train_set, val_
             continue
         model, meta = load_model(path)
         model.to(device)
-        tf, ty = body_features(model, train_set, device, arith, desc=f"trust: training features ({name})")
-        vf, vy = body_features(model, val_set, device, arith, desc=f"trust: validation features ({name})")
+        same_body = body is not None and all(torch.equal(a, b) for a, b in zip(body, model.body.state_dict().values()))
+        if not same_body:  # a frozen body is the same in both files: its features are too
+            features = (body_features(model, train_set, device, arith, desc=f"trust: training features ({name})"),
+                        body_features(model, val_set, device, arith, desc=f"trust: validation features ({name})"))
+            body = list(model.body.state_dict().values())
+        (tf, ty), (vf, vy) = features
         meta["trust"] = fitted[name] = fit_trust(model, tf, ty, vf, vy, recall)
         save_model(path, model, meta)
     t = fitted["last"]
