@@ -18,6 +18,7 @@ share of validation photos that score no higher than it: 0.30 means it looks mor
 from __future__ import annotations
 
 import shutil
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -93,11 +94,6 @@ class TrustHead(nn.Module):
         self.register_buffer("precision", precision.float())
         self.register_buffer("val_scores", val_scores.float().sort().values)
 
-    @classmethod
-    def empty(cls, n_classes: int, feature_dim: int, n_val: int) -> "TrustHead":
-        """The right shapes, to load a model file's tensors into."""
-        return cls(torch.zeros(n_classes, feature_dim), torch.zeros(feature_dim, feature_dim), torch.zeros(n_val))
-
     def score(self, features: torch.Tensor) -> torch.Tensor:
         return mahalanobis(features.float(), self.means, self.precision)
 
@@ -161,8 +157,6 @@ def fit_trust(model: nn.Module, train_features: torch.Tensor, train_targets: tor
 def body_features(model: nn.Module, dataset, device, arith=None, batch_size: int = 64,
                   desc: str = "features") -> tuple[torch.Tensor, torch.Tensor]:
     """Pooled body features (float32, CPU) and targets of a dataset of (tensor, class index), in order."""
-    from contextlib import nullcontext
-
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
     feats, targets = [], []
     model.eval()
