@@ -9,7 +9,8 @@
 2. Calibration: ECE (15 bins) and NLL on the webfruit validation split and on fruits360 (a shifted
    set), with the raw logits and with the model file's temperature.
 3. Unknown detection, for every score tried (see fruitnet.ood), each fitted on the training
-   split and thresholded on the validation split alone (accept --unknown-recall of it):
+   split and thresholded on the validation split alone (accept --unknown-recall of it); the
+   energy score is the one fruitnet ships:
    AUROC webfruit-val vs grocery/other and (webfruit-val + grocery/tomato) vs grocery/other; at
    the threshold, the share of grocery/other rejected and of each known set accepted. Nothing is
    tuned on grocery/; the settings (k = 10 for kNN, Ledoit-Wolf shrinkage) were fixed beforehand.
@@ -44,9 +45,53 @@ from fruitnet.predictors import UNKNOWN, TorchPredictor, expand_paths
 from fruitnet.transforms import eval_transform
 
 ROOT = Path(__file__).resolve().parents[1]
+KNN_K = 10  # fixed beforehand (Sun et al. use k of ~0.1-1% of the training set); never tuned on grocery/
 CACHE = Path("/tmp/trust-bench")
 COLOURS = {"green": (40, 160, 60), "red": (200, 30, 30), "grey": (128, 128, 128), "black": (0, 0, 0),
            "white": (255, 255, 255), "yellow": (230, 200, 40), "blue": (30, 60, 200), "brown": (110, 70, 40)}
+
+
+# --- the candidate scores on features (the library ships the energy score: fruitnet.ood) ------
+
+def ledoit_wolf(x: torch.Tensor) -> torch.Tensor:
+    """Ledoit-Wolf shrunk covariance of centred rows x (n, d): well conditioned even when d > n.
+
+    The closed-form shrinkage towards a scaled identity, as in scikit-learn's ledoit_wolf."""
+    x = x.double()
+    n, d = x.shape
+    emp = x.T @ x / n
+    mu = torch.trace(emp) / d
+    x2 = x * x
+    beta_ = (x2.T @ x2).sum()
+    delta_ = (emp * emp).sum()
+    beta = (beta_ / n - delta_) / (d * n)
+    delta = (delta_ - 2 * mu * torch.trace(emp) + d * mu * mu) / d
+    shrink = 0.0 if float(delta) == 0 else float(min(beta, delta) / delta)
+    return (1 - shrink) * emp + shrink * mu * torch.eye(d, dtype=x.dtype)
+
+
+def class_gaussian(features: torch.Tensor, targets: torch.Tensor, n_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Class means (C, d) and the inverse of the shared, shrunk covariance (d, d), float32."""
+    f = features.double()
+    means = torch.stack([f[targets == c].mean(0) for c in range(n_classes)])
+    precision = torch.linalg.inv(ledoit_wolf(f - means[targets]))
+    return means.float(), precision.float()
+
+
+def mahalanobis(features: torch.Tensor, means: torch.Tensor, precision: torch.Tensor) -> torch.Tensor:
+    d = features.float()[:, None, :] - means[None]  # (n, C, d)
+    return -((d @ precision) * d).sum(-1).amin(1)
+
+
+def normalise(features: torch.Tensor) -> torch.Tensor:
+    return features.float() / features.float().norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+
+def knn(features: torch.Tensor, bank: torch.Tensor, k: int = KNN_K) -> torch.Tensor:
+    """bank: normalised training features (m, d)."""
+    sim = normalise(features) @ bank.T  # cosine similarity; distance^2 = 2 - 2 sim
+    kth = sim.topk(min(k, bank.shape[0]), dim=1).values[:, -1]
+    return -(2 - 2 * kth).clamp_min(0).sqrt()
 
 
 def git_commit() -> str:
@@ -100,11 +145,14 @@ def sets(run: Path, data: Path, classes: list[str]) -> dict[str, tuple[list[str]
 
 
 def features(run: Path, model_file: Path, data: Path) -> dict:
-    key = hashlib.sha256(model_file.read_bytes()).hexdigest()[:16]
-    cached = CACHE / f"{key}.pt"
+    model, meta = load_model(model_file)
+    digest = hashlib.sha256()  # keyed by the weights, not the trust metadata fitted into the file
+    for name, tensor in sorted(model.state_dict().items()):
+        if not name.startswith("trust."):
+            digest.update(name.encode() + tensor.numpy().tobytes())
+    cached = CACHE / f"{digest.hexdigest()[:16]}.pt"
     if cached.is_file():
         return torch.load(cached, weights_only=True)
-    model, meta = load_model(model_file)
     model.trust = None  # the raw body and head; the bench computes every score itself
     pretrained, _ = create_classifier(meta["backbone"], len(meta["classes"]), "imagenet")
     pretrained.eval()
@@ -122,17 +170,17 @@ def scores(f: dict, temperature: float) -> dict[str, dict[str, torch.Tensor]]:
     """Every candidate score on every set: {score name: {set name: scores}} (higher = more in-distribution)."""
     tr = f["train"]
     n_classes = f["val"]["logits"].shape[1]
-    means, prec = ood.class_gaussian(tr["feat"], tr["y"], n_classes)
-    pmeans, pprec = ood.class_gaussian(tr["pfeat"], tr["y"], n_classes)
-    bank, pbank = ood.normalise(tr["feat"]), ood.normalise(tr["pfeat"])
+    means, prec = class_gaussian(tr["feat"], tr["y"], n_classes)
+    pmeans, pprec = class_gaussian(tr["pfeat"], tr["y"], n_classes)
+    bank, pbank = normalise(tr["feat"]), normalise(tr["pfeat"])
     fns = {
         "MSP (max softmax probability)": lambda s: ood.msp(s["logits"]),
         "MSP, temperature-scaled": lambda s: ood.msp(s["logits"], temperature),
-        "energy": lambda s: ood.energy(s["logits"]),
-        "Mahalanobis, fine-tuned body": lambda s: ood.mahalanobis(s["feat"], means, prec),
-        f"kNN (k={ood.KNN_K}), fine-tuned body": lambda s: ood.knn(s["feat"], bank),
-        "Mahalanobis, pretrained body": lambda s: ood.mahalanobis(s["pfeat"], pmeans, pprec),
-        f"kNN (k={ood.KNN_K}), pretrained body": lambda s: ood.knn(s["pfeat"], pbank),
+        "energy (shipped)": lambda s: ood.energy(s["logits"]),
+        "Mahalanobis, fine-tuned body": lambda s: mahalanobis(s["feat"], means, prec),
+        f"kNN (k={KNN_K}), fine-tuned body": lambda s: knn(s["feat"], bank),
+        "Mahalanobis, pretrained body": lambda s: mahalanobis(s["pfeat"], pmeans, pprec),
+        f"kNN (k={KNN_K}), pretrained body": lambda s: knn(s["pfeat"], pbank),
     }
     return {name: {k: fn(v) for k, v in f.items() if k != "train"} for name, fn in fns.items()}
 
@@ -244,7 +292,7 @@ def main() -> None:
         f"## Unknown detection: each score fitted on the training split, threshold from the validation split "
         f"(accept {pct(args.unknown_recall)}), nothing tuned on grocery/", "",
         *ood_table(all_scores, args.unknown_recall), "",
-        "## The shipped path: fruitnet's Predictor (fp32) with the model file's statistics", "",
+        "## The shipped path: fruitnet's Predictor (fp32) with the model file's temperature and threshold", "",
         *shipped_table(model_file, f), "",
         "## Cost of the features (forward pass only, fp32, batch 32)", "",
         "| body | ms per image |", "|---|---|",

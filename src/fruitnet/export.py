@@ -49,12 +49,11 @@ class Exported(nn.Module):
         return ["logits", "probabilities"] + (["score", "in_distribution", "known"] if self.model.trust else [])
 
     def forward(self, x: torch.Tensor):
-        features = self.model.body(x)
-        logits = self.model.head(features)
+        logits = self.model(x)
         outputs = (logits, (logits / self.temperature).softmax(1))
         if self.model.trust is None:
             return outputs
-        score, in_dist = self.model.trust(features)
+        score, in_dist = self.model.trust(logits)
         return outputs + (score, in_dist, in_dist >= self.threshold)
 
 

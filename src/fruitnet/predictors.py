@@ -160,12 +160,11 @@ class TorchPredictor(Predictor):
     @torch.inference_mode()
     def forward(self, x: torch.Tensor):
         with self.arith.autocast(self.device):
-            features = self.model.body(self.arith.prepare_input(x.to(self.device)))
-            logits = self.model.head(features).float().cpu()
+            logits = self.model(self.arith.prepare_input(x.to(self.device))).float()
         if self.model.trust is None:
-            return logits, None, None
-        score, in_dist = self.model.trust(features.float())  # fp32, outside autocast
-        return logits, score.cpu(), in_dist.cpu()
+            return logits.cpu(), None, None
+        score, in_dist = self.model.trust(logits)  # fp32, outside autocast
+        return logits.cpu(), score.cpu(), in_dist.cpu()
 
     def heat_maps(self, x: torch.Tensor, targets: list[int]):
         from fruitnet.explain import GradCam

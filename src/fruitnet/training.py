@@ -389,10 +389,9 @@ def train(config: TrainConfig, resume: str | None = None, log=print) -> dict:
             else f"\n{why} before the first epoch finished: nothing to resume")
         raise
 
-    # issue 9: temperature, in-distribution statistics and threshold, fitted into best and last
+    # issue 9: temperature and the unknown verdict's threshold, fitted into best and last
     if world.is_main and rows:
-        fit_model_files(run, best["epoch"], rows[-1]["epoch"], plain_train, val_ds, config.unknown_recall,
-                        device, arith, log)
+        fit_model_files(run, best["epoch"], rows[-1]["epoch"], val_ds, config.unknown_recall, device, log)
 
     from fruitnet.plots import plot_curves
 
