@@ -15,6 +15,7 @@ from pathlib import Path
 from fruitnet.arithmetic import PRECISIONS
 from fruitnet.backbones import BACKBONES
 from fruitnet.errors import DataError, FruitnetError
+from fruitnet.guard import LIMIT_CONCURRENCY, TIMEOUT_KEEP_ALIVE, TIMEOUT_REQUEST
 from fruitnet.training import DEFAULT_RECIPE, RECIPES
 
 
@@ -22,6 +23,20 @@ def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be between 1 and 65535, not {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be more than 0, not {text}")
     return value
 
 
@@ -140,7 +155,8 @@ def cmd_serve(args) -> int:
     from fruitnet.server import serve
 
     return serve(args.model, host=args.host, port=args.port, max_upload_mb=args.max_upload_mb, runtime=args.runtime,
-                 precision=args.precision)
+                 precision=args.precision, timeout_keep_alive=args.timeout_keep_alive,
+                 timeout_request=args.timeout_request, limit_concurrency=args.limit_concurrency)
 
 
 def cmd_demo(args) -> int:
@@ -230,8 +246,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="HTTP API and web page for a model file (.safetensors or exported .onnx)")
     p.add_argument("model")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=_port, default=8000)
     p.add_argument("--max-upload-mb", type=_positive_int, default=10, help="largest accepted photo, in MB")
+    p.add_argument("--timeout-keep-alive", type=_positive_float, default=TIMEOUT_KEEP_ALIVE, metavar="SECONDS",
+                   help=f"close a connection idle between requests after this long (default {TIMEOUT_KEEP_ALIVE})")
+    p.add_argument("--timeout-request", type=_positive_float, default=TIMEOUT_REQUEST, metavar="SECONDS",
+                   help="answer 408 and close when a request's headers take longer than this, or its upload "
+                        f"stops arriving for this long (default {TIMEOUT_REQUEST})")
+    p.add_argument("--limit-concurrency", type=_positive_int, default=LIMIT_CONCURRENCY, metavar="N",
+                   help=f"answer 503 (JSON, Retry-After) beyond N requests in progress (default {LIMIT_CONCURRENCY})")
     _add_runtime(p)
     _add_precision(p)
     p.set_defaults(func=cmd_serve)

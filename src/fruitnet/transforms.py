@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torchvision.transforms import v2 as T
 
+from fruitnet.images import MAX_ASPECT
+
 _INTERPOLATION = {"bilinear": T.InterpolationMode.BILINEAR, "bicubic": T.InterpolationMode.BICUBIC,
                   "nearest": T.InterpolationMode.NEAREST}
 
@@ -25,8 +27,19 @@ def _resize(pre: dict) -> list:
     if pre["resize"] == "squash":
         return [T.Resize((size, size), interpolation=interp, antialias=True)]
     if pre["resize"] == "crop":
-        return [T.Resize(resize_size(pre), interpolation=interp, antialias=True), T.CenterCrop(size)]
+        return [_limit_aspect, T.Resize(resize_size(pre), interpolation=interp, antialias=True), T.CenterCrop(size)]
     raise ValueError(f"unknown resize policy {pre['resize']!r}")
+
+
+def _limit_aspect(img):
+    """Centre-crop the longer side to MAX_ASPECT x the shorter one, so the shorter-side resize
+    after it allocates at most MAX_ASPECT x side^2 pixels, whatever the image (a 1x65535 GIF
+    would otherwise become 256 x 16.8M).  load_image refuses such images, so for the images it
+    returns this never changes a result; it only bounds what a library caller can pass in."""
+    h, w = T.functional.get_size(img)
+    if max(w, h) <= MAX_ASPECT * min(w, h):
+        return img
+    return T.functional.center_crop(img, [min(h, MAX_ASPECT * w), min(w, MAX_ASPECT * h)])
 
 
 def _to_normalised_tensor(pre: dict) -> list:
