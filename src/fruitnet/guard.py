@@ -46,14 +46,14 @@ def json_error(status: int, message: str, headers: list | None = None) -> tuple[
 
 def page_csp(html: str) -> str:
     """A strict policy for `html`: only its own inline scripts and styles (by hash), fetches to this
-    origin, previews of the user's own files (blob:), no framing, no forms posted elsewhere."""
+    origin, previews of the user's own files (blob:) and the inline icon (data:), no framing, no forms posted elsewhere."""
     def hashes(tag: str) -> str:
         found = re.findall(rf"<{tag}(?:\s[^>]*)?>(.*?)</{tag}>", html, flags=re.S | re.I)
         return " ".join(f"'sha256-{base64.b64encode(hashlib.sha256(s.encode()).digest()).decode()}'" for s in found)
 
     none = "'none'"
     return (f"default-src 'none'; script-src {hashes('script') or none}; style-src {hashes('style') or none}; "
-            "img-src 'self' blob:; connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+            "img-src 'self' blob: data:; connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 
 
 def host_name(host: str) -> str:
@@ -184,7 +184,8 @@ def guarded_protocol(timeout: float, max_connections: int):
             self.transport.close()
 
         def _idle(self) -> bool:
-            return (self.cycle is None or self.cycle.response_complete) and self.conn.their_state is not h11.SEND_BODY
+            return (not self.transport.is_closing() and (self.cycle is None or self.cycle.response_complete)
+                    and self.conn.their_state is not h11.SEND_BODY)
 
         def _evict_idlest(self) -> None:
             """Close the connection that has been quiet longest without a request in progress."""

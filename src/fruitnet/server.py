@@ -301,11 +301,14 @@ def serve(model_path: str | Path, host: str = "127.0.0.1", port: int = 8000, max
         print(f"warning: listening on {host}: anyone who can reach this machine can use the service "
               "(there is no authentication)", flush=True)
     files = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    # Half the file descriptors for connections, the rest for uploads' temporary files and the model.
-    max_connections = max(16, (files if files != resource.RLIM_INFINITY else 1 << 20) // 2)
+    files = 1 << 20 if files == resource.RLIM_INFINITY else files
+    # Half the file descriptors for connections (beyond that the idlest is closed), the rest for
+    # uploads' temporary files and the model.  The event loop accepts up to `backlog` connections
+    # before any is seen by the protocol, so that is kept to a quarter.
+    max_connections, backlog = max(16, files // 2), max(16, min(2048, files // 4))
     try:
         uvicorn.run(app, host=host, port=port, log_level="info", http=guarded_protocol(timeout_request, max_connections),
-                    timeout_keep_alive=timeout_keep_alive)
+                    timeout_keep_alive=timeout_keep_alive, backlog=backlog)
     except SystemExit as exc:  # uvicorn logged why it could not start; exit 1 (the job failed), not its 3
         return 0 if exc.code in (0, None) else 1
     return 0
