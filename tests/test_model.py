@@ -162,3 +162,25 @@ def test_save_model_refuses_metadata_that_load_would_refuse(tmp_path):
         save_model(tmp_path / "m.safetensors", model, {"classes": ["a", "b"], "backbone": "efficientnet_lite0",
                                                         "preprocessing": pre})
     assert not list(tmp_path.iterdir())
+
+
+def test_any_failure_on_one_file_is_that_files_error(good_model, demo_data, monkeypatch):
+    """Fault injection: decoding one file runs out of memory, another hits an unexpected bug; the
+    others in the same batch keep their answers (it used to lose the whole batch)."""
+    import fruitnet.predictors as predictors
+
+    real = predictors.load_image
+    photos = [str(p) for p in sorted((demo_data / "test" / "cherry").glob("*.jpg"))[:4]]
+    failures = {photos[1]: MemoryError(), photos[2]: ZeroDivisionError("division by zero")}
+
+    def flaky(path, *args, **kwargs):
+        if str(path) in failures:
+            raise failures[str(path)]
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(predictors, "load_image", flaky)
+    rows = TorchPredictor(good_model, device="cpu").predict_paths(photos, batch_size=4)
+    assert [r["path"] for r in rows] == photos
+    assert rows[1]["error"] == "not enough memory to process it"
+    assert rows[2]["error"] == "cannot be processed (ZeroDivisionError: division by zero)"
+    assert rows[0]["label"] and rows[3]["label"]

@@ -272,6 +272,31 @@ def test_extreme_files_get_their_own_error_and_memory_stays_bounded(served):
     assert served.peak_rss_mb() < 1536, f"the service peaked at {served.peak_rss_mb():.0f} MB"
 
 
+def test_any_failure_on_one_upload_is_that_files_error(model, monkeypatch):
+    """Fault injection in the service's own process: one upload's decoding runs out of memory."""
+    from fastapi.testclient import TestClient
+
+    import fruitnet.predictors as predictors
+    from fruitnet.server import create_app
+
+    real, poison = predictors.load_image, PHOTOS[1].read_bytes()
+
+    def flaky(path, *args, **kwargs):
+        if Path(path).read_bytes() == poison:
+            raise MemoryError()
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(predictors, "load_image", flaky)
+    with TestClient(create_app(model, max_upload_mb=LIMIT_MB)) as c:
+        r = post(c, photo(0), photo(1), photo(2))
+        assert r.status_code == 200
+        good, bad, other = r.json()
+        assert bad == {"filename": PHOTOS[1].name, "error": "not enough memory to process it"}
+        assert good["label"] in CLASSES and other["label"] in CLASSES
+        r = post(c, photo(1))  # alone: the request fails with that file's error, in JSON
+        assert r.status_code == 500 and r.json()["results"][0]["error"] == "not enough memory to process it"
+
+
 def test_cross_origin_posts_are_refused(client, server):
     for origin in ("http://evil.example", "null", server.replace("127.0.0.1", "localhost")):
         r = post(client, photo(0), headers={"Origin": origin})
