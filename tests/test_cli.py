@@ -2,6 +2,7 @@
 
 import csv
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -10,8 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from awkward import make_awkward_folder
+from awkward import lying_jpeg_bytes, make_awkward_folder, tall_gif_bytes, wide_png_bytes
 from conftest import run_cli
+from quick_model import bad_metadata_cases, make_quick_model, with_metadata
 
 RUN_FILES = {"config.json", "split.csv", "data_report.json", "data_report.txt", "metrics.csv", "curves.png",
              "best.safetensors", "last.safetensors", "summary.json", "checkpoint.pt"}
@@ -38,11 +40,15 @@ def test_check_names_every_unusable_file_and_exits_1(awkward):
     (["train", "/no/such/folder"], "not found"),
     (["train", "x", "--epochs", "0"], "at least 1"),
     (["train", "x", "--backbone", "vgg"], "invalid choice"),
+    (["serve", "m.safetensors", "--port", "99999"], "argument --port: must be between 1 and 65535, not 99999"),
+    (["serve", "m.safetensors", "--port", "0"], "argument --port: must be between 1 and 65535, not 0"),
+    (["serve", "m.safetensors", "--port=-1"], "argument --port: must be between 1 and 65535, not -1"),
+    (["serve", "m.safetensors", "--timeout-request", "0"], "must be more than 0"),
 ])
 def test_unusable_arguments_exit_2(args, message):
     result = run_cli(*args)
     assert result.returncode == 2
-    assert message in result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr
 
 
 def test_awkward_folder_trains_predicts_and_evaluates(awkward, tmp_path):
@@ -110,6 +116,61 @@ def test_predict_table_shows_every_class_probability(trained_model, demo_data):
     assert row.split()[1] == "strawberry"
 
 
+PEAK_RSS = """
+import runpy, sys
+sys.argv = ["fruitnet", *sys.argv[1:]]
+try:
+    runpy.run_module("fruitnet", run_name="__main__")
+finally:  # the process's own peak resident memory, printed last
+    print(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1], file=sys.stderr)
+"""
+
+
+def test_predict_keeps_every_answer_with_bounded_memory(trained_model, tmp_path, demo_data):
+    """Tiny files that used to need ~17 GB (a 1x65535 GIF resized to 256 x 16.8M) get their own
+    error; the photos in the same call keep their answers; the process stays under 1.5 GB."""
+    if not os.path.exists("/proc/self/status"):
+        pytest.skip("reads the peak memory from /proc (Linux)")
+    (tmp_path / "tall.gif").write_bytes(tall_gif_bytes())
+    (tmp_path / "wide.png").write_bytes(wide_png_bytes())
+    (tmp_path / "liar.jpg").write_bytes(lying_jpeg_bytes())
+    photos = sorted((demo_data / "test" / "tomato").glob("*.jpg"))[:2]
+    paths = [tmp_path / "tall.gif", photos[0], tmp_path / "wide.png", tmp_path / "liar.jpg", photos[1]]
+    # the address-space cap is a safety net for the machine if this regresses (the old code then dies
+    # of MemoryError instead of taking 17 GB); the assertion is on the peak resident memory
+    six_gb = 6 << 30
+    result = subprocess.run([sys.executable, "-c", PEAK_RSS, "predict", str(trained_model), *map(str, paths), "--json"],
+                            capture_output=True, text=True, timeout=600, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
+                            preexec_fn=lambda: __import__("resource").setrlimit(__import__("resource").RLIMIT_AS,
+                                                                                  (six_gb, six_gb)))
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    rows = {Path(r["path"]).name: r for r in json.loads(result.stdout)}
+    assert "extreme aspect ratio: 1x65535" in rows["tall.gif"]["error"]
+    assert "extreme aspect ratio: 20000x10" in rows["wide.png"]["error"]
+    assert "truncated image data" in rows["liar.jpg"]["error"]
+    assert all(rows[p.name]["label"] in ("cherry", "strawberry", "tomato") for p in photos)
+    peak_mb = int(result.stderr.strip().splitlines()[-1]) / 1024
+    assert peak_mb < 1536, f"predict peaked at {peak_mb:.0f} MB"
+
+
+@pytest.fixture(scope="module")
+def bad_models(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("bad-models")
+    good = make_quick_model(root / "good.safetensors")
+    cases = bad_metadata_cases()
+    return {name: (with_metadata(good, root / f"{name}.safetensors", cases[name][0]), cases[name][1])
+            for name in ("a-million-classes", "std-0")}
+
+
+@pytest.mark.parametrize("case", ["a-million-classes", "std-0"])  # every case, in-process: test_model.py
+def test_predict_refuses_a_bad_model_file_in_one_line(bad_models, demo_data, case):
+    path, words = bad_models[case]
+    result = run_cli("predict", path, sorted((demo_data / "test" / "cherry").glob("*.jpg"))[0], timeout=300)
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"fruitnet predict: error: {path}: ") and words in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
 def test_resnet18_trains_from_a_local_weights_file_and_stops_without_weights(tmp_path, demo_data):
     from torchvision.models import resnet18
 
@@ -129,12 +190,13 @@ def test_resnet18_trains_from_a_local_weights_file_and_stops_without_weights(tmp
     assert not (tmp_path / "none").exists()
 
 
-def test_ctrl_c_leaves_a_resumable_run(tmp_path, demo_data):
+def test_ctrl_c_leaves_a_resumable_run_that_resumes_from_another_directory(tmp_path, demo_data):
     run = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "fruitnet", "train", str(demo_data / "train"), "--backbone",
+    # started from the repository with a relative DATA path, as a user would
+    proc = subprocess.Popen([sys.executable, "-m", "fruitnet", "train", "demo_data/train", "--backbone",
                              "efficientnet_lite0", "--mode", "freeze", "--no-feature-cache", "--workers", "0",
                              "--epochs", "6", "--lr", "0.01", "--out", str(run)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=demo_data.parent)
     metrics = run / "metrics.csv"
     deadline = time.time() + 300
     while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
@@ -142,11 +204,54 @@ def test_ctrl_c_leaves_a_resumable_run(tmp_path, demo_data):
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
-    assert "--resume" in out
+    assert f"continue with: fruitnet train --resume {run}" in out
+    assert (run / "checkpoint.pt").is_file()  # written before the metrics row that the test waited for
     done = len(metrics.read_text().splitlines()) - 1
     assert 1 <= done < 6
-    result = run_cli("train", "--resume", run)
+    refused = run_cli("train", "--resume", run, "--lr", "0.5", cwd=tmp_path)
+    assert refused.returncode == 2 and "--lr cannot change" in refused.stderr
+    result = run_cli("train", "--resume", run, cwd=tmp_path)  # elsewhere: split.csv paths still resolve
     assert result.returncode == 0, result.stderr
     rows = list(csv.DictReader(open(metrics)))
     assert [int(r["epoch"]) for r in rows] == list(range(1, 7))
     assert json.loads((run / "summary.json").read_text())["epochs"] == 6
+
+
+def test_a_run_stopped_before_its_first_epoch_resumes_from_epoch_1(tmp_path, demo_data):
+    run = tmp_path / "run"
+    args = ["--backbone", "efficientnet_lite0", "--mode", "freeze", "--recipe", "seed", "--epochs", "2", "--lr", "0.01"]
+    assert run_cli("train", demo_data / "test", *args, "--out", run).returncode == 0
+    first = list(csv.DictReader(open(run / "metrics.csv")))
+    # what a kill during the feature pass leaves: the folder's records, no checkpoint, no epoch
+    for name in ("checkpoint.pt", "best.safetensors", "last.safetensors", "summary.json", "curves.png"):
+        (run / name).unlink()
+    (run / "metrics.csv").write_text(",".join(first[0]) + "\n")
+    result = run_cli("train", "--resume", run)
+    assert result.returncode == 0, result.stderr
+    again = list(csv.DictReader(open(run / "metrics.csv")))
+    assert [r["epoch"] for r in again] == ["1", "2"]
+    assert [r["val_accuracy"] for r in again] == [r["val_accuracy"] for r in first]  # same seed, same run
+
+
+def test_outputs_never_land_in_the_data_folder_or_on_existing_files(tmp_path, demo_data, trained_model):
+    data = tmp_path / "photos"
+    for cls in ("cherry", "strawberry"):
+        (data / cls).mkdir(parents=True)
+        for src in sorted((demo_data / "test" / cls).glob("*.jpg"))[:3]:
+            (data / cls / src.name).write_bytes(src.read_bytes())
+    before = sorted(p.relative_to(data) for p in data.rglob("*"))
+    inside = run_cli("train", data, "--backbone", "efficientnet_lite0", "--out", data / "cherry" / "run2")
+    assert inside.returncode == 2 and "inside the data folder" in inside.stderr
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine")
+    for args in (["train", data, "--backbone", "efficientnet_lite0", "--out", a_file],
+                 ["evaluate", trained_model, data, "--out", a_file],
+                 ["evaluate", trained_model, data, "--out", data / "eval"]):
+        result = run_cli(*args)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    (tmp_path / "done").mkdir()
+    (tmp_path / "done" / "report.json").write_text("{}")
+    again = run_cli("evaluate", trained_model, data, "--out", tmp_path / "done")
+    assert again.returncode == 2 and "already exists" in again.stderr
+    assert (tmp_path / "done" / "report.json").read_text() == "{}" and a_file.read_text() == "mine"
+    assert sorted(p.relative_to(data) for p in data.rglob("*")) == before

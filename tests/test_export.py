@@ -71,7 +71,9 @@ def test_int8_export_reports_agreement_and_speed(exported):
     _, onnx_path, summary, lines = exported
     int8 = summary["int8"]
     assert int8["path"].endswith("model.int8.onnx")
-    assert 0.0 <= int8["parity"]["top1_agreement"] <= 1.0 and int8["parity"]["n"] == 15  # held out from calibration
+    assert int8["parity"]["n"] == 15  # held out from calibration
+    # int8 rounding may flip a near-tie of this untrained head, not a real answer
+    assert int8["parity"]["top1_agreement"] >= 0.8 and int8["parity"]["agree"] == round(15 * int8["parity"]["top1_agreement"])
     assert set(int8["ms_per_image"]) == {"pytorch", "onnx", "onnx_int8"}
     assert all(ms > 0 for ms in int8["ms_per_image"].values())
     assert any(line.startswith("int8:") and "top-1 agreement" in line for line in lines)
@@ -111,6 +113,24 @@ def test_onnx_without_fruitnet_metadata_is_refused(tmp_path):
         OnnxPredictor(path)
 
 
+@pytest.mark.parametrize("change, words", [
+    (lambda m: {**m, "preprocessing": {**m["preprocessing"], "std": [0.5, 0, 0.5]}}, "bad model metadata: preprocessing.std.1"),
+    (lambda m: {**m, "classes": ["cherry", "cherry", "tomato"]}, "repeated: 'cherry'"),
+    (lambda m: {**m, "classes": ["a", "b", "c", "d"]}, "the graph's output has shape ['batch', 3]"),
+    (lambda m: {**m, "preprocessing": {**m["preprocessing"], "input_size": 300}}, "the graph's input has shape"),
+], ids=["std-0", "duplicate-classes", "classes-not-the-graph's", "input-size-not-the-graph's"])
+def test_onnx_metadata_is_checked_like_a_model_file(exported, tmp_path, change, words):
+    _, onnx_path, _, _ = exported
+    proto = onnx.load(str(onnx_path))
+    meta = json.loads(next(p.value for p in proto.metadata_props if p.key == "fruitnet"))
+    onnx.helper.set_model_props(proto, {"fruitnet": json.dumps(change(meta))})
+    bad = tmp_path / "bad.onnx"
+    onnx.save(proto, str(bad))
+    with pytest.raises(ModelFileError) as err:
+        OnnxPredictor(bad)
+    assert str(err.value).startswith(f"{bad}: ") and words in str(err.value), str(err.value)
+
+
 def test_cli_export_then_predict_with_onnx_runtime(exported, tmp_path):
     model, _, _, _ = exported
     out = tmp_path / "cli.onnx"
@@ -126,6 +146,9 @@ def test_cli_export_then_predict_with_onnx_runtime(exported, tmp_path):
     a, b = json.loads(by_onnx.stdout), json.loads(by_torch.stdout)
     assert [r["label"] for r in a] == [r["label"] for r in b] and [r["path"] for r in a] == files
     assert max(abs(x["probabilities"][c] - y["probabilities"][c]) for x, y in zip(a, b) for c in CLASSES) <= 1e-3
+    size = out.stat().st_size
+    again = run_cli("export", model, "--out", out, "--check", PHOTOS / "cherry")
+    assert again.returncode == 2 and "already exists" in again.stderr and out.stat().st_size == size
 
 
 def test_check_set_without_photos_is_an_argument_error(exported, tmp_path):

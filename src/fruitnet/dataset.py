@@ -1,6 +1,6 @@
-"""Scanning a class-folder tree, the data report, the stratified seeded split, torch datasets.
+"""Scanning a class-folder tree, the data report, the stratified seeded split, split.csv.
 
-Nothing here ever writes into the dataset folder.
+Nothing here ever writes into the dataset folder, and nothing here needs torch.
 """
 
 from __future__ import annotations
@@ -15,11 +15,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 from tqdm import tqdm
 
 from fruitnet.errors import DataError, ImageError
-from fruitnet.images import load_image, looks_like_image
+from fruitnet.images import IMAGE_EXTENSIONS, load_image, looks_like_image, open_regular, special_file_kind
+
+RUN_MARKER = "fruitnet-run.json"  # written into every run folder; config.json + metrics.csv for older runs
 
 
 @dataclass
@@ -35,7 +36,8 @@ class Catalog:
     root: str
     classes: list[str]
     items: list[Item]  # usable and unusable image files, sorted by path
-    ignored: list[dict] = field(default_factory=list)  # {path, reason}: not images, or outside any class
+    ignored: list[dict] = field(default_factory=list)  # {path, reason}: not images, outside any class, run folders
+    unlisted: list[dict] = field(default_factory=list)  # {path, reason}: folders that could not be listed
 
     @property
     def usable(self) -> list[Item]:
@@ -43,7 +45,12 @@ class Catalog:
 
     @property
     def skipped(self) -> list[dict]:
-        return [{"path": it.path, "reason": it.problem} for it in self.items if it.problem is not None]
+        """Files (and folders) that could have held training images but could not be used."""
+        return [{"path": it.path, "reason": it.problem} for it in self.items if it.problem is not None] + self.unlisted
+
+    @property
+    def run_folders(self) -> list[str]:
+        return [i["path"] for i in self.ignored if i["reason"] == RUN_FOLDER_REASON]
 
     def duplicates(self) -> list[list[str]]:
         """Groups of usable files with identical bytes."""
@@ -59,13 +66,22 @@ class Catalog:
     def report(self) -> dict:
         return {"root": self.root, "classes": self.classes, "counts": self.counts(),
                 "usable": len(self.usable), "skipped": self.skipped, "ignored": self.ignored,
-                "duplicates": self.duplicates()}
+                "run_folders": self.run_folders, "duplicates": self.duplicates()}
+
+
+RUN_FOLDER_REASON = "a fruitnet run folder (outputs, not data)"
+
+
+def is_run_folder(path: Path) -> bool:
+    """A folder that holds a fruitnet run (its marker, or config.json + metrics.csv): never data."""
+    isfile = os.path.isfile  # False, not PermissionError, inside a folder that cannot be read
+    return isfile(path / RUN_MARKER) or (isfile(path / "config.json") and isfile(path / "metrics.csv"))
 
 
 def _check_file(path: Path, label: str, draft_size: int) -> Item:
     item = Item(str(path), label)
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:  # a named pipe or a device is refused before a byte is read
             item.sha256 = hashlib.file_digest(f, "sha256").hexdigest()
         load_image(path, draft_size=draft_size)  # full decode: truncation shows up here, not mid-training
     except ImageError as exc:
@@ -96,35 +112,60 @@ def scan(root: str | Path, progress: bool = True, workers: int = 4, draft_size: 
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"{root}: data folder not found")
-    classes, candidates, ignored = [], [], []
-    for entry in sorted(root.iterdir()):
+    try:
+        entries = sorted(root.iterdir())
+    except OSError as exc:
+        raise DataError(f"{root}: cannot list the data folder ({exc.strerror or exc})") from None
+    classes, candidates, ignored, unlisted = [], [], [], []
+
+    def unlistable(exc: OSError) -> None:
+        unlisted.append({"path": str(exc.filename), "reason": f"folder cannot be listed ({exc.strerror or exc})"})
+
+    for entry in entries:
         if entry.name.startswith("."):  # .DS_Store, .ipynb_checkpoints: never a class
             continue
         if not entry.is_dir():
             ignored.append({"path": str(entry), "reason": "not inside a class folder"})
             continue
+        if is_run_folder(entry):
+            ignored.append({"path": str(entry), "reason": RUN_FOLDER_REASON})
+            continue
         classes.append(entry.name)
-        for dirpath, dirnames, filenames in os.walk(entry):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for dirpath, dirnames, filenames in os.walk(entry, onerror=unlistable):
+            runs = {d for d in dirnames if is_run_folder(Path(dirpath) / d)}
+            ignored += [{"path": str(Path(dirpath) / d), "reason": RUN_FOLDER_REASON} for d in sorted(runs)]
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d not in runs)
             for name in sorted(filenames):
                 path = Path(dirpath) / name
                 if name.startswith("."):
                     continue
-                if looks_like_image(path):
-                    candidates.append((path, entry.name))
+                kind = special_file_kind(path)  # checked before anything opens it: a FIFO would block
+                if kind and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
+                    candidates.append((path, entry.name, f"not a regular file ({kind})"))
+                elif kind:
+                    ignored.append({"path": str(path), "reason": f"not a regular file ({kind})"})
+                elif looks_like_image(path):
+                    candidates.append((path, entry.name, None))
                 else:
                     ignored.append({"path": str(path), "reason": "not an image file"})
     if len(classes) < 2:
         raise DataError(f"{root}: found {len(classes)} class folder(s) {classes}; need at least two "
                         "(layout: DATA/<class>/<image>)")
+
+    def check(candidate) -> Item:
+        path, label, problem = candidate
+        return Item(str(path), label, problem=problem) if problem else _check_file(path, label, draft_size)
+
     with ThreadPoolExecutor(workers) as pool:  # PIL decodes without the GIL
-        jobs = _ordered_map(pool, lambda pc: _check_file(pc[0], pc[1], draft_size), candidates, 8 * workers)
+        jobs = _ordered_map(pool, check, candidates, 8 * workers)
         items = list(tqdm(jobs, total=len(candidates), desc=f"checking {root.name}", unit="img",
                           disable=not progress, leave=False))
-    catalog = Catalog(str(root), classes, items, ignored)
+    catalog = Catalog(str(root), classes, items, ignored, unlisted)
     empty = [cls for cls, n in catalog.counts().items() if n == 0]
     if empty:
-        raise DataError(f"{root}: class folder(s) with no usable image: {', '.join(empty)}")
+        why = {u["path"]: u["reason"] for u in unlisted}
+        raise DataError(f"{root}: class folder(s) with no usable image: "
+                        + ", ".join(f"{c} ({why[str(root / c)]})" if str(root / c) in why else c for c in empty))
     return catalog
 
 
@@ -137,10 +178,15 @@ def format_report(report: dict) -> str:
         n = sum(len(g) for g in report["duplicates"])
         lines.append(f"  {len(report['duplicates'])} groups of exact duplicates ({n} files), kept on one side of the split")
     if report["skipped"]:
-        lines.append(f"  {len(report['skipped'])} file(s) skipped:")
+        lines.append(f"  {len(report['skipped'])} file(s) or folder(s) skipped:")
         lines += [f"    {s['path']}: {s['reason']}" for s in report["skipped"]]
-    if report["ignored"]:
-        lines.append(f"  {len(report['ignored'])} non-image file(s) ignored")
+    runs = report.get("run_folders", [])
+    if runs:
+        lines.append(f"  {len(runs)} fruitnet run folder(s) skipped (outputs, not data):")
+        lines += [f"    {r}" for r in runs]
+    others = len(report["ignored"]) - len(runs)
+    if others:
+        lines.append(f"  {others} non-image file(s) ignored")
     return "\n".join(lines)
 
 
@@ -176,34 +222,41 @@ def split(catalog: Catalog, val_fraction: float = 0.25, seed: int = 0) -> tuple[
     return sorted(train, key=lambda it: it.path), sorted(val, key=lambda it: it.path)
 
 
+MIN_PHOTOS_PER_CLASS = 10  # below this, a class's accuracy rests on a handful of photos
+
+
+def split_warnings(classes: list[str], train: list[Item], val: list[Item]) -> list[str]:
+    """What makes the split's numbers untrustworthy: tiny classes, a class absent from a side."""
+    n_train, n_val = Counter(it.label for it in train), Counter(it.label for it in val)
+    warnings = []
+    for cls in classes:
+        total = n_train[cls] + n_val[cls]
+        if total < MIN_PHOTOS_PER_CLASS:
+            warnings.append(f"class {cls!r} has only {total} photo(s); at least {MIN_PHOTOS_PER_CLASS} are "
+                            "needed for its accuracy to mean much")
+        if n_val[cls] == 0:
+            warnings.append(f"class {cls!r} has no validation photo: validation accuracy says nothing about it")
+        if n_train[cls] == 0:
+            warnings.append(f"class {cls!r} has no training photo: the model cannot learn it")
+    return warnings
+
+
 def write_split(path: Path, train: list[Item], val: list[Item]) -> None:
+    """Absolute paths, so that a run resumes from any working directory."""
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["path", "class", "split"])
+        w.writerow(["path", "class", "split", "sha256"])
         for name, items in (("train", train), ("val", val)):
             for it in items:
-                w.writerow([it.path, it.label, name])
+                w.writerow([os.path.abspath(it.path), it.label, name, it.sha256])
 
 
 def read_split(path: Path) -> tuple[list[Item], list[Item]]:
     train, val = [], []
     with open(path, newline="") as f:
         for row in csv.DictReader(f):
-            (train if row["split"] == "train" else val).append(Item(row["path"], row["class"]))
+            if not {"path", "class", "split"} <= set(row):
+                raise DataError(f"{path}: not a fruitnet split.csv (columns path, class, split)")
+            item = Item(row["path"], row["class"], row.get("sha256") or "")
+            (train if row["split"] == "train" else val).append(item)
     return train, val
-
-
-class ImageDataset(torch.utils.data.Dataset):
-    """(image tensor, class index) pairs, decoded from the files on every access."""
-
-    def __init__(self, items: list[Item], classes: list[str], transform):
-        self.paths = [it.path for it in items]
-        index = {c: i for i, c in enumerate(classes)}
-        self.targets = [index[it.label] for it in items]
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i):
-        return self.transform(load_image(self.paths[i])), self.targets[i]

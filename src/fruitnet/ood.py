@@ -28,9 +28,9 @@ from torch import nn
 from tqdm import tqdm
 
 from fruitnet.calibration import calibration_summary, fit_temperature
+from fruitnet.config import UNKNOWN_RECALL as DEFAULT_RECALL
 from fruitnet.errors import UsageError
 
-DEFAULT_RECALL = 0.95  # share of validation photos that keep their label
 TRUST_PREFIX = "trust."  # the TrustHead's tensors in the model file's state dict
 
 
@@ -75,8 +75,9 @@ def auroc(known: np.ndarray, unknown: np.ndarray) -> float:
 
 
 def check_recall(recall: float) -> float:
-    if not 0 < recall <= 1:
-        raise UsageError(f"--unknown-recall must be in (0, 1], the share of validation photos to accept; not {recall}")
+    if not 0 < recall < 1:
+        raise UsageError(f"--unknown-recall must be between 0 and 1, the share of validation photos to accept; "
+                         f"not {recall}")
     return float(recall)
 
 
