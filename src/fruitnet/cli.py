@@ -14,6 +14,7 @@ from pathlib import Path
 
 from fruitnet.arithmetic import PRECISIONS
 from fruitnet.backbones import BACKBONES
+from fruitnet.balance import BALANCE_MODES, IMBALANCE_RATIO
 from fruitnet.errors import DataError, FruitnetError, UsageError
 from fruitnet.training import DEFAULT_RECIPE, RECIPES
 
@@ -75,7 +76,7 @@ def cmd_train(args) -> int:
                          lr=args.lr, weight_decay=args.weight_decay, val_fraction=args.val_fraction,
                          seed=args.seed, recipe=args.recipe, feature_cache=not args.no_feature_cache,
                          image_cache=not args.no_image_cache, precision=args.precision,
-                         workers=args.workers, device=args.device)
+                         workers=args.workers, device=args.device, exclude=args.exclude, balance=args.balance)
     try:  # under torchrun every process runs this; see fruitnet.distributed
         train(config, resume=args.resume)
     except KeyboardInterrupt:
@@ -227,6 +228,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decode every image every epoch instead of once per run")
     p.add_argument("--workers", type=int, default=2, help="image-decoding worker processes (without the image cache)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--exclude", metavar="FILE",
+                   help="leave the photos listed in FILE out of training and validation (one path a line, "
+                        "e.g. from check --deep --write-exclude); the data folder is not touched")
+    p.add_argument("--balance", default="auto", choices=list(BALANCE_MODES),
+                   help=f"auto (default): class-weighted loss when the largest class has more than "
+                        f"{IMBALANCE_RATIO}x the photos of the smallest; weights; sampler (class-balanced "
+                        "drawing); none")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="accuracy, per-class report, confusion matrix, mistakes gallery")

@@ -204,6 +204,25 @@ def _indices_by(items: list[Item], attr: str) -> list[list[int]]:
     return list(groups.values())
 
 
+def apply_exclude(catalogs: list[Catalog], path: str | Path | None) -> tuple[list[Catalog], dict]:
+    """Leave the photos listed in the file at `path` out of every catalog (train --exclude FILE).
+
+    Returns the catalogs and {"excluded": paths, "exclude_unmatched": lines matching no photo};
+    a class left without photos is a DataError, as for any empty class."""
+    if not path:
+        return catalogs, {}
+    lines = read_exclude(path)
+    results = [c.exclude(lines) for c in catalogs]
+    unmatched = set.intersection(*(set(r[2]) for r in results))
+    info = {"exclude_file": str(path), "excluded": [p for r in results for p in r[1]],
+            "exclude_unmatched": [line for line in lines if line in unmatched]}
+    for catalog, _, _ in results:
+        empty = [cls for cls, n in catalog.counts().items() if n == 0]
+        if empty:
+            raise DataError(f"{path}: excludes every photo of class(es) {', '.join(empty)} in {catalog.root}")
+    return [r[0] for r in results], info
+
+
 def read_exclude(path: str | Path) -> list[str]:
     """Paths to leave out, one per line; blank lines and lines starting with '#' are ignored."""
     try:

@@ -39,8 +39,9 @@ from fruitnet import __version__, distributed
 from fruitnet.arithmetic import PRECISIONS, Arithmetic, choose, resolve_device
 from fruitnet.backbones import get_backbone
 from fruitnet.cache import DEFAULT_MAX_BYTES, DecodedImages, estimated_bytes
-from fruitnet.errors import DataError
-from fruitnet.dataset import (ImageDataset, Item, format_report, read_split, scan, split,
+from fruitnet.balance import resolve_balance, sample_weights
+from fruitnet.errors import DataError, UsageError
+from fruitnet.dataset import (ImageDataset, Item, apply_exclude, format_report, read_split, scan, split,
                               write_report, write_split)
 from fruitnet.model import create_classifier, save_model
 from fruitnet.transforms import eval_transform, train_transform
@@ -81,6 +82,8 @@ class TrainConfig:
     precision: str = "auto"
     workers: int = 2
     device: str = "auto"
+    exclude: str | None = None  # doctor: a file of photo paths to leave out (check --deep --write-exclude)
+    balance: str = "auto"  # doctor: auto | none | weights | sampler (balance.py)
 
 
 def machine_info() -> dict:
@@ -109,11 +112,14 @@ def new_run_folder(out: str | None) -> Path:
     return path
 
 
-def _loader(dataset: Dataset, batch_size, shuffle, workers, seed, drop_last: bool = False) -> DataLoader:
-    """Under torchrun each rank reads its own shard (distributed.sampler)."""
+def _loader(dataset: Dataset, batch_size, shuffle, workers, seed, drop_last: bool = False,
+            weights: list[float] | None = None) -> DataLoader:
+    """Under torchrun each rank reads its own shard (distributed.sampler); weights: draw with replacement."""
     g = torch.Generator().manual_seed(seed)
     drop_last = drop_last and len(dataset) > batch_size * distributed.world().size
-    return DataLoader(dataset, batch_size=batch_size, sampler=distributed.sampler(dataset, shuffle, seed, g),
+    sampler = (torch.utils.data.WeightedRandomSampler(weights, len(dataset), generator=g) if weights  # doctor
+               else distributed.sampler(dataset, shuffle, seed, g))
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler,
                       num_workers=workers, generator=g, persistent_workers=workers > 0, drop_last=drop_last)
 
 
@@ -197,12 +203,15 @@ def _read_data(config: TrainConfig, log) -> tuple[list[str], dict, list[Item], l
     """Scan and split: (classes, data report, train items, validation items)."""
     catalog = scan(config.data)
     classes = catalog.classes
-    report = catalog.report()
+    val_catalog = scan(config.val_dir) if config.val_dir else None
+    if val_catalog and val_catalog.classes != classes:
+        raise DataError(f"{config.val_dir}: classes {val_catalog.classes} differ from {config.data}'s {classes}")
+    # doctor: --exclude FILE leaves the listed photos out of training and validation
+    catalogs, excluded = apply_exclude([c for c in (catalog, val_catalog) if c], config.exclude)
+    catalog, val_catalog = catalogs[0], (catalogs[1] if val_catalog else None)
+    report = {**catalog.report(), **excluded}
     log(format_report(report))
     if config.val_dir:
-        val_catalog = scan(config.val_dir)
-        if val_catalog.classes != classes:
-            raise DataError(f"{config.val_dir}: classes {val_catalog.classes} differ from {config.data}'s {classes}")
         train_items, val_items = catalog.usable, val_catalog.usable
         report["validation"] = val_catalog.report()
     else:
@@ -225,6 +234,8 @@ def train(config: TrainConfig, resume: str | None = None, log=print) -> dict:
         raise DataError(f"unknown recipe {config.recipe!r}; choose one of: {', '.join(RECIPES)}")
     if config.precision not in PRECISIONS:
         raise DataError(f"unknown precision {config.precision!r}; choose one of: {', '.join(PRECISIONS)}")
+    if config.balance == "sampler" and world.distributed:  # doctor
+        raise UsageError("--balance sampler is not supported under torchrun; use --balance weights")
     recipe = RECIPES[config.recipe]
     # values given on the command line are honoured exactly; the rest come from the recipe
     config = replace(config, **{k: recipe[k] for k in ("epochs", "lr", "weight_decay") if getattr(config, k) is None})
@@ -242,6 +253,13 @@ def train(config: TrainConfig, resume: str | None = None, log=print) -> dict:
     else:
         classes, report, train_items, val_items = distributed.on_main(_read_data, config, log)
     log(f"split: {len(train_items)} train, {len(val_items)} validation")
+    # doctor: --balance (balance.py): class-weighted loss or a class-balanced sampler
+    train_counts = {c: sum(it.label == c for it in train_items) for c in classes}
+    balance = resolve_balance(config.balance, train_counts)
+    log(f"balance: {balance.reason}")
+    class_w = torch.tensor(balance.class_weights, device=device) if balance.mode == "weights" else None
+    sample_w = (sample_weights([classes.index(it.label) for it in train_items], train_counts)
+                if balance.mode == "sampler" else None)
 
     # --- model (weights resolved before the run folder exists: a missing file stops early) ---
     model, weights_source = create_classifier(config.backbone, len(classes), config.weights)
@@ -260,6 +278,8 @@ def train(config: TrainConfig, resume: str | None = None, log=print) -> dict:
             "weights_source": weights_source, "device": str(device), "arithmetic": arith.as_dict(),
             "image_cache": use_image_cache, "machine": machine_info(),
             "distributed": world.describe(config.batch_size),
+            "balance": balance.as_dict(), "kept_together": report.get("kept_together"),  # doctor
+            "excluded": len(report.get("excluded", [])),  # doctor
             "command": sys.argv, "started": datetime.now().isoformat(timespec="seconds")}, indent=2))
         return run
 
@@ -284,7 +304,7 @@ def train(config: TrainConfig, resume: str | None = None, log=print) -> dict:
         val_ds = ImageDataset(val_items, classes, eval_transform(pre))
     plain_train = (train_ds.with_augment("none") if use_image_cache  # the training images, unaugmented
                    else ImageDataset(train_items, classes, eval_transform(pre)))
-    train_loader = _loader(train_ds, batch_size, True, workers, config.seed, recipe["drop_last"])
+    train_loader = _loader(train_ds, batch_size, True, workers, config.seed, recipe["drop_last"], weights=sample_w)
     val_loader = _loader(val_ds, batch_size, False, workers, config.seed)
 
     def features(dataset: Dataset, desc: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -300,27 +320,28 @@ def train(config: TrainConfig, resume: str | None = None, log=print) -> dict:
         for v in range(1, n_views):
             train_views.append(TensorDataset(*features(train_ds, f"features (train, augmented view {v})")))
         val_loader = _loader(TensorDataset(*features(val_ds, "features (val)")), 256, False, 0, config.seed)
-        train_loader = _loader(train_views[0], batch_size, True, 0, config.seed)
+        train_loader = _loader(train_views[0], batch_size, True, 0, config.seed, weights=sample_w)
         net = model.head
         log(f"feature pass: {time.perf_counter() - t0:.1f}s for {n_views} view(s) "
             "(the frozen backbone runs once, not every epoch)")
     elif recipe["head_warmup_epochs"] and not resume:
         # a trained head first, so that fine-tuning does not start from random gradients
         ftrain = features(plain_train, "features (head warm-up)")
-        warm_loader = _loader(TensorDataset(*ftrain), batch_size, True, 0, config.seed)
+        warm_loader = _loader(TensorDataset(*ftrain), batch_size, True, 0, config.seed, weights=sample_w)
         warm_opt = make_optimizer(model.head.parameters(), recipe, config.lr * 10, config.weight_decay)
         warm_sched = make_scheduler(warm_opt, recipe, recipe["head_warmup_epochs"], len(warm_loader))
         head = distributed.wrap(model.head)
         for warm_epoch in range(recipe["head_warmup_epochs"]):
             distributed.set_epoch(warm_loader, warm_epoch)
-            _, warm_acc = run_epoch(head, warm_loader, device, warm_opt, nn.CrossEntropyLoss(), scheduler=warm_sched)
+            _, warm_acc = run_epoch(head, warm_loader, device, warm_opt, nn.CrossEntropyLoss(weight=class_w),
+                                    scheduler=warm_sched)
         log(f"head warm-up on cached features: {recipe['head_warmup_epochs']} epochs, train accuracy "
             f"{warm_acc:.4f}, {time.perf_counter() - t0:.1f}s")
 
     optimizer = make_optimizer(net.parameters() if net is model.head else model.trainable_parameters(),
                                recipe, config.lr, config.weight_decay)
     scheduler = make_scheduler(optimizer, recipe, config.epochs, len(train_loader))
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=recipe["label_smoothing"])
+    loss_fn = nn.CrossEntropyLoss(weight=class_w, label_smoothing=recipe["label_smoothing"])  # doctor: weight
     start_epoch, best, rows, elapsed = 1, {"val_accuracy": -1.0, "epoch": 0}, [], 0.0
     if resume:
         state = saved_run["state"]
@@ -346,7 +367,8 @@ def train(config: TrainConfig, resume: str | None = None, log=print) -> dict:
         for epoch in range(start_epoch, config.epochs + 1):
             t = time.perf_counter()
             if train_views is not None and len(train_views) > 1:
-                train_loader = _loader(train_views[(epoch - 1) % len(train_views)], batch_size, True, 0, config.seed)
+                train_loader = _loader(train_views[(epoch - 1) % len(train_views)], batch_size, True, 0, config.seed,
+                                       weights=sample_w)
             if use_image_cache and recipe["low_res"]:  # progressive resizing: small crops first, full size last
                 low = epoch <= recipe["low_res"]["fraction"] * config.epochs
                 train_ds.set_resolution(recipe["low_res"]["size"] if low else pre["input_size"])
