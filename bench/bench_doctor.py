@@ -94,12 +94,15 @@ def clean_part() -> str:
              f"{len(groups)} ({sum(len(g['paths']) for g in groups)} files)",
              sum(g["label_conflict"] for g in groups), len(f["label_issues"]), len(f["outliers"]),
              f"{f['deep']['out_of_fold_accuracy']:.3f}"]]
-    top = "\n".join(f"- `{Path(e['path']).relative_to(SHARED / 'webfruit')}`: {e['label']} -> {e['suggested']} "
-                    f"({e['score']:.3f})" for e in f["label_issues"][:5])
+    ranked = sorted(f["photos"], key=lambda r: r["label_score"])[:5]
+    top = "\n".join(f"- `{Path(r['path']).relative_to(SHARED / 'webfruit')}`: {r['label']} -> {r['suggested']} "
+                    f"(label score {r['label_score']:.3f})" for r in ranked)
+    odd = "\n".join(f"- `{Path(e['path']).relative_to(SHARED / 'webfruit')}` [{e['label']}] ({e['score']:.3f})"
+                     for e in f["outliers"][:7])
     return ("## Unmodified webfruit\n\n" + table(
         ["photos", "exact-duplicate groups", "near-duplicate groups (hash)", "all duplicate groups (deep)",
          "label conflicts", "likely mislabelled", "outliers", "out-of-fold accuracy"], rows)
-        + f"\n\nMost suspicious photos:\n{top}\n")
+        + f"\n\nLowest label scores ({len(f['label_issues'])} flagged):\n{top}\n\nFlagged outliers:\n{odd}\n")
 
 
 def timing_part(tmp: Path) -> str:

@@ -377,6 +377,18 @@ def render_html(report: dict) -> str:
                     "by class (<code>--balance auto</code>)" if imb["imbalanced"] else "balanced enough") + "</p>")
 
     groups = report["duplicate_groups"]
+    suspect = {e["path"]: e["suggested"] for e in report.get("label_issues", [])}
+
+    def member(path: str, label: str, how: str) -> str:
+        flag = f" <span class='bad'>likely {esc(suspect[path])}</span>" if path in suspect else ""
+        return figure(path, f"<b>{esc(label)}</b>{flag} <span class='note'>({esc(how)})</span>")
+
+    found = [("conflicts", "label conflicts", sum(g["label_conflict"] for g in groups)),
+             ("duplicates", "duplicate groups", sum(not g["label_conflict"] for g in groups))]
+    if report["deep"]:
+        found += [("mislabelled", "likely mislabelled", len(report["label_issues"])),
+                  ("outliers", "outliers", len(report["outliers"]))]
+    parts.insert(2, "<p>" + " &middot; ".join(f'<a href="#{a}">{n} {t}</a>' for a, t, n in found) + "</p>")
     for title, anchor, chosen, note in (
             ("Label conflicts: copies filed under different classes", "conflicts",
              [g for g in groups if g["label_conflict"]], "At least one copy in each group is in the wrong folder."),
@@ -387,8 +399,7 @@ def render_html(report: dict) -> str:
         for g in chosen[:HTML_LIMIT]:
             how = ", ".join(g["found_by"])
             parts.append(f'<div class="group{" conflict" if g["label_conflict"] else ""}">'
-                         + "".join(figure(p, f"<b>{esc(l)}</b> <span class='note'>({esc(how)})</span>")
-                                   for p, l in zip(g["paths"], g["labels"])) + "</div>")
+                         + "".join(member(p, l, how) for p, l in zip(g["paths"], g["labels"])) + "</div>")
         parts.append(more(len(chosen)))
 
     if report["deep"]:
