@@ -1,7 +1,9 @@
 """Training and inference speed/accuracy benchmark (issue: fast training on a laptop CPU).
 
-    .venv/bin/python bench/bench_train.py            # all four parts, ~30-40 min on 2 CPU cores
+    .venv/bin/python bench/bench_train.py              # all four parts, ~30-40 min on 2 CPU cores
+    .venv/bin/python bench/bench_train.py --repeats 3  # parts 1-3 over seeds 0, 1, 2: mean ± spread
     .venv/bin/python bench/bench_train.py --parts 1 4
+    .venv/bin/python bench/bench_train.py --quick      # about a minute, bundled demo photos only
 
 Prints markdown tables and writes them to bench/results/train.md.  Everything in one run, on
 one machine, side by side: quote the ratios, not the absolute seconds (shared machines are noisy).
@@ -16,46 +18,39 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "bench"))
-SHARED = Path(os.environ.get("FRUITNET_SHARED_DATA", REPO.parent / "shared" / "data"))
-
+from common import DEMO_DATA, REPO, SHARED, machine, mean_spread, stamp, table  # noqa: E402
 from original_loop import original_epochs  # noqa: E402
 
-from fruitnet.arithmetic import choose  # noqa: E402
+from fruitnet.config import TrainConfig  # noqa: E402
 from fruitnet.dataset import scan, split  # noqa: E402
-from fruitnet.training import TrainConfig, train  # noqa: E402
+from fruitnet.training import train  # noqa: E402
 
 
 def quiet(*_args, **_kw):
     pass
 
 
-def machine() -> str:
-    cpu = "unknown CPU"
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    arith = choose("auto", torch.device("cpu"))
-    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, Python {platform.python_version()}; "
-            f"auto arithmetic: {arith.dtype} ({arith.reason})")
+@dataclass
+class Setup:
+    """Which photos each part uses, how long it trains and over how many seeds."""
 
-
-def table(header: list[str], rows: list[list]) -> str:
-    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    out += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(out)
+    inside: Path  # parts 1-2: 3:1 split of one folder (webfruit)
+    studio: Path  # part 3: trained on this (fruits360) ...
+    real: Path  # ... evaluated on this (webfruit)
+    seed_epochs: int
+    fast_epochs: int | None  # None: the recipe's
+    unfrozen_epochs: int  # part 1
+    seeds: list[int]
 
 
 def run_train(tmp: Path, name: str, **kw) -> tuple[dict, list[dict], float]:
@@ -68,76 +63,100 @@ def run_train(tmp: Path, name: str, **kw) -> tuple[dict, list[dict], float]:
     return summary, rows, wall
 
 
-def part1(tmp: Path, webfruit: Path) -> str:
-    catalog = scan(webfruit, progress=False)
+def part1(tmp: Path, setup: Setup) -> str:
+    """Seconds per epoch, original loop vs fruitnet, each measured once per seed, side by side."""
+    catalog = scan(setup.inside, progress=False)
     tr, va = split(catalog, 0.25, 0)
     tr_items, va_items = [(i.path, i.label) for i in tr], [(i.path, i.label) for i in va]
-    print("part 1: original loop, frozen epoch ...", flush=True)
-    orig_frozen = original_epochs(tr_items, va_items, catalog.classes, frozen=True)[0]["seconds"]
-    print(f"  {orig_frozen:.1f}s\npart 1: original loop, unfrozen epoch ...", flush=True)
-    orig_unfrozen = original_epochs(tr_items, va_items, catalog.classes, frozen=False)[0]["seconds"]
-    print(f"  {orig_unfrozen:.1f}s\npart 1: fruitnet frozen, 10 epochs ...", flush=True)
-    common = dict(data=str(webfruit), backbone="resnet18", weights="none", recipe="seed")
-    _, rows_f, wall_f = run_train(tmp, "p1-frozen", mode="freeze", epochs=10, **common)
-    later_f = sum(float(r["seconds"]) for r in rows_f[1:]) / (len(rows_f) - 1)
-    print("part 1: fruitnet unfrozen, 2 epochs ...", flush=True)
-    _, rows_u, wall_u = run_train(tmp, "p1-unfrozen", mode="unfreeze", epochs=2, **common)
-    first_u, later_u = float(rows_u[0]["seconds"]), float(rows_u[1]["seconds"])
+    m = {k: [] for k in ("orig_frozen", "orig_unfrozen", "later_f", "total_f", "first_u", "later_u")}
+    for seed in setup.seeds:
+        print(f"part 1 (seed {seed}): original loop, frozen and unfrozen epoch ...", flush=True)
+        m["orig_frozen"].append(original_epochs(tr_items, va_items, catalog.classes, frozen=True, seed=seed)[0]["seconds"])
+        m["orig_unfrozen"].append(original_epochs(tr_items, va_items, catalog.classes, frozen=False, seed=seed)[0]["seconds"])
+        print(f"part 1 (seed {seed}): fruitnet frozen 10 epochs, unfrozen {setup.unfrozen_epochs} ...", flush=True)
+        common = dict(data=str(setup.inside), backbone="resnet18", weights="none", recipe="seed", seed=seed)
+        _, rows_f, _ = run_train(tmp, f"p1-frozen-{seed}", mode="freeze", epochs=10, **common)
+        m["later_f"].append(sum(float(r["seconds"]) for r in rows_f[1:]) / (len(rows_f) - 1))
+        m["total_f"].append(sum(float(r["seconds"]) for r in rows_f))
+        _, rows_u, _ = run_train(tmp, f"p1-unfrozen-{seed}", mode="unfreeze", epochs=setup.unfrozen_epochs, **common)
+        m["first_u"].append(float(rows_u[0]["seconds"]))
+        m["later_u"].append(sum(float(r["seconds"]) for r in rows_u[1:]) / (len(rows_u) - 1))
+    ratio = lambda a, b: mean_spread([x / y for x, y in zip(m[a], m[b])], ",.1f") + "x"  # noqa: E731
     return table(
-        ["ResNet18, webfruit 670 train / 222 val", "original loop", "fruitnet", "speed-up"],
-        [["frozen: one epoch (after fruitnet's first)", f"{orig_frozen:.1f} s", f"{later_f * 1000:.1f} ms",
-          f"{orig_frozen / later_f:,.0f}x"],
-         ["frozen: whole 10-epoch run (feature pass included)", f"{10 * orig_frozen:.0f} s (10 x 1 epoch)",
-          f"{sum(float(r['seconds']) for r in rows_f):.1f} s", f"{10 * orig_frozen / sum(float(r['seconds']) for r in rows_f):.1f}x"],
-         ["unfrozen: first epoch (fruitnet decodes and caches images)", f"{orig_unfrozen:.1f} s", f"{first_u:.1f} s",
-          f"{orig_unfrozen / first_u:.1f}x"],
-         ["unfrozen: later epoch", f"{orig_unfrozen:.1f} s", f"{later_u:.1f} s", f"{orig_unfrozen / later_u:.1f}x"]])
+        [f"ResNet18, {setup.inside.name} {len(tr)} train / {len(va)} val", "original loop", "fruitnet", "speed-up"],
+        [["frozen: one epoch (after fruitnet's first)", mean_spread(m["orig_frozen"], ".1f") + " s",
+          mean_spread([x * 1000 for x in m["later_f"]], ".1f") + " ms", ratio("orig_frozen", "later_f")],
+         ["frozen: whole 10-epoch run (feature pass included)", mean_spread([10 * x for x in m["orig_frozen"]], ".0f")
+          + " s (10 x 1 epoch)", mean_spread(m["total_f"], ".1f") + " s",
+          mean_spread([10 * x / y for x, y in zip(m["orig_frozen"], m["total_f"])], ".1f") + "x"],
+         ["unfrozen: first epoch (fruitnet decodes and caches images)", mean_spread(m["orig_unfrozen"], ".1f") + " s",
+          mean_spread(m["first_u"], ".1f") + " s", ratio("orig_unfrozen", "first_u")],
+         ["unfrozen: later epoch", mean_spread(m["orig_unfrozen"], ".1f") + " s", mean_spread(m["later_u"], ".1f") + " s",
+          ratio("orig_unfrozen", "later_u")]])
 
 
-def time_to(rows: list[dict], threshold: float) -> str:
+def time_to(rows: list[dict], threshold: float) -> float | None:
     total = 0.0
     for r in rows:
         total += float(r["seconds"])
         if float(r["val_accuracy"]) >= threshold:
-            return f"{total:.0f} s (epoch {r['epoch']})"
-    return "not reached"
+            return total
+    return None
 
 
-def part2(tmp: Path, webfruit: Path, seed_epochs: int) -> str:
-    out_rows, curves = [], []
-    for recipe, epochs in (("seed", seed_epochs), ("fast", None)):
-        print(f"part 2: efficientnet_lite0, recipe {recipe} ...", flush=True)
-        kw = dict(epochs=epochs) if epochs else {}
-        summary, rows, wall = run_train(tmp, f"p2-{recipe}", data=str(webfruit), backbone="efficientnet_lite0",
-                                        recipe=recipe, mode="unfreeze", **kw)
-        out_rows.append([recipe, len(rows), f"{summary['best_val_accuracy']:.4f}", f"{float(rows[-1]['val_accuracy']):.4f}",
-                         time_to(rows, 0.95), time_to(rows, 0.98), f"{wall:.0f} s"])
-        cum = 0.0
-        for r in rows:
-            cum += float(r["seconds"])
-            curves.append(f"{recipe}: {cum:.0f}s {float(r['val_accuracy']):.3f}")
-    return table(["efficientnet_lite0, webfruit 3:1, unfrozen", "epochs", "best val acc", "final val acc",
-                  "time to 0.95", "time to 0.98", "wall-clock (scan and setup included)"], out_rows) + \
-        "\n\nval accuracy vs cumulative seconds: " + "; ".join(curves)
+def seconds_or_not(values: list[float | None]) -> str:
+    reached = [v for v in values if v is not None]
+    if not reached:
+        return "not reached"
+    return mean_spread(reached, ".0f") + " s" + (f" ({len(reached)} of {len(values)} seeds)" if len(reached) < len(values) else "")
 
 
-def part3(tmp: Path, fruits360: Path, webfruit: Path, seed_epochs: int) -> str:
+def part2(tmp: Path, setup: Setup) -> str:
+    out_rows = []
+    for recipe, epochs in (("seed", setup.seed_epochs), ("fast", setup.fast_epochs)):
+        best, final, t95, t98, walls = [], [], [], [], []
+        for seed in setup.seeds:
+            print(f"part 2 (seed {seed}): efficientnet_lite0, recipe {recipe} ...", flush=True)
+            kw = dict(epochs=epochs) if epochs else {}
+            summary, rows, wall = run_train(tmp, f"p2-{recipe}-{seed}", data=str(setup.inside),
+                                            backbone="efficientnet_lite0", recipe=recipe, mode="unfreeze", seed=seed, **kw)
+            best.append(summary["best_val_accuracy"])
+            final.append(float(rows[-1]["val_accuracy"]))
+            t95.append(time_to(rows, 0.95))
+            t98.append(time_to(rows, 0.98))
+            walls.append(wall)
+        out_rows.append([recipe, len(rows), mean_spread(best, ".4f"), mean_spread(final, ".4f"), seconds_or_not(t95),
+                         seconds_or_not(t98), mean_spread(walls, ".0f") + " s"])
+    return table([f"efficientnet_lite0, {setup.inside.name} 3:1, unfrozen", "epochs", "best val acc", "final val acc",
+                  "time to 0.95", "time to 0.98", "wall-clock (scan and setup included)"], out_rows)
+
+
+def part3(tmp: Path, setup: Setup) -> str:
     from fruitnet.evaluate import evaluate
 
     rows = []
-    for recipe, epochs in (("seed", seed_epochs), ("fast", None)):
+    for recipe, epochs in (("seed", setup.seed_epochs), ("fast", setup.fast_epochs)):
         for mode in ("unfreeze", "freeze"):
-            print(f"part 3: fruits360 -> webfruit, recipe {recipe}, {mode} ...", flush=True)
-            kw = dict(epochs=epochs) if epochs else {}
-            name = f"p3-{recipe}-{mode}"
-            summary, _, wall = run_train(tmp, name, data=str(fruits360), backbone="efficientnet_lite0",
-                                         recipe=recipe, mode=mode, **kw)
-            report = evaluate(summary["model"], webfruit, tmp / f"{name}-eval", progress=False)
-            per = ", ".join(f"{c} {v['accuracy']:.2f}" for c, v in report["per_class"].items())
-            rows.append([recipe, mode, f"{summary['best_val_accuracy']:.4f}", f"{report['accuracy']:.4f} ({per})",
-                         f"{wall:.0f} s"])
-    return table(["efficientnet_lite0 trained on fruits360 only: recipe", "mode", "val acc (studio shots)",
-                  "accuracy on all 892 webfruit photos (per class)", "training wall-clock"], rows)
+            val, acc, per, walls = [], [], {}, []
+            for seed in setup.seeds:
+                print(f"part 3 (seed {seed}): {setup.studio.name} -> {setup.real.name}, recipe {recipe}, {mode} ...",
+                      flush=True)
+                kw = dict(epochs=epochs) if epochs else {}
+                name = f"p3-{recipe}-{mode}-{seed}"
+                summary, _, wall = run_train(tmp, name, data=str(setup.studio), backbone="efficientnet_lite0",
+                                             recipe=recipe, mode=mode, seed=seed, **kw)
+                report = evaluate(summary["model"], setup.real, tmp / f"{name}-eval", progress=False)
+                val.append(summary["best_val_accuracy"])
+                acc.append(report["accuracy"])
+                for c, v in report["per_class"].items():
+                    per.setdefault(c, []).append(v["accuracy"])
+                walls.append(wall)
+            classes = ", ".join(f"{c} {statistics.mean(v):.2f}" for c, v in per.items())
+            rows.append([recipe, mode, mean_spread(val, ".4f"), f"{mean_spread(acc, '.4f')} ({classes})",
+                         mean_spread(walls, ".0f") + " s"])
+    return table([f"efficientnet_lite0 trained on {setup.studio.name} only: recipe", "mode",
+                  f"val acc ({setup.studio.name})", f"accuracy on all of {setup.real.name} (per class, mean)",
+                  "training wall-clock"], rows)
 
 
 PREDICT_CHILD = """
@@ -157,7 +176,7 @@ print(json.dumps({"ok": sum("label" in r for r in results), "steady": t2 - t1, "
 """
 
 
-def part4(tmp: Path, webfruit: Path) -> str:
+def part4(tmp: Path, setup: Setup) -> str:
     from fruitnet.backbones import get_backbone
     from fruitnet.model import create_classifier, save_model
 
@@ -168,15 +187,15 @@ def part4(tmp: Path, webfruit: Path) -> str:
     for precision in ("fp32", "auto"):
         print(f"part 4: fruitnet predict, precision {precision} ...", flush=True)
         t0 = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-m", "fruitnet", "predict", str(path), str(webfruit), "--json",
+        proc = subprocess.run([sys.executable, "-m", "fruitnet", "predict", str(path), str(setup.real), "--json",
                                "--precision", precision], capture_output=True, text=True)
         wall = time.perf_counter() - t0
         ok = sum("label" in r for r in json.loads(proc.stdout))
-        child = json.loads(subprocess.run([sys.executable, "-c", PREDICT_CHILD, str(path), str(webfruit), precision],
+        child = json.loads(subprocess.run([sys.executable, "-c", PREDICT_CHILD, str(path), str(setup.real), precision],
                                           capture_output=True, text=True, check=True).stdout)
         rows.append([precision, ok, f"{wall:.1f} s", f"{ok / wall:.0f} img/s", f"{child['ok'] / child['steady']:.0f} img/s",
                      f"{child['peak_mib']:.0f} MiB"])
-    return table(["`fruitnet predict` on all of webfruit", "images", "whole command (Python start-up included)",
+    return table([f"`fruitnet predict` on all of {setup.real.name}", "images", "whole command (Python start-up included)",
                   "whole command", "steady state (decode included, start-up and warm-up excluded)",
                   "peak memory (RSS)"], rows)
 
@@ -184,24 +203,32 @@ def part4(tmp: Path, webfruit: Path) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--parts", type=int, nargs="+", default=[1, 2, 3, 4])
+    ap.add_argument("--repeats", type=int, default=1, help="seeds 0..N-1 for parts 1-3: mean ± spread")
     ap.add_argument("--seed-epochs", type=int, default=10, help="epochs for the seed recipe in parts 2 and 3")
-    ap.add_argument("--out", default=str(REPO / "bench" / "results" / "train.md"))
+    ap.add_argument("--quick", action="store_true",
+                    help="about a minute on the bundled demo photos (checks the script, not the claims)")
+    ap.add_argument("--out", help="default bench/results/train.md (train-quick.md with --quick)")
     args = ap.parse_args()
-    webfruit, fruits360 = SHARED / "webfruit", SHARED / "fruits360"
-    if not webfruit.is_dir() or not fruits360.is_dir():
-        sys.exit(f"skipped: the benchmark needs {webfruit} and {fruits360} (set FRUITNET_SHARED_DATA)")
-    sections = [f"# Training and inference benchmark\n\nMachine: {machine()}\n"]
+    if args.quick:
+        setup = Setup(DEMO_DATA / "train", DEMO_DATA / "train", DEMO_DATA / "test", 2, 2, 2, list(range(args.repeats)))
+    else:
+        webfruit, fruits360 = SHARED / "webfruit", SHARED / "fruits360"
+        if not webfruit.is_dir() or not fruits360.is_dir():
+            sys.exit(f"skipped: the benchmark needs {webfruit} and {fruits360} (set FRUITNET_SHARED_DATA)")
+        setup = Setup(webfruit, fruits360, webfruit, args.seed_epochs, None, 2, list(range(args.repeats)))
+    out = Path(args.out or REPO / "bench" / "results" / ("train-quick.md" if args.quick else "train.md"))
+    sections = [f"# Training and inference benchmark\n\nMachine: {machine()}\n\n{stamp()} "
+                f"Seeds: {setup.seeds} (mean ± standard deviation where more than one).\n"]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        parts = {1: lambda: part1(tmp, webfruit), 2: lambda: part2(tmp, webfruit, args.seed_epochs),
-                 3: lambda: part3(tmp, fruits360, webfruit, args.seed_epochs), 4: lambda: part4(tmp, webfruit)}
+        parts = {1: part1, 2: part2, 3: part3, 4: part4}
         for p in args.parts:
             t0 = time.perf_counter()
-            sections.append(f"## Part {p}\n\n{parts[p]()}\n\n(part took {time.perf_counter() - t0:.0f} s)\n")
+            sections.append(f"## Part {p}\n\n{parts[p](tmp, setup)}\n\n(part took {time.perf_counter() - t0:.0f} s)\n")
             print(sections[-1], flush=True)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text("\n".join(sections))
-    print(f"wrote {args.out}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(sections))
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -129,12 +129,13 @@ def test_resnet18_trains_from_a_local_weights_file_and_stops_without_weights(tmp
     assert not (tmp_path / "none").exists()
 
 
-def test_ctrl_c_leaves_a_resumable_run(tmp_path, demo_data):
+def test_ctrl_c_leaves_a_resumable_run_that_resumes_from_another_directory(tmp_path, demo_data):
     run = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "fruitnet", "train", str(demo_data / "train"), "--backbone",
+    # started from the repository with a relative DATA path, as a user would
+    proc = subprocess.Popen([sys.executable, "-m", "fruitnet", "train", "demo_data/train", "--backbone",
                              "efficientnet_lite0", "--mode", "freeze", "--no-feature-cache", "--workers", "0",
                              "--epochs", "6", "--lr", "0.01", "--out", str(run)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=demo_data.parent)
     metrics = run / "metrics.csv"
     deadline = time.time() + 300
     while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
@@ -142,11 +143,54 @@ def test_ctrl_c_leaves_a_resumable_run(tmp_path, demo_data):
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
-    assert "--resume" in out
+    assert f"continue with: fruitnet train --resume {run}" in out
+    assert (run / "checkpoint.pt").is_file()  # written before the metrics row that the test waited for
     done = len(metrics.read_text().splitlines()) - 1
     assert 1 <= done < 6
-    result = run_cli("train", "--resume", run)
+    refused = run_cli("train", "--resume", run, "--lr", "0.5", cwd=tmp_path)
+    assert refused.returncode == 2 and "--lr cannot change" in refused.stderr
+    result = run_cli("train", "--resume", run, cwd=tmp_path)  # elsewhere: split.csv paths still resolve
     assert result.returncode == 0, result.stderr
     rows = list(csv.DictReader(open(metrics)))
     assert [int(r["epoch"]) for r in rows] == list(range(1, 7))
     assert json.loads((run / "summary.json").read_text())["epochs"] == 6
+
+
+def test_a_run_stopped_before_its_first_epoch_resumes_from_epoch_1(tmp_path, demo_data):
+    run = tmp_path / "run"
+    args = ["--backbone", "efficientnet_lite0", "--mode", "freeze", "--recipe", "seed", "--epochs", "2", "--lr", "0.01"]
+    assert run_cli("train", demo_data / "test", *args, "--out", run).returncode == 0
+    first = list(csv.DictReader(open(run / "metrics.csv")))
+    # what a kill during the feature pass leaves: the folder's records, no checkpoint, no epoch
+    for name in ("checkpoint.pt", "best.safetensors", "last.safetensors", "summary.json", "curves.png"):
+        (run / name).unlink()
+    (run / "metrics.csv").write_text(",".join(first[0]) + "\n")
+    result = run_cli("train", "--resume", run)
+    assert result.returncode == 0, result.stderr
+    again = list(csv.DictReader(open(run / "metrics.csv")))
+    assert [r["epoch"] for r in again] == ["1", "2"]
+    assert [r["val_accuracy"] for r in again] == [r["val_accuracy"] for r in first]  # same seed, same run
+
+
+def test_outputs_never_land_in_the_data_folder_or_on_existing_files(tmp_path, demo_data, trained_model):
+    data = tmp_path / "photos"
+    for cls in ("cherry", "strawberry"):
+        (data / cls).mkdir(parents=True)
+        for src in sorted((demo_data / "test" / cls).glob("*.jpg"))[:3]:
+            (data / cls / src.name).write_bytes(src.read_bytes())
+    before = sorted(p.relative_to(data) for p in data.rglob("*"))
+    inside = run_cli("train", data, "--backbone", "efficientnet_lite0", "--out", data / "cherry" / "run2")
+    assert inside.returncode == 2 and "inside the data folder" in inside.stderr
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine")
+    for args in (["train", data, "--backbone", "efficientnet_lite0", "--out", a_file],
+                 ["evaluate", trained_model, data, "--out", a_file],
+                 ["evaluate", trained_model, data, "--out", data / "eval"]):
+        result = run_cli(*args)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    (tmp_path / "done").mkdir()
+    (tmp_path / "done" / "report.json").write_text("{}")
+    again = run_cli("evaluate", trained_model, data, "--out", tmp_path / "done")
+    assert again.returncode == 2 and "already exists" in again.stderr
+    assert (tmp_path / "done" / "report.json").read_text() == "{}" and a_file.read_text() == "mine"
+    assert sorted(p.relative_to(data) for p in data.rglob("*")) == before

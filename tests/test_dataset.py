@@ -3,11 +3,11 @@ import hashlib
 from pathlib import Path
 
 import pytest
+import torch
 from awkward import make_awkward_folder
 
 from fruitnet.errors import DataError
-from fruitnet.dataset import ImageDataset, read_split, scan, split, write_split
-from fruitnet.transforms import eval_transform
+from fruitnet.dataset import read_split, scan, split, write_split
 
 
 def snapshot(root: Path) -> dict:
@@ -79,24 +79,33 @@ def test_split_is_stratified_seeded_and_keeps_duplicates_together(webfruit):
     assert [it.path for it in other_val] != [it.path for it in val]
 
 
-def test_split_csv_round_trip(tmp_path, demo_data):
-    catalog = scan(demo_data / "train", progress=False)
+def test_split_csv_round_trip_resolves_from_any_working_directory(tmp_path, demo_data, monkeypatch):
+    monkeypatch.chdir(demo_data.parent)
+    catalog = scan("demo_data/train", progress=False)  # relative paths, as a user types them
     train, val = split(catalog, 0.25, seed=0)
     write_split(tmp_path / "split.csv", train, val)
     rows = list(csv.DictReader(open(tmp_path / "split.csv")))
-    assert set(rows[0]) == {"path", "class", "split"}
+    assert set(rows[0]) == {"path", "class", "split", "sha256"}
+    monkeypatch.chdir(tmp_path)
     t2, v2 = read_split(tmp_path / "split.csv")
-    assert [(i.path, i.label) for i in t2] == [(i.path, i.label) for i in train]
-    assert [(i.path, i.label) for i in v2] == [(i.path, i.label) for i in val]
+    assert all(Path(i.path).is_file() for i in t2 + v2)
+    assert [(Path(i.path), i.label, i.sha256) for i in t2] == [(demo_data.parent / i.path, i.label, i.sha256)
+                                                               for i in train]
+    assert [(Path(i.path), i.label) for i in v2] == [(demo_data.parent / i.path, i.label) for i in val]
 
 
-def test_image_dataset_yields_normalised_tensors(demo_data):
+def test_photos_yield_normalised_tensors_with_or_without_the_cache(demo_data):
     from fruitnet.backbones import get_backbone
+    from fruitnet.pipeline import Photos
+    from fruitnet.transforms import TensorTransform
 
     catalog = scan(demo_data / "test", progress=False)
-    ds = ImageDataset(catalog.usable, catalog.classes, eval_transform(get_backbone("efficientnet_lite0").preprocessing))
-    x, y = ds[0]
+    pre = get_backbone("efficientnet_lite0").preprocessing
+    cached, plain = (Photos(catalog.usable, catalog.classes, pre, TensorTransform(pre), cache=c, progress=False)
+                     for c in (True, False))
+    (x, y), (x2, y2) = cached[0], plain[0]
     assert x.shape == (3, 224, 224) and -1.01 <= x.min() and x.max() <= 1.01
+    assert torch.equal(x, x2) and y == y2
     assert y == 0
 
 

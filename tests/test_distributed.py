@@ -140,12 +140,10 @@ def test_global_batch_must_divide_among_ranks():
 def test_evaluation_shards_cover_every_item_exactly_once(n, size):
     shards = [list(distributed.ShardSampler(n, size, rank)) for rank in range(size)]
     assert sorted(i for s in shards for i in s) == list(range(n))
-    # what gather_shards does with the pieces: back to dataset order
-    order = torch.cat([torch.arange(r, n, size) for r in range(size)])
-    data = torch.cat([torch.tensor(s, dtype=torch.long) for s in shards if s])
-    full = torch.empty_like(data)
-    full[order] = data
-    assert full.tolist() == list(range(n))
+    # each rank computes rows for its shard (here: item index, squared); gather_shards' unshard
+    # puts them back in dataset order, empty shards included
+    rows = [torch.tensor([[i, i * i] for i in s], dtype=torch.long).reshape(-1, 2) for s in shards]
+    assert distributed.unshard(rows).tolist() == [[i, i * i] for i in range(n)]
 
 
 def test_scan_keeps_a_bounded_number_of_files_in_flight():

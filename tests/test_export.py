@@ -71,7 +71,9 @@ def test_int8_export_reports_agreement_and_speed(exported):
     _, onnx_path, summary, lines = exported
     int8 = summary["int8"]
     assert int8["path"].endswith("model.int8.onnx")
-    assert 0.0 <= int8["parity"]["top1_agreement"] <= 1.0 and int8["parity"]["n"] == 15  # held out from calibration
+    assert int8["parity"]["n"] == 15  # held out from calibration
+    # int8 rounding may flip a near-tie of this untrained head, not a real answer
+    assert int8["parity"]["top1_agreement"] >= 0.8 and int8["parity"]["agree"] == round(15 * int8["parity"]["top1_agreement"])
     assert set(int8["ms_per_image"]) == {"pytorch", "onnx", "onnx_int8"}
     assert all(ms > 0 for ms in int8["ms_per_image"].values())
     assert any(line.startswith("int8:") and "top-1 agreement" in line for line in lines)
@@ -126,6 +128,9 @@ def test_cli_export_then_predict_with_onnx_runtime(exported, tmp_path):
     a, b = json.loads(by_onnx.stdout), json.loads(by_torch.stdout)
     assert [r["label"] for r in a] == [r["label"] for r in b] and [r["path"] for r in a] == files
     assert max(abs(x["probabilities"][c] - y["probabilities"][c]) for x, y in zip(a, b) for c in CLASSES) <= 1e-3
+    size = out.stat().st_size
+    again = run_cli("export", model, "--out", out, "--check", PHOTOS / "cherry")
+    assert again.returncode == 2 and "already exists" in again.stderr and out.stat().st_size == size
 
 
 def test_check_set_without_photos_is_an_argument_error(exported, tmp_path):

@@ -236,9 +236,9 @@ def test_unreadable_files(tmp_path):
     (tmp_path / "text.jpg").write_text("hello, I am not a JPEG\n")
     _raises(tmp_path / "text.jpg", "not an image")
     (tmp_path / "random.png").write_bytes(np.random.default_rng(0).bytes(5000))
-    _raises(tmp_path / "random.png", "")
+    _raises(tmp_path / "random.png", "not an image (unrecognised content)")
     _raises(tmp_path / "missing.jpg", "cannot read file")
-    _raises(tmp_path, "")  # a directory
+    _raises(tmp_path, "cannot read file")  # a directory
 
 
 @pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "GIF", "TIFF", "BMP"])

@@ -6,12 +6,14 @@ import json
 import pytest
 import torch
 
-from fruitnet.cache import DecodedImages
-from fruitnet.dataset import ImageDataset, scan
+from fruitnet.images import load_image
+
 from fruitnet.backbones import get_backbone
+from fruitnet.dataset import scan
+from fruitnet.pipeline import Photos
 from fruitnet.predictors import TorchPredictor
 from fruitnet.training import TrainConfig, train
-from fruitnet.transforms import eval_transform
+from fruitnet.transforms import TensorTransform, eval_transform
 
 
 def quiet(*_a, **_k):
@@ -38,14 +40,15 @@ def test_decoded_image_cache_gives_the_evaluation_inputs(demo_data):
     catalog = scan(demo_data / "test", progress=False)
     for backbone in ("efficientnet_lite0", "resnet18"):
         pre = get_backbone(backbone).preprocessing
-        cached = DecodedImages(catalog.usable, catalog.classes, pre, progress=False)
-        plain = ImageDataset(catalog.usable, catalog.classes, eval_transform(pre))
-        for i in range(0, len(plain), 7):
-            (a, ya), (b, yb) = cached[i], plain[i]
-            assert ya == yb and a.shape == b.shape
-            assert torch.allclose(a, b, atol=1e-5)
-        augmented = cached.with_augment("light")
-        augmented.set_resolution(160)
+        cached = Photos(catalog.usable, catalog.classes, pre, TensorTransform(pre), cache=True, progress=False)
+        tf = eval_transform(pre)
+        for i, item in list(enumerate(catalog.usable))[::7]:
+            a, ya = cached[i]
+            b = tf(load_image(item.path))
+            assert ya == catalog.classes.index(item.label) and a.shape == b.shape
+            assert torch.equal(a, b)
+        augmented = cached.with_transform(TensorTransform(pre, "light"))
+        augmented.transform.size = 160
         assert augmented[0][0].shape == (3, 160, 160)
         assert cached[0][0].shape == (3, 224, 224)  # the copy shares images, not settings
 
@@ -87,3 +90,94 @@ def test_fast_recipe_unfrozen_learns_and_records_what_it_did(demo_data, tmp_path
     rows = metrics(run)
     assert rows[-1]["lr"] < rows[0]["lr"]  # cosine decay
     assert summary["best_val_accuracy"] >= 0.9  # studio shots: easy once the head is warmed up
+
+
+def test_scheduler_warms_up_linearly_then_decays_to_zero():
+    from fruitnet.config import RECIPES
+    from fruitnet.training import make_optimizer, make_scheduler
+
+    w = torch.nn.Parameter(torch.zeros(1))
+    opt = make_optimizer([w], RECIPES["fast"], lr=1.0, weight_decay=0.0)
+    sched = make_scheduler(opt, RECIPES["fast"], epochs=2, steps_per_epoch=10)  # warm-up: 0.5 epoch = 5 steps
+    lrs = []
+    for _ in range(21):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] == pytest.approx(0.2) and lrs[4] == pytest.approx(1.0)  # (step + 1) / 5
+    assert lrs[5] == pytest.approx(1.0) and lrs[10] == pytest.approx(0.75)  # cosine: 0.5 (1 + cos(pi / 3))
+    assert lrs[20] == pytest.approx(0.0, abs=1e-12)
+    constant = make_optimizer([w], RECIPES["seed"], lr=0.001, weight_decay=0.01)
+    assert isinstance(constant, torch.optim.SGD) and constant.param_groups[0]["momentum"] == 0.0
+    sched = make_scheduler(constant, RECIPES["seed"], epochs=3, steps_per_epoch=4)
+    for _ in range(12):
+        constant.step()
+        sched.step()
+    assert constant.param_groups[0]["lr"] == 0.001
+
+
+def test_auto_arithmetic_follows_the_cpu(monkeypatch):
+    from fruitnet import arithmetic
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(arithmetic, "cpu_has_native_bf16", lambda: True)
+    a = arithmetic.choose("auto", cpu)
+    assert (a.dtype, a.channels_last) == ("bf16", True) and "AVX512-BF16" in a.reason
+    monkeypatch.setattr(arithmetic, "cpu_has_native_bf16", lambda: False)
+    a = arithmetic.choose("auto", cpu)
+    assert (a.dtype, a.channels_last) == ("fp32", False) and "without" in a.reason
+    assert arithmetic.choose("bf16", cpu).dtype == "bf16"  # asked for: honoured even where emulated
+
+
+def test_progressive_resizing_reaches_decoding_workers(demo_data):
+    """Without the image cache, worker processes decode; the epoch's resolution must reach them."""
+    from fruitnet.arithmetic import choose
+    from fruitnet.config import RECIPES, resolve
+    from fruitnet.model import create_classifier
+    from fruitnet.pipeline import build_pipeline
+
+    catalog = scan(demo_data / "test", progress=False)
+    pre = get_backbone("efficientnet_lite0").preprocessing
+    config = resolve(TrainConfig(data=str(demo_data / "test"), image_cache=False, workers=2, epochs=4))
+    model, _ = create_classifier("efficientnet_lite0", 3, "none")
+    pipeline = build_pipeline(config, RECIPES["fast"], pre, catalog.classes, catalog.usable, catalog.usable[:4],
+                              model.body, torch.device("cpu"), choose("fp32", torch.device("cpu")), 8, quiet)
+    assert not pipeline.image_cache and pipeline.workers == 2
+    sizes = [next(iter(pipeline.train_loader(epoch)))[0].shape[-1] for epoch in (1, 2, 3, 4)]
+    assert sizes == [160, 160, 224, 224]
+
+
+def test_the_recipe_trains_the_same_with_or_without_the_image_cache(demo_data, tmp_path):
+    runs = {}
+    for name, cache in (("cached", True), ("uncached", False)):
+        train(TrainConfig(data=str(demo_data / "test"), out=str(tmp_path / name), backbone="efficientnet_lite0",
+                          epochs=2, batch_size=8, precision="fp32", image_cache=cache, workers=0), log=quiet)
+        runs[name] = metrics(tmp_path / name)
+        assert json.loads((tmp_path / name / "config.json").read_text())["train"]["image_cache"] is cache
+    for a, b in zip(runs["cached"], runs["uncached"]):  # epoch 1 at 160 px, epoch 2 at 224 px, in both
+        for key in ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr"):
+            assert a[key] == pytest.approx(b[key], abs=1e-5), key
+
+
+def test_frozen_training_without_the_feature_cache_is_the_same_recipe(demo_data, tmp_path):
+    """No head warm-up in freeze mode, cached features or not (the head is all that trains)."""
+    lines = []
+    train(TrainConfig(data=str(demo_data / "test"), out=str(tmp_path / "run"), backbone="efficientnet_lite0",
+                      mode="freeze", epochs=1, batch_size=8, feature_cache=False, workers=0), log=lines.append)
+    assert not any("warm-up" in line for line in lines) and any("training efficientnet_lite0" in l for l in lines)
+
+
+def test_tensorboard_event_files_hold_the_curves_and_pictures(demo_data, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "run"
+    train(TrainConfig(data=str(demo_data / "test"), out=str(run), backbone="efficientnet_lite0", mode="freeze",
+                      recipe="seed", epochs=3, lr=0.01, batch_size=8, tensorboard=True), log=quiet)
+    events = EventAccumulator(str(run / "tensorboard"), size_guidance={"images": 0}).Reload()
+    tags = events.Tags()
+    assert {"loss/train", "loss/val", "accuracy/train", "accuracy/val", "lr"} <= set(tags["scalars"])
+    val_acc = [e.value for e in events.Scalars("accuracy/val")]
+    assert [e.step for e in events.Scalars("accuracy/val")] == [1, 2, 3]
+    assert val_acc == pytest.approx([r["val_accuracy"] for r in metrics(run)])
+    assert {"validation/confusion_matrix", "validation/predictions"} <= set(tags["images"])
+    assert events.Images("validation/confusion_matrix")[0].width > 100

@@ -13,9 +13,8 @@ from pathlib import Path
 
 import torch
 
+from fruitnet.config import PRECISIONS
 from fruitnet.errors import UsageError
-
-PRECISIONS = ("auto", "fp32", "bf16")
 
 
 DEVICES = ("auto", "cpu", "cuda")  # and cuda:N

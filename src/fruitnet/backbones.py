@@ -11,12 +11,13 @@ import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Callable
 
 from fruitnet.errors import WeightsUnavailable
+
+if TYPE_CHECKING:  # torch is imported where it is used: `fruitnet --help` and `check` never wait for it
+    import torch
+    from torch import nn
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
@@ -45,6 +46,8 @@ def _sha256(path: Path) -> str:
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Read a state dict without executing code from the file (no pickle objects allowed)."""
+    import torch
+
     if not path.is_file():
         raise WeightsUnavailable(f"{path}: weights file not found")
     try:
@@ -61,6 +64,7 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 # --- ResNet18 (torchvision) ---------------------------------------------------------------
 
 def _resnet18_body() -> nn.Module:
+    from torch import nn
     from torchvision.models import resnet18
 
     body = resnet18(weights=None)
@@ -69,6 +73,8 @@ def _resnet18_body() -> nn.Module:
 
 
 def _resnet18_state(weights: str) -> tuple[dict, str]:
+    import torch
+
     if weights != "imagenet":
         return _read_state_dict(Path(weights)), str(Path(weights).resolve())
     cached = Path(torch.hub.get_dir()) / "checkpoints" / RESNET18_FILE

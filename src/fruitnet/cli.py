@@ -1,7 +1,10 @@
-"""Command line: argument parsing only; every command is a call into the library.
+"""fruitnet: fine-tune an ImageNet-pretrained CNN on a folder of photos, then evaluate, predict, export and serve it.
 
 Exit codes: 0 success, 1 the job failed or some inputs could not be used, 2 unusable arguments or data.
 """
+
+# Argument parsing only: every command is a call into the library, imported when the command
+# runs, so `--help`, argument errors and `check` never wait for torch.
 
 from __future__ import annotations
 
@@ -9,28 +12,88 @@ import argparse
 import csv
 import json
 import sys
-from datetime import datetime
+import typing
+from dataclasses import fields
 from pathlib import Path
 
-from fruitnet.arithmetic import PRECISIONS
 from fruitnet.backbones import BACKBONES
-from fruitnet.balance import BALANCE_MODES, IMBALANCE_RATIO
-from fruitnet.errors import DataError, FruitnetError, UsageError
-from fruitnet.training import DEFAULT_RECIPE, RECIPES
+from fruitnet.config import PRECISIONS, RECIPES, RESUMABLE, TrainConfig
+from fruitnet.errors import FruitnetError, UsageError
+
+
+def _whole_number(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, not {text!r}") from None
 
 
 def _positive_int(text: str) -> int:
-    value = int(text)
+    value = _whole_number(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
     return value
 
 
+def _number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, not {text!r}") from None
+
+
 def _non_negative_float(text: str) -> float:
-    value = float(text)
+    value = _number(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must not be negative, not {value}")
     return value
+
+
+def _fraction(text: str) -> float:
+    value = _number(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, not {value}")
+    return value
+
+
+def _port(text: str) -> int:
+    value = _whole_number(text)
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be between 1 and 65535, not {value}")
+    return value
+
+
+_TYPES = {"positive_int": _positive_int, "non_negative_float": _non_negative_float, "fraction": _fraction,
+          int: _whole_number}
+_CHOICES = {"backbones": lambda: sorted(BACKBONES), "recipes": lambda: list(RECIPES)}
+
+
+def _train_option_help(f) -> str:
+    """The field's own words plus its default, taken from TrainConfig or the recipes."""
+    if f.metadata.get("recipe"):
+        per_recipe = ", ".join(f"{name} {getattr(recipe, f.name)}" for name, recipe in RECIPES.items())
+        return f"{f.metadata['help']} (default: the recipe's: {per_recipe})"
+    if isinstance(f.default, bool) or f.default is None:
+        return f.metadata["help"]
+    return f"{f.metadata['help']} (default: {f.default})"
+
+
+def _add_train_options(p: argparse.ArgumentParser) -> None:
+    """One option per TrainConfig field, default None: None means 'not given', so the recipe (or,
+    on --resume, the run) decides, and what was given can be told apart from a default."""
+    hints = typing.get_type_hints(TrainConfig)
+    for f in fields(TrainConfig):
+        if "help" not in f.metadata:
+            continue
+        kw = {"dest": f.name, "default": None, "help": _train_option_help(f)}
+        if isinstance(f.default, bool):  # --no-image-cache stores False; --tensorboard stores True
+            kw.update(action="store_const", const=not f.default)
+        else:
+            literal = [a for a in typing.get_args(hints[f.name]) if isinstance(a, str)]
+            choices = _CHOICES[f.metadata["choices"]]() if "choices" in f.metadata else literal or None
+            kw.update(type=_TYPES.get(f.metadata.get("type"), str), choices=choices,
+                      metavar=f.metadata.get("metavar"))
+        p.add_argument(f.metadata.get("flag", "--" + f.name.replace("_", "-")), **kw)
 
 
 def cmd_check(args) -> int:
@@ -66,19 +129,20 @@ def cmd_check(args) -> int:
 
 def cmd_train(args) -> int:
     from fruitnet import distributed
-    from fruitnet.training import TrainConfig, train
+    from fruitnet.training import resume_training, train
 
-    if args.resume is None and args.data is None:
-        raise DataError("give a DATA folder to train on, or --resume RUN")
-    config = TrainConfig(data=args.data, val_dir=args.val, out=args.out, backbone=args.backbone,
-                         weights=args.weights, mode=args.mode, batch_size=args.batch_size,
-                         epochs=args.epochs,  # None: the recipe's, or with --resume the run's own
-                         lr=args.lr, weight_decay=args.weight_decay, val_fraction=args.val_fraction,
-                         seed=args.seed, recipe=args.recipe, feature_cache=not args.no_feature_cache,
-                         image_cache=not args.no_image_cache, precision=args.precision,
-                         workers=args.workers, device=args.device, exclude=args.exclude, balance=args.balance)
+    given = {f.name: getattr(args, f.name) for f in fields(TrainConfig)
+             if f.name != "data" and getattr(args, f.name) is not None}
     try:  # under torchrun every process runs this; see fruitnet.distributed
-        train(config, resume=args.resume)
+        if args.resume:
+            if args.data:
+                raise UsageError(f"give either DATA ({args.data}) or --resume {args.resume}, not both: "
+                                 "a resumed run trains on its own split")
+            resume_training(args.resume, **given)
+        elif args.data is None:
+            raise UsageError("give a DATA folder to train on (DATA/<class>/<image>), or --resume RUN")
+        else:
+            train(TrainConfig(data=args.data, **given))
     except KeyboardInterrupt:
         return 130
     except FruitnetError as exc:
@@ -90,18 +154,14 @@ def cmd_train(args) -> int:
     return 0
 
 
-def _default_out(prefix: str) -> Path:
-    return Path("runs") / f"{prefix}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
-
-
 def cmd_evaluate(args) -> int:
     from fruitnet.evaluate import evaluate
     from fruitnet.metrics import format_report
+    from fruitnet.runfolder import new_output_folder
 
-    out = Path(args.out) if args.out else _default_out("eval")
+    out = new_output_folder(args.out, "eval-", [args.data], "evaluation folder")
     report = evaluate(args.model, args.data, out, batch_size=args.batch_size, legacy=args.legacy or None,
-                      precision=args.precision,
-                      progress=not args.json)
+                      precision=args.precision, progress=not args.json)
     if args.json:
         print(json.dumps(report))
     else:
@@ -174,94 +234,93 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def _add_model(p: argparse.ArgumentParser, what: str = "model file") -> None:
+    p.add_argument("model", metavar="MODEL", help=f"the {what}: a run's best.safetensors (or last.safetensors), "
+                   "an exported .onnx file, or the original project's model.pth")
+
+
 def _add_precision(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", default="auto", choices=list(PRECISIONS),
-                   help="auto: bf16 where the CPU (AVX512-BF16/AMX) or GPU runs it natively, else fp32")
+                   help="auto: bf16 where the CPU (AVX512-BF16/AMX) or GPU runs it natively, else fp32 "
+                        "(default: auto)")
 
 
 def _add_runtime(p: argparse.ArgumentParser) -> None:
     p.add_argument("--runtime", default="auto", choices=["auto", "torch", "onnx"],
-                   help="onnx: use an exported .onnx file with onnxruntime (auto: by the file's suffix)")
+                   help="onnx: run an exported .onnx file with onnxruntime (default: auto, by the file's suffix)")
+
+
+def _add_legacy(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--legacy", action="store_true",
+                   help="MODEL is the original project's model.pth (detected automatically otherwise)")
+
+
+def _add_batch_size(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--batch-size", type=_positive_int, default=32, help="photos per forward pass (default: 32)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fruitnet", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(prog="fruitnet", description=__doc__.split("\n\n")[0],
+                                     epilog=__doc__.split("\n\n")[1].strip())
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("check", help="data report for a class-folder tree; writes nothing into it")
-    p.add_argument("data")
-    p.add_argument("--json", action="store_true")
+    p = sub.add_parser("check", help="data report for a class-folder tree; writes nothing into it",
+                       description="Count the photos per class, find exact and near-duplicates, label conflicts and "
+                                   "unusable files; --deep also finds likely mislabelled photos and outliers, "
+                                   "shown in report.html.")
+    p.add_argument("data", metavar="DATA", help="a folder of class folders: DATA/<class>/<image>")
+    p.add_argument("--json", action="store_true", help="print the report as one JSON object")
     p.add_argument("--deep", action="store_true",
                    help="also find likely mislabelled photos, outliers and near-duplicates in feature space "
                         "(pretrained features, cross-validated linear head, cleanlab); writes report.html")
-    p.add_argument("--out", help="report folder, outside DATA (default with --deep: runs/check-<timestamp>)")
+    p.add_argument("--out", metavar="DIR",
+                   help="report folder, outside DATA (default with --deep: runs/check-<timestamp>)")
     p.add_argument("--write-exclude", metavar="FILE",
                    help="with --deep: write the likely mislabelled photos and outliers, one path a line, "
                         "for train --exclude FILE")
     p.add_argument("--backbone", default="efficientnet_lite0", choices=sorted(BACKBONES),
-                   help="features for --deep (default efficientnet_lite0: its weights work offline)")
-    p.add_argument("--folds", type=_positive_int, default=5, help="cross-validation folds for --deep")
-    p.add_argument("--seed", type=int, default=0)
+                   help="features for --deep (default: efficientnet_lite0, whose weights work offline)")
+    p.add_argument("--folds", type=_positive_int, default=5, help="cross-validation folds for --deep (default: 5)")
+    p.add_argument("--seed", type=_whole_number, default=0, help="seed of the folds (default: 0)")
     p.set_defaults(func=cmd_check)
 
-    p = sub.add_parser("train", help="fine-tune a pretrained backbone on DATA/<class>/<image>")
-    p.add_argument("data", nargs="?")
-    p.add_argument("--val", help="a separate labelled folder for validation (instead of splitting DATA)")
-    p.add_argument("--out", help="run folder (default runs/<timestamp>); never overwritten")
-    p.add_argument("--backbone", default="resnet18", choices=sorted(BACKBONES))
-    p.add_argument("--weights", default="imagenet", help="imagenet | none | FILE (a state dict)")
-    p.add_argument("--mode", default="unfreeze", choices=["freeze", "unfreeze"])
-    p.add_argument("--recipe", default=DEFAULT_RECIPE, choices=list(RECIPES),
-                   help=f"training recipe (default {DEFAULT_RECIPE}); 'seed' is the original project's exactly")
-    p.add_argument("--epochs", type=_positive_int,
-                   help="default: the recipe's (seed 30, fast 8); with --resume, the run's own unless given")
-    p.add_argument("--batch-size", type=_positive_int, default=32)
-    p.add_argument("--lr", type=_non_negative_float, help="default: the recipe's (seed 0.001, fast 0.001)")
-    p.add_argument("--weight-decay", type=_non_negative_float, help="default: the recipe's (seed 0.01, fast 0.05)")
-    p.add_argument("--val-fraction", type=float, default=0.25)
-    p.add_argument("--seed", type=int, default=0)
-    _add_precision(p)
-    p.add_argument("--resume", metavar="RUN", help="continue an interrupted run folder")
-    p.add_argument("--no-feature-cache", action="store_true",
-                   help="in freeze mode, run the backbone on every image every epoch (slow; for comparison)")
-    p.add_argument("--no-image-cache", action="store_true",
-                   help="decode every image every epoch instead of once per run")
-    p.add_argument("--workers", type=int, default=2, help="image-decoding worker processes (without the image cache)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    p.add_argument("--exclude", metavar="FILE",
-                   help="leave the photos listed in FILE out of training and validation (one path a line, "
-                        "e.g. from check --deep --write-exclude); the data folder is not touched")
-    p.add_argument("--balance", default="auto", choices=list(BALANCE_MODES),
-                   help=f"auto (default): class-weighted loss when the largest class has more than "
-                        f"{IMBALANCE_RATIO}x the photos of the smallest; weights; sampler (class-balanced "
-                        "drawing); none")
+    p = sub.add_parser("train", help="fine-tune a pretrained backbone on DATA/<class>/<image>",
+                       description="Fine-tune a pretrained backbone; the run folder holds the model files, "
+                                   "metrics, curves and everything needed to repeat the run.")
+    p.add_argument("data", nargs="?", metavar="DATA", help="a folder of class folders: DATA/<class>/<image>")
+    _add_train_options(p)
+    p.add_argument("--resume", metavar="RUN", help="continue an interrupted run folder; only "
+                   + ", ".join("--" + k for k in RESUMABLE) + " may be given again (others: exit 2)")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("evaluate", help="accuracy, per-class report, confusion matrix, mistakes gallery")
-    p.add_argument("model")
-    p.add_argument("data")
-    p.add_argument("--out", help="report folder (default runs/eval-<timestamp>)")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--batch-size", type=_positive_int, default=32)
-    p.add_argument("--legacy", action="store_true", help="MODEL is the original project's model.pth")
+    p = sub.add_parser("evaluate", help="accuracy, per-class report, confusion matrix, mistakes gallery",
+                       description="Evaluate a model on a labelled folder (DATA/<class>/<image>).")
+    _add_model(p)
+    p.add_argument("data", metavar="DATA", help="labelled photos: DATA/<class>/<image>")
+    p.add_argument("--out", help="report folder, must not exist yet (default: runs/eval-<timestamp>)")
+    p.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    _add_batch_size(p)
+    _add_legacy(p)
     _add_precision(p)
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("predict", help="class and probabilities for images, folders or globs")
-    p.add_argument("model")
-    p.add_argument("paths", nargs="+", metavar="PATH")
-    p.add_argument("--json", action="store_true")
-    p.add_argument("--csv", metavar="FILE")
+    p = sub.add_parser("predict", help="class and probabilities for images, folders or globs",
+                       description="Predict the class of each photo: a table, or JSON, CSV and a picture grid.")
+    _add_model(p)
+    p.add_argument("paths", nargs="+", metavar="PATH", help="photos, folders (searched recursively) or globs")
+    p.add_argument("--json", action="store_true", help="print a JSON list of {path, label, probabilities}")
+    p.add_argument("--csv", metavar="FILE", help="also write the predictions as CSV")
     p.add_argument("--grid", metavar="FILE.png", help="draw the photos titled with prediction and confidence")
-    p.add_argument("--batch-size", type=_positive_int, default=32)
-    p.add_argument("--legacy", action="store_true", help="MODEL is the original project's model.pth")
+    _add_batch_size(p)
+    _add_legacy(p)
     _add_runtime(p)
     _add_precision(p)
     p.set_defaults(func=cmd_predict)
 
-    p = sub.add_parser("export", help="ONNX file carrying classes and preprocessing, checked against PyTorch")
-    p.add_argument("model")
-    p.add_argument("--format", default="onnx", choices=["onnx"])
+    p = sub.add_parser("export", help="ONNX file carrying classes and preprocessing, checked against PyTorch",
+                       description="Export a model file to ONNX and check it against PyTorch on real photos.")
+    _add_model(p, "model file (.safetensors)")
+    p.add_argument("--format", default="onnx", choices=["onnx"], help="export format (default: onnx)")
     p.add_argument("--out", metavar="FILE", help="default: MODEL with the suffix .onnx")
     p.add_argument("--check", nargs="+", metavar="PATH",
                    help="photos (files, folders, globs) for the parity check (default: the bundled demo photos)")
@@ -269,17 +328,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write FILE.int8.onnx (static int8 quantisation); report its agreement and speed")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("serve", help="HTTP API and web page for a model file (.safetensors or exported .onnx)")
-    p.add_argument("model")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--max-upload-mb", type=_positive_int, default=10, help="largest accepted photo, in MB")
+    p = sub.add_parser("serve", help="HTTP API and web page for a model file (.safetensors or exported .onnx)",
+                       description="Serve a model over HTTP: a web page at / and a JSON API at /predict.")
+    _add_model(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=_port, default=8000, help="port to listen on (default: 8000)")
+    p.add_argument("--max-upload-mb", type=_positive_int, default=10, help="largest accepted photo, in MB (default: 10)")
     _add_runtime(p)
     _add_precision(p)
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("demo", help="train, evaluate and predict on the bundled fruits360 sample")
-    p.add_argument("--out", help="demo folder (default runs/demo-<timestamp>)")
+    p = sub.add_parser("demo", help="train, evaluate and predict on the bundled fruits360 sample",
+                       description="Train, evaluate and predict on the bundled Fruits-360 sample, offline.")
+    p.add_argument("--out", help="demo folder (default: runs/demo-<timestamp>)")
     p.set_defaults(func=cmd_demo)
     return parser
 

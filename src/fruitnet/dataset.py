@@ -1,6 +1,6 @@
-"""Scanning a class-folder tree, the data report, the stratified seeded split, torch datasets.
+"""Scanning a class-folder tree, the data report, the stratified seeded split, split.csv.
 
-Nothing here ever writes into the dataset folder.
+Nothing here ever writes into the dataset folder, and nothing here needs torch.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 from tqdm import tqdm
 
@@ -364,34 +363,41 @@ def split(catalog: Catalog, val_fraction: float = 0.25, seed: int = 0,
     return sorted(train, key=lambda it: it.path), sorted(val, key=lambda it: it.path)
 
 
+MIN_PHOTOS_PER_CLASS = 10  # below this, a class's accuracy rests on a handful of photos
+
+
+def split_warnings(classes: list[str], train: list[Item], val: list[Item]) -> list[str]:
+    """What makes the split's numbers untrustworthy: tiny classes, a class absent from a side."""
+    n_train, n_val = Counter(it.label for it in train), Counter(it.label for it in val)
+    warnings = []
+    for cls in classes:
+        total = n_train[cls] + n_val[cls]
+        if total < MIN_PHOTOS_PER_CLASS:
+            warnings.append(f"class {cls!r} has only {total} photo(s); at least {MIN_PHOTOS_PER_CLASS} are "
+                            "needed for its accuracy to mean much")
+        if n_val[cls] == 0:
+            warnings.append(f"class {cls!r} has no validation photo: validation accuracy says nothing about it")
+        if n_train[cls] == 0:
+            warnings.append(f"class {cls!r} has no training photo: the model cannot learn it")
+    return warnings
+
+
 def write_split(path: Path, train: list[Item], val: list[Item]) -> None:
+    """Absolute paths, so that a run resumes from any working directory."""
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["path", "class", "split"])
+        w.writerow(["path", "class", "split", "sha256"])
         for name, items in (("train", train), ("val", val)):
             for it in items:
-                w.writerow([it.path, it.label, name])
+                w.writerow([os.path.abspath(it.path), it.label, name, it.sha256])
 
 
 def read_split(path: Path) -> tuple[list[Item], list[Item]]:
     train, val = [], []
     with open(path, newline="") as f:
         for row in csv.DictReader(f):
-            (train if row["split"] == "train" else val).append(Item(row["path"], row["class"]))
+            if not {"path", "class", "split"} <= set(row):
+                raise DataError(f"{path}: not a fruitnet split.csv (columns path, class, split)")
+            item = Item(row["path"], row["class"], row.get("sha256") or "")
+            (train if row["split"] == "train" else val).append(item)
     return train, val
-
-
-class ImageDataset(torch.utils.data.Dataset):
-    """(image tensor, class index) pairs, decoded from the files on every access."""
-
-    def __init__(self, items: list[Item], classes: list[str], transform):
-        self.paths = [it.path for it in items]
-        index = {c: i for i, c in enumerate(classes)}
-        self.targets = [index[it.label] for it in items]
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i):
-        return self.transform(load_image(self.paths[i])), self.targets[i]

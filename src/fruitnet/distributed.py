@@ -250,6 +250,17 @@ def sum_across(*values: float) -> tuple:
     return tuple(t.tolist())
 
 
+def unshard(parts: list[torch.Tensor]) -> torch.Tensor:
+    """Rows computed over ShardSampler shards (part r holds items r, r + W, r + 2W, ...) back in
+    the dataset's order."""
+    size, n = len(parts), sum(len(p) for p in parts)
+    order = torch.cat([torch.arange(r, n, size) for r in range(size)])
+    data = torch.cat([p for p in parts if len(p)])
+    full = torch.empty_like(data)
+    full[order] = data
+    return full
+
+
 def gather_shards(*tensors: torch.Tensor) -> tuple:
     """Rows computed over ShardSampler shards -> the full tensors, in the dataset's order, on every rank."""
     w = world()
@@ -257,12 +268,4 @@ def gather_shards(*tensors: torch.Tensor) -> tuple:
         return tensors
     parts: list = [None] * w.size
     dist.all_gather_object(parts, [t.cpu() for t in tensors])
-    n = sum(len(p[0]) for p in parts)
-    order = torch.cat([torch.arange(r, n, w.size) for r in range(w.size)])
-    out = []
-    for i in range(len(tensors)):
-        data = torch.cat([p[i] for p in parts if len(p[i])])
-        full = torch.empty_like(data)
-        full[order] = data
-        out.append(full)
-    return tuple(out)
+    return tuple(unshard([p[i] for p in parts]) for i in range(len(tensors)))

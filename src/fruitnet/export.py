@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fruitnet.errors import DataError, ExportError
+from fruitnet.errors import DataError, ExportError, UsageError
 from fruitnet.predictors import ONNX_META_KEY, OnnxPredictor, Predictor, TorchPredictor, expand_paths
 
 OPSET = 17
@@ -142,6 +142,9 @@ def export_onnx(model_path: str | Path, out: str | Path | None = None, check: li
     """
     model_path = Path(model_path)
     out = Path(out) if out else model_path.with_suffix(".onnx")
+    for path in (out, out.with_suffix(".int8.onnx")) if int8 else (out,):
+        if path.exists():
+            raise UsageError(f"{path}: already exists; fruitnet export never overwrites: choose another --out")
     reference = TorchPredictor(model_path, device="cpu")
     meta = {**reference.meta, "exported_from": model_path.name}
     images, described = check_images(check)

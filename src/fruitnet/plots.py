@@ -48,8 +48,11 @@ def _num(v: Any) -> float:
 # --------------------------------------------------------------------------- curves
 
 
-def plot_curves(rows: list[dict], path: str | PathLike[str]) -> Path:
-    """Loss and accuracy per epoch (train and val) in two side-by-side panels."""
+def plot_curves(rows: list[dict], path: str | PathLike[str], note: str = "") -> Path:
+    """Loss and accuracy per epoch (train and val) in two side-by-side panels.
+
+    The accuracy axis zooms to the data (0.97 vs 1.00 must be visible); `note` goes under the
+    title (e.g. that the training loss includes label smoothing)."""
     rows = list(rows)
     epochs = np.array(
         [_num(r.get("epoch", i + 1)) for i, r in enumerate(rows)], dtype=np.float64
@@ -81,7 +84,12 @@ def plot_curves(rows: list[dict], path: str | PathLike[str]) -> Path:
                 ax.set_xlim(lo - 1, hi + 1)
             if np.allclose(finite_ep, np.round(finite_ep)):
                 ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-    ax_acc.set_ylim(0.0, 1.0)
+    accs = np.concatenate([series["train_accuracy"], series["val_accuracy"]])
+    accs = accs[np.isfinite(accs)]
+    if accs.size:
+        lo, hi = float(accs.min()), float(accs.max())
+        pad = max(0.01, 0.08 * (hi - lo))
+        ax_acc.set_ylim(max(0.0, lo - pad), min(1.0, hi + pad) if hi + pad < 1.0 else 1.0 + pad / 4)
     losses = np.concatenate([series["train_loss"], series["val_loss"]])
     losses = losses[np.isfinite(losses)]
     if losses.size and losses.min() >= 0:
@@ -98,7 +106,7 @@ def plot_curves(rows: list[dict], path: str | PathLike[str]) -> Path:
         title = "no epochs recorded"
     else:
         title = "no validation data"
-    fig.suptitle(title)
+    fig.suptitle(title + (f"\n{note}" if note else ""))
     fig.tight_layout()
     return _save(fig, path)
 

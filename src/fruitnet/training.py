@@ -1,89 +1,66 @@
-"""The training loop and its recipes.
+"""Training as named steps, read top to bottom in `_fit`:
 
-Read top to bottom: resolve the config, scan and split the data, build the classifier, then
-one plain loop of epochs.  Where the time goes, and what saves it:
-- images are decoded, oriented and resized once per run and kept as uint8 (cache.py); epochs
-  then crop, flip and normalise tensors;
-- in --mode freeze the backbone never changes, so its features are computed once (a few
-  augmented views when the recipe augments) and the head trains on them: epochs take
-  milliseconds; --no-feature-cache keeps the per-epoch image path for comparison;
-- bf16 autocast and channels-last where the hardware runs them natively (arithmetic.py);
-- recipes: 'seed' is the original project exactly; 'fast' warms the head up on cached
-  features, then fine-tunes everything with AdamW, a cosine schedule, label smoothing,
-  random-resized crops and flips, at a lower resolution in the first epochs.
+    read_data -> build_model -> RunFolder -> build_pipeline -> warm_up_head ->
+    for each epoch: fit_epoch, evaluate_epoch, RunFolder.end_epoch -> RunFolder.finish
 
-Under torchrun the same function trains data-parallel (DistributedDataParallel): see
-distributed.py for the rules (rank 0 owns the run folder and the console; --batch-size is the
-global batch; validation counts every image once).
+The recipe (config.py) holds every number; the pipeline (pipeline.py) holds the data; the run
+folder (runfolder.py) holds every write.  Under torchrun the same steps train data-parallel:
+distributed.py hides the difference (rank 0 scans and writes; --batch-size is the global batch;
+validation counts every image once), so no step here asks which rank it is.
 """
 
 from __future__ import annotations
 
-import csv
-import json
 import math
 import os
 import platform
 import sys
+import tempfile
 import time
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, TensorDataset
 from tqdm import tqdm
 
 from fruitnet import __version__, distributed
-from fruitnet.arithmetic import PRECISIONS, Arithmetic, choose, resolve_device
+from fruitnet.arithmetic import Arithmetic, choose, resolve_device
 from fruitnet.backbones import get_backbone
-from fruitnet.cache import DEFAULT_MAX_BYTES, DecodedImages, estimated_bytes
-from fruitnet.balance import resolve_balance, sample_weights
+from fruitnet.balance import Balance, resolve_balance, sample_weights
+from fruitnet.config import Recipe, TrainConfig, recipe_for, resolve, resume_config
+from fruitnet.dataset import Item, apply_exclude, format_report, scan, split, split_warnings
 from fruitnet.errors import DataError, UsageError
-from fruitnet.dataset import (ImageDataset, Item, apply_exclude, format_report, read_split, scan, split,
-                              write_report, write_split)
-from fruitnet.model import create_classifier, save_model
-from fruitnet.transforms import eval_transform, train_transform
-
-RECIPES = {
-    # The original project, exactly: plain SGD, constant learning rate, no augmentation.
-    "seed": {"optimizer": "sgd", "momentum": 0.0, "lr": 0.001, "weight_decay": 0.01, "epochs": 30,
-             "schedule": "constant", "warmup_epochs": 0, "label_smoothing": 0.0, "augment": "none",
-             "feature_views": 1, "head_warmup_epochs": 0, "low_res": None, "drop_last": False},
-    # Chosen by measurement (bench/bench_train.py): see the README's performance section.
-    "fast": {"optimizer": "adamw", "momentum": 0.0, "lr": 0.001, "weight_decay": 0.05, "epochs": 8,
-             "schedule": "cosine", "warmup_epochs": 0.5, "label_smoothing": 0.1, "augment": "light",
-             "feature_views": 4, "head_warmup_epochs": 40, "low_res": {"size": 160, "fraction": 0.5},
-             # one batch shape per resolution: bf16 kernels are compiled per shape on first use
-             "drop_last": True},
-}
-DEFAULT_RECIPE = "fast"
-METRIC_COLUMNS = ["epoch", "seconds", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr"]
+from fruitnet.model import Classifier, create_classifier
+from fruitnet.pipeline import FEATURE_BATCH, Pipeline, build_pipeline, extract_features, make_loader
+from fruitnet.runfolder import RunFolder, SavedRun, new_output_folder, read_run
 
 
 @dataclass
-class TrainConfig:
-    data: str
-    val_dir: str | None = None
-    out: str | None = None
-    backbone: str = "resnet18"
-    weights: str = "imagenet"
-    mode: str = "unfreeze"
-    epochs: int | None = None  # None: the recipe's
-    batch_size: int = 32
-    lr: float | None = None  # None: the recipe's
-    weight_decay: float | None = None  # None: the recipe's
-    val_fraction: float = 0.25
-    seed: int = 0
-    recipe: str = DEFAULT_RECIPE
-    feature_cache: bool = True
-    image_cache: bool = True
-    precision: str = "auto"
-    workers: int = 2
-    device: str = "auto"
-    exclude: str | None = None  # doctor: a file of photo paths to leave out (check --deep --write-exclude)
-    balance: str = "auto"  # doctor: auto | none | weights | sampler (balance.py)
+class Data:
+    classes: list[str]
+    report: dict
+    train: list[Item]
+    val: list[Item]
+
+
+@dataclass
+class EpochResult:
+    loss: float
+    accuracy: float
+    logits: torch.Tensor | None = None  # evaluation: every validation image's logits, in order
+    targets: torch.Tensor | None = None
+
+
+@dataclass
+class Progress:
+    """What a checkpoint restores: where the run is and what it has seen."""
+
+    next_epoch: int = 1
+    best: dict = field(default_factory=lambda: {"val_accuracy": -1.0, "epoch": 0})
+    rows: list[dict] = field(default_factory=list)
+    elapsed: float = 0.0
 
 
 def machine_info() -> dict:
@@ -95,89 +72,55 @@ def machine_info() -> dict:
     return info
 
 
-def new_run_folder(out: str | None) -> Path:
-    """Never reuse a folder that already holds something."""
-    if out is None:
-        base = Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
-        path, n = base, 1
-        while path.exists():
-            n += 1
-            path = base.with_name(f"{base.name}-{n}")
+# --- the steps ------------------------------------------------------------------------------
+
+def read_data(config: TrainConfig, log=print) -> Data:
+    """Scan and split (or scan --val); the data report carries the warnings the split deserves.
+    --exclude FILE leaves the listed photos out of both sides; near-duplicate groups (identical
+    files and perceptual-hash copies, dataset.py) stay on one side of the split."""
+    catalog = scan(config.data)
+    val_catalog = scan(config.val_dir) if config.val_dir else None
+    if val_catalog and val_catalog.classes != catalog.classes:
+        raise DataError(f"{config.val_dir}: classes {val_catalog.classes} differ from "
+                        f"{config.data}'s {catalog.classes}")
+    catalogs, excluded = apply_exclude([c for c in (catalog, val_catalog) if c], config.exclude)
+    catalog, val_catalog = catalogs[0], (catalogs[1] if val_catalog else None)
+    report = {**catalog.report(), **excluded}
+    if val_catalog:
+        train_items, val_items = catalog.usable, val_catalog.usable
+        report["validation"] = val_catalog.report()
     else:
-        path = Path(out)
-        if path.exists() and any(path.iterdir()):
-            raise DataError(f"{path}: run folder already exists and is not empty; choose another --out "
-                            "(or --resume it)")
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+        train_items, val_items = split(catalog, config.val_fraction, config.seed)
+    report["warnings"] = split_warnings(catalog.classes, train_items, val_items)
+    log(format_report(report))
+    return Data(catalog.classes, report, train_items, val_items)
 
 
-def _loader(dataset: Dataset, batch_size, shuffle, workers, seed, drop_last: bool = False,
-            weights: list[float] | None = None) -> DataLoader:
-    """Under torchrun each rank reads its own shard (distributed.sampler); weights: draw with replacement."""
-    g = torch.Generator().manual_seed(seed)
-    drop_last = drop_last and len(dataset) > batch_size * distributed.world().size
-    sampler = (torch.utils.data.WeightedRandomSampler(weights, len(dataset), generator=g) if weights  # doctor
-               else distributed.sampler(dataset, shuffle, seed, g))
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler,
-                      num_workers=workers, generator=g, persistent_workers=workers > 0, drop_last=drop_last)
+def build_model(config: TrainConfig, n_classes: int, device: torch.device, arith: Arithmetic) -> tuple[Classifier, str]:
+    """The classifier with its pretrained body (resolved before the run folder exists: missing
+    weights stop the run before it leaves anything behind), frozen or not, on its device."""
+    torch.manual_seed(config.seed)  # the same new head everywhere
+    model, weights_source = create_classifier(config.backbone, n_classes, config.weights)
+    model.set_mode(config.mode)
+    arith.prepare_model(model.to(device))
+    return model, weights_source
 
 
-@torch.no_grad()
-def extract_features(body: nn.Module, loader: DataLoader, device, desc: str,
-                     arith: Arithmetic | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    arith = arith or choose("fp32", device)
-    body.eval()
-    feats, targets = [], []
-    for x, y in tqdm(loader, desc=desc, unit="batch", leave=False, disable=not distributed.is_main()):
-        with arith.autocast(device):
-            feats.append(body(arith.prepare_input(x.to(device))).float().cpu())
-        targets.append(y)
-    if not feats:  # an empty shard (fewer images than ranks)
-        return torch.empty(0), torch.empty(0, dtype=torch.long)
-    return torch.cat(feats), torch.cat(targets)
+def make_optimizer(params, recipe: Recipe, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    if recipe.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=recipe.momentum, weight_decay=weight_decay)
+    if recipe.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    raise UsageError(f"unknown optimizer {recipe.optimizer!r}")
 
 
-def run_epoch(net: nn.Module, loader: DataLoader, device, optimizer=None, loss_fn=None, desc="",
-              arith: Arithmetic | None = None, scheduler=None) -> tuple[float, float]:
-    """One pass; trains when an optimizer is given. Returns (mean loss, accuracy) over all ranks."""
-    arith = arith or choose("fp32", device)
-    training = optimizer is not None
-    net.train(training)
-    total_loss, correct, n = 0.0, 0, 0
-    bar = tqdm(loader, desc=desc, unit="batch", leave=False, disable=len(loader) < 2 or not distributed.is_main())
-    with torch.set_grad_enabled(training):
-        for x, y in bar:
-            x, y = arith.prepare_input(x.to(device, non_blocking=True)), y.to(device, non_blocking=True)
-            with arith.autocast(device):
-                logits = net(x).float()
-            loss = loss_fn(logits, y)
-            if training:
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                if scheduler is not None:
-                    scheduler.step()
-            total_loss += loss.item() * len(y)
-            correct += (logits.argmax(1) == y).sum().item()
-            n += len(y)
-    total_loss, correct, n = distributed.sum_across(total_loss, correct, n)
-    return total_loss / max(n, 1), correct / max(n, 1)
-
-
-def make_optimizer(params, recipe: dict, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    if recipe["optimizer"] == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=recipe["momentum"], weight_decay=weight_decay)
-    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-
-
-def make_scheduler(optimizer, recipe: dict, epochs: int, steps_per_epoch: int):
+def make_scheduler(optimizer, recipe: Recipe, epochs: int, steps_per_epoch: int):
     """Per-step learning-rate factor: constant, or linear warm-up then cosine decay to zero."""
     total = max(1, epochs * steps_per_epoch)
-    warmup = int(recipe["warmup_epochs"] * steps_per_epoch)
+    warmup = int(recipe.warmup_epochs * steps_per_epoch)
 
     def factor(step: int) -> float:
-        if recipe["schedule"] == "constant":
+        if recipe.schedule == "constant":
             return 1.0
         if step < warmup:
             return (step + 1) / warmup
@@ -186,238 +129,256 @@ def make_scheduler(optimizer, recipe: dict, epochs: int, steps_per_epoch: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def _load_json(path: Path) -> dict:
-    return json.loads(path.read_text())
+def fit_epoch(net: nn.Module, loader, device, optimizer, loss_fn, arith: Arithmetic, scheduler=None,
+              desc: str = "") -> EpochResult:
+    """One training pass (a scheduler steps per batch). Mean loss and accuracy over all ranks."""
+    net.train()
+    total_loss, correct, n = 0.0, 0, 0
+    for x, y in tqdm(loader, desc=desc, unit="batch", leave=False, disable=len(loader) < 2 or not distributed.is_main()):
+        x, y = arith.prepare_input(x.to(device, non_blocking=True)), y.to(device, non_blocking=True)
+        with arith.autocast(device):
+            logits = net(x).float()
+        loss = loss_fn(logits, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        total_loss += loss.item() * len(y)
+        correct += (logits.argmax(1) == y).sum().item()
+        n += len(y)
+    total_loss, correct, n = distributed.sum_across(total_loss, correct, n)
+    return EpochResult(total_loss / max(n, 1), correct / max(n, 1))
 
 
-def _read_run(run: Path) -> dict:
-    """What --resume needs from a run folder (under torchrun rank 0 reads it and broadcasts it)."""
-    if not (run / "checkpoint.pt").is_file():
-        raise DataError(f"{run}: no checkpoint.pt to resume from")
-    saved = _load_json(run / "config.json")
-    return {"train": saved["train"], "classes": saved["classes"], "split": read_split(run / "split.csv"),
-            "state": torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=True)}
+@torch.no_grad()
+def evaluate_epoch(net: nn.Module, loader, device, arith: Arithmetic, desc: str = "validating") -> EpochResult:
+    """Plain cross-entropy (comparable across recipes) and accuracy over every validation image
+    once, with the logits of all of them in order (on every rank)."""
+    net.eval()
+    logits, targets = [], []
+    for x, y in tqdm(loader, desc=desc, unit="batch", leave=False, disable=len(loader) < 2 or not distributed.is_main()):
+        with arith.autocast(device):
+            logits.append(net(arith.prepare_input(x.to(device))).float().cpu())
+        targets.append(y)
+    logits = torch.cat(logits) if logits else torch.empty(0)
+    targets = torch.cat(targets) if targets else torch.empty(0, dtype=torch.long)
+    logits, targets = distributed.gather_shards(logits, targets)
+    if not len(targets):
+        return EpochResult(float("nan"), float("nan"), logits, targets)
+    loss = nn.functional.cross_entropy(logits, targets).item()
+    return EpochResult(loss, int((logits.argmax(1) == targets).sum()) / len(targets), logits, targets)
 
 
-def _read_data(config: TrainConfig, log) -> tuple[list[str], dict, list[Item], list[Item]]:
-    """Scan and split: (classes, data report, train items, validation items)."""
-    catalog = scan(config.data)
-    classes = catalog.classes
-    val_catalog = scan(config.val_dir) if config.val_dir else None
-    if val_catalog and val_catalog.classes != classes:
-        raise DataError(f"{config.val_dir}: classes {val_catalog.classes} differ from {config.data}'s {classes}")
-    # doctor: --exclude FILE leaves the listed photos out of training and validation
-    catalogs, excluded = apply_exclude([c for c in (catalog, val_catalog) if c], config.exclude)
-    catalog, val_catalog = catalogs[0], (catalogs[1] if val_catalog else None)
-    report = {**catalog.report(), **excluded}
-    log(format_report(report))
-    if config.val_dir:
-        train_items, val_items = catalog.usable, val_catalog.usable
-        report["validation"] = val_catalog.report()
-    else:
-        train_items, val_items = split(catalog, config.val_fraction, config.seed)
-    return classes, report, train_items, val_items
+def balance_for(config: TrainConfig, data: Data, log=print) -> Balance:
+    """--balance for the training photos' counts (balance.py), said in words."""
+    balance = resolve_balance(config.balance, {c: sum(it.label == c for it in data.train) for c in data.classes})
+    log(f"balance: {balance.reason}")
+    return balance
 
 
-def train(config: TrainConfig, resume: str | None = None, log=print) -> dict:
-    """Train as configured; returns the summary (also written to summary.json)."""
-    world = distributed.init(config.device)  # under torchrun: join the process group; else a world of one
+def make_loss(recipe: Recipe, balance: Balance, device, label_smoothing: float | None = None) -> nn.Module:
+    """Cross-entropy, weighted per class when the balance says so."""
+    weight = torch.tensor(balance.class_weights, device=device) if balance.mode == "weights" else None
+    return nn.CrossEntropyLoss(weight=weight, label_smoothing=recipe.label_smoothing if label_smoothing is None
+                               else label_smoothing)
+
+
+def warm_up_head(model: Classifier, pipeline: Pipeline, recipe: Recipe, config: TrainConfig, device,
+                 arith: Arithmetic, log=print, balance: Balance | None = None) -> None:
+    """LP-FT: train the new head on cached features of the unaugmented training photos first, so
+    that fine-tuning starts from a sensible head instead of random gradients through the body."""
+    t0 = time.perf_counter()
+    features = extract_features(model.body, pipeline.plain_train, pipeline.batch_size, device, pipeline.workers,
+                                arith, "features (head warm-up)")
+    loader = make_loader(features, pipeline.batch_size, True, 0, seed=config.seed, weights=pipeline.sample_weights)
+    loss_fn = make_loss(recipe, balance, device, label_smoothing=0.0) if balance else nn.CrossEntropyLoss()
+    optimizer = make_optimizer(model.head.parameters(), recipe, config.lr * recipe.head_warmup_lr_factor,
+                               config.weight_decay)
+    scheduler = make_scheduler(optimizer, recipe, recipe.head_warmup_epochs, len(loader))
+    head = distributed.wrap(model.head)
+    for epoch in range(recipe.head_warmup_epochs):
+        distributed.set_epoch(loader, epoch)
+        result = fit_epoch(head, loader, device, optimizer, loss_fn, choose("fp32", device), scheduler)
+    log(f"head warm-up on cached features: {recipe.head_warmup_epochs} epochs, train accuracy "
+        f"{result.accuracy:.4f}, {time.perf_counter() - t0:.1f}s")
+
+
+# --- the run --------------------------------------------------------------------------------
+
+def train(config: TrainConfig, log=print) -> dict:
+    """Train as configured (the recipe fills what is left None); returns the summary."""
+    distributed.init(config.device)  # under torchrun: join the process group; else a world of one
+    return _fit(resolve(config), None, log)
+
+
+def resume_training(run: str | Path, log=print, **changes) -> dict:
+    """Continue a run folder.  `changes` may only hold config.RESUMABLE settings (e.g. epochs=12)."""
+    distributed.init(changes.get("device") or "auto")
+    saved = distributed.on_main(read_run, Path(run))
+    config = resume_config(saved.config["train"], changes)
+    return _fit(config, saved, log)
+
+
+def _fit(config: TrainConfig, saved: SavedRun | None, log) -> dict:
+    world = distributed.world()
     log = log if world.is_main else distributed.quiet
-    if resume:
-        run = Path(resume)
-        saved_run = distributed.on_main(_read_run, run)
-        saved = saved_run["train"]
-        if config.epochs is not None:  # --epochs given: train up to it; otherwise the run's own count
-            saved["epochs"] = config.epochs
-        config = TrainConfig(**{f.name: saved[f.name] for f in fields(TrainConfig) if f.name in saved})
-    if config.recipe not in RECIPES:
-        raise DataError(f"unknown recipe {config.recipe!r}; choose one of: {', '.join(RECIPES)}")
-    if config.precision not in PRECISIONS:
-        raise DataError(f"unknown precision {config.precision!r}; choose one of: {', '.join(PRECISIONS)}")
-    if config.balance == "sampler" and world.distributed:  # doctor
-        raise UsageError("--balance sampler is not supported under torchrun; use --balance weights")
-    recipe = RECIPES[config.recipe]
-    # values given on the command line are honoured exactly; the rest come from the recipe
-    config = replace(config, **{k: recipe[k] for k in ("epochs", "lr", "weight_decay") if getattr(config, k) is None})
-    # under torchrun: this rank's device; a plain run: the (possibly resumed) config's
+    recipe = recipe_for(config)
     device = world.device if world.distributed else resolve_device(config.device)
     arith = choose(config.precision, device)
     batch_size = world.per_rank_batch(config.batch_size)  # --batch-size is global; a plain run: itself
-    torch.manual_seed(config.seed)
-    backbone = get_backbone(config.backbone)
-    pre = backbone.preprocessing
+    pre = get_backbone(config.backbone).preprocessing
+    if config.tensorboard:
+        _require_tensorboard()
 
-    # --- data (under torchrun rank 0 scans and splits, and every rank gets its lists) ----------
-    if resume:
-        classes, (train_items, val_items) = saved_run["classes"], saved_run["split"]
+    if saved is None:
+        data = distributed.on_main(read_data, config, log)  # rank 0 scans; every rank gets the lists
     else:
-        classes, report, train_items, val_items = distributed.on_main(_read_data, config, log)
-    log(f"split: {len(train_items)} train, {len(val_items)} validation")
-    # doctor: --balance (balance.py): class-weighted loss or a class-balanced sampler
-    train_counts = {c: sum(it.label == c for it in train_items) for c in classes}
-    balance = resolve_balance(config.balance, train_counts)
-    log(f"balance: {balance.reason}")
-    class_w = torch.tensor(balance.class_weights, device=device) if balance.mode == "weights" else None
-    sample_w = (sample_weights([classes.index(it.label) for it in train_items], train_counts)
-                if balance.mode == "sampler" else None)
+        data = _saved_data(saved, log)
+    log(f"split: {len(data.train)} train, {len(data.val)} validation")
+    for warning in data.report.get("warnings", []):
+        log(f"warning: {warning}")
+    if config.balance == "sampler" and world.distributed:
+        raise UsageError("--balance sampler is not supported under torchrun; use --balance weights")
+    balance = balance_for(config, data, log)
+    model, weights_source = build_model(config, len(data.classes), device, arith)
 
-    # --- model (weights resolved before the run folder exists: a missing file stops early) ---
-    model, weights_source = create_classifier(config.backbone, len(classes), config.weights)
-    model.set_mode(config.mode)
-    arith.prepare_model(model.to(device))
-    torch.manual_seed(config.seed + world.rank)  # same initial model everywhere, own augmentations per rank
-    use_image_cache = config.image_cache and \
-        estimated_bytes(len(train_items) + len(val_items), pre) <= DEFAULT_MAX_BYTES
+    if saved is None:
+        path = distributed.on_main(new_output_folder, config.out, "", [config.data, config.val_dir], "run folder")
+    else:
+        path = saved.path
+    run = RunFolder(path, active=world.is_main, tensorboard=config.tensorboard)
+    if saved is None:
+        run.start({"train": asdict(config), "recipe": asdict(recipe), "classes": data.classes,
+                   "preprocessing": pre, "weights_source": weights_source, "device": str(device),
+                   "arithmetic": arith.as_dict(), "machine": machine_info(),
+                   "distributed": world.describe(config.batch_size), "balance": balance.as_dict(),
+                   "kept_together": None if config.val_dir else data.report.get("kept_together"),
+                   "excluded": len(data.report.get("excluded", [])), "command": sys.argv,
+                   "started": datetime.now().isoformat(timespec="seconds")},
+                  data.report, data.train, data.val)
 
-    def start_run() -> Path:
-        run = new_run_folder(config.out)
-        write_report(report, run)
-        write_split(run / "split.csv", train_items, val_items)
-        (run / "config.json").write_text(json.dumps({
-            "train": asdict(config), "recipe": recipe, "classes": classes, "preprocessing": pre,
-            "weights_source": weights_source, "device": str(device), "arithmetic": arith.as_dict(),
-            "image_cache": use_image_cache, "machine": machine_info(),
-            "distributed": world.describe(config.batch_size),
-            "balance": balance.as_dict(), "kept_together": report.get("kept_together"),  # doctor
-            "excluded": len(report.get("excluded", [])),  # doctor
-            "command": sys.argv, "started": datetime.now().isoformat(timespec="seconds")}, indent=2))
-        return run
-
-    run = run if resume else distributed.on_main(start_run)  # only rank 0 creates and writes the folder
-
+    t0 = time.perf_counter()
+    torch.manual_seed(config.seed + world.rank)  # own augmentations per rank
+    pipeline = build_pipeline(config, recipe, pre, data.classes, data.train, data.val, model.body, device, arith,
+                              batch_size, log)
+    if balance.mode == "sampler":
+        pipeline.sample_weights = sample_weights([data.classes.index(it.label) for it in data.train],
+                                                 {c: sum(it.label == c for it in data.train) for c in data.classes})
     log(f"arithmetic: {arith.dtype}{', channels-last' if arith.channels_last else ''} ({arith.reason}); "
-        f"decoded-image cache: {'on' if use_image_cache else 'off'}")
+        f"decoded-image cache: {'on' if pipeline.image_cache else 'off'}")
     if world.distributed:
         log(f"data-parallel: {world.size} processes ({world.backend}), global batch {config.batch_size} = "
             f"{world.size} x {batch_size}")
-
-    # --- data pipeline: decoded images in memory, and cached features where the body is frozen ---
-    t0 = time.perf_counter()
-    if use_image_cache:  # decoded once; crops and flips then run on tensors, no worker processes needed
-        workers = 0
-        train_ds = DecodedImages(train_items, classes, pre, recipe["augment"], desc="decoding (train)",
-                                 progress=world.is_main)
-        val_ds = DecodedImages(val_items, classes, pre, "none", desc="decoding (val)", progress=world.is_main)
-    else:
-        workers = config.workers
-        train_ds = ImageDataset(train_items, classes, train_transform(pre, recipe["augment"]))
-        val_ds = ImageDataset(val_items, classes, eval_transform(pre))
-    plain_train = (train_ds.with_augment("none") if use_image_cache  # the training images, unaugmented
-                   else ImageDataset(train_items, classes, eval_transform(pre)))
-    train_loader = _loader(train_ds, batch_size, True, workers, config.seed, recipe["drop_last"], weights=sample_w)
-    val_loader = _loader(val_ds, batch_size, False, workers, config.seed)
-
-    def features(dataset: Dataset, desc: str) -> tuple[torch.Tensor, torch.Tensor]:
-        # in dataset order; under torchrun each rank extracts its shard and all gather the whole set
-        loader = _loader(dataset, batch_size, False, workers, config.seed)
-        return distributed.gather_shards(*extract_features(model.body, loader, device, desc, arith))
-
-    net: nn.Module = model
-    train_views = None  # frozen: one TensorDataset of features per view, epoch e trains on view e % n
-    if config.mode == "freeze" and config.feature_cache:
-        n_views = recipe["feature_views"] if recipe["augment"] != "none" else 1
-        train_views = [TensorDataset(*features(plain_train, "features (train)"))]
-        for v in range(1, n_views):
-            train_views.append(TensorDataset(*features(train_ds, f"features (train, augmented view {v})")))
-        val_loader = _loader(TensorDataset(*features(val_ds, "features (val)")), 256, False, 0, config.seed)
-        train_loader = _loader(train_views[0], batch_size, True, 0, config.seed, weights=sample_w)
-        net = model.head
-        log(f"feature pass: {time.perf_counter() - t0:.1f}s for {n_views} view(s) "
+    if pipeline.feature_views is not None:
+        log(f"feature pass: {time.perf_counter() - t0:.1f}s for {len(pipeline.feature_views)} view(s) "
             "(the frozen backbone runs once, not every epoch)")
-    elif recipe["head_warmup_epochs"] and not resume:
-        # a trained head first, so that fine-tuning does not start from random gradients
-        ftrain = features(plain_train, "features (head warm-up)")
-        warm_loader = _loader(TensorDataset(*ftrain), batch_size, True, 0, config.seed, weights=sample_w)
-        warm_opt = make_optimizer(model.head.parameters(), recipe, config.lr * 10, config.weight_decay)
-        warm_sched = make_scheduler(warm_opt, recipe, recipe["head_warmup_epochs"], len(warm_loader))
-        head = distributed.wrap(model.head)
-        for warm_epoch in range(recipe["head_warmup_epochs"]):
-            distributed.set_epoch(warm_loader, warm_epoch)
-            _, warm_acc = run_epoch(head, warm_loader, device, warm_opt, nn.CrossEntropyLoss(weight=class_w),
-                                    scheduler=warm_sched)
-        log(f"head warm-up on cached features: {recipe['head_warmup_epochs']} epochs, train accuracy "
-            f"{warm_acc:.4f}, {time.perf_counter() - t0:.1f}s")
+    checkpoint = saved.checkpoint if saved else None
+    if config.mode == "unfreeze" and recipe.head_warmup_epochs and checkpoint is None:
+        warm_up_head(model, pipeline, recipe, config, device, arith, log, balance)
 
+    net = model.head if pipeline.feature_views is not None else model  # what the epochs run
     optimizer = make_optimizer(net.parameters() if net is model.head else model.trainable_parameters(),
                                recipe, config.lr, config.weight_decay)
-    scheduler = make_scheduler(optimizer, recipe, config.epochs, len(train_loader))
-    loss_fn = nn.CrossEntropyLoss(weight=class_w, label_smoothing=recipe["label_smoothing"])  # doctor: weight
-    start_epoch, best, rows, elapsed = 1, {"val_accuracy": -1.0, "epoch": 0}, [], 0.0
-    if resume:
-        state = saved_run["state"]
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start_epoch, best, rows, elapsed = state["epoch"] + 1, state["best"], state["rows"], state["elapsed"]
-        torch.set_rng_state(state["rng"])
-        log(f"resuming {run} at epoch {start_epoch}")
+    scheduler = make_scheduler(optimizer, recipe, config.epochs, len(pipeline.train_loader(1)))
+    loss_fn = make_loss(recipe, balance, device)
+    progress = Progress()
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        progress = Progress(checkpoint["epoch"] + 1, checkpoint["best"], checkpoint["rows"], checkpoint["elapsed"])
+        torch.set_rng_state(checkpoint["rng"])
+        if "loader_rng" in checkpoint:  # absent in runs from fruitnet 0.1.0's first releases
+            pipeline.generator.set_state(checkpoint["loader_rng"])
+        log(f"resuming {run.path} at epoch {progress.next_epoch}")
+    run.write_metrics(progress.rows)  # from the checkpoint: an epoch logged after it is redone once
     parallel_net = distributed.wrap(net)  # DistributedDataParallel under torchrun; else net itself
     setup_seconds = time.perf_counter() - t0
 
-    metrics_path = run / "metrics.csv"
-    if world.is_main:  # rewritten from the checkpoint: an epoch logged after the last checkpoint is redone once
-        with open(metrics_path, "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(METRIC_COLUMNS)
-            w.writerows([row[c] for c in METRIC_COLUMNS] for row in rows)
-    meta = {"classes": classes, "backbone": config.backbone, "preprocessing": pre}
+    meta = {"classes": data.classes, "backbone": config.backbone, "preprocessing": pre,
+            "training_photos": sorted({it.sha256[:16] for it in data.train if it.sha256})}
+    note = (f"training loss includes label smoothing {recipe.label_smoothing}; validation loss does not"
+            if recipe.label_smoothing else "")
     log(f"training {config.backbone} ({config.mode}, recipe {config.recipe}) on {device} for {config.epochs} epochs")
     log(f"{'epoch':>5} {'seconds':>8} {'train_loss':>10} {'train_acc':>9} {'val_loss':>9} {'val_acc':>8}")
     try:
-        for epoch in range(start_epoch, config.epochs + 1):
+        for epoch in range(progress.next_epoch, config.epochs + 1):
             t = time.perf_counter()
-            if train_views is not None and len(train_views) > 1:
-                train_loader = _loader(train_views[(epoch - 1) % len(train_views)], batch_size, True, 0, config.seed,
-                                       weights=sample_w)
-            if use_image_cache and recipe["low_res"]:  # progressive resizing: small crops first, full size last
-                low = epoch <= recipe["low_res"]["fraction"] * config.epochs
-                train_ds.set_resolution(recipe["low_res"]["size"] if low else pre["input_size"])
-            distributed.set_epoch(train_loader, epoch)
+            loader = pipeline.train_loader(epoch)
+            distributed.set_epoch(loader, epoch)
             lr = optimizer.param_groups[0]["lr"]
-            train_loss, train_acc = run_epoch(parallel_net, train_loader, device, optimizer, loss_fn,
-                                              desc=f"epoch {epoch}/{config.epochs}", arith=arith, scheduler=scheduler)
+            fit = fit_epoch(parallel_net, loader, device, optimizer, loss_fn, arith, scheduler,
+                            desc=f"epoch {epoch}/{config.epochs}")
             distributed.sync_buffers(net)  # every rank validates exactly the model rank 0 saves
-            # validation loss is plain cross-entropy, comparable across recipes (no label smoothing)
-            val_loss, val_acc = run_epoch(net, val_loader, device, loss_fn=nn.CrossEntropyLoss(), desc="validating",
-                                          arith=arith)
-            seconds = time.perf_counter() - t + (setup_seconds if epoch == start_epoch else 0.0)
-            elapsed += seconds
-            row = {"epoch": epoch, "seconds": round(seconds, 3), "train_loss": train_loss,
-                   "train_accuracy": train_acc, "val_loss": val_loss, "val_accuracy": val_acc,
-                   "lr": lr}
-            rows.append(row)
-            log(f"{epoch:>5} {seconds:>8.1f} {train_loss:>10.4f} {train_acc:>9.4f} {val_loss:>9.4f} {val_acc:>8.4f}")
-            summary = {"epoch": epoch, "val_accuracy": val_acc}
-            improved = val_acc > best["val_accuracy"]
+            val = evaluate_epoch(net, pipeline.val_loader(), device, arith)
+            seconds = time.perf_counter() - t + (setup_seconds if epoch == progress.next_epoch else 0.0)
+            progress.elapsed += seconds
+            progress.rows.append({"epoch": epoch, "seconds": round(seconds, 3), "train_loss": fit.loss,
+                                  "train_accuracy": fit.accuracy, "val_loss": val.loss,
+                                  "val_accuracy": val.accuracy, "lr": lr})
+            log(f"{epoch:>5} {seconds:>8.1f} {fit.loss:>10.4f} {fit.accuracy:>9.4f} {val.loss:>9.4f} {val.accuracy:>8.4f}")
+            improved = val.accuracy > progress.best["val_accuracy"]
             if improved:
-                best = {"val_accuracy": val_acc, "epoch": epoch}
-            if world.is_main:  # the run folder is rank 0's alone
-                with open(metrics_path, "a", newline="") as f:
-                    csv.writer(f).writerow([row[c] for c in METRIC_COLUMNS])
-                save_model(run / "last.safetensors", model, {**meta, "training": summary})
-                if improved:
-                    save_model(run / "best.safetensors", model, {**meta, "training": summary})
-                torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                            "scheduler": scheduler.state_dict(), "epoch": epoch,
-                            "best": best, "rows": rows, "elapsed": elapsed, "rng": torch.get_rng_state()},
-                           run / "checkpoint.pt.tmp")
-                os.replace(run / "checkpoint.pt.tmp", run / "checkpoint.pt")  # a kill mid-write leaves the old one
+                progress.best = {"val_accuracy": val.accuracy, "epoch": epoch}
+            run.end_epoch({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                           "scheduler": scheduler.state_dict(), "epoch": epoch, "best": progress.best,
+                           "rows": progress.rows, "elapsed": progress.elapsed, "rng": torch.get_rng_state(),
+                           "loader_rng": pipeline.generator.get_state()},
+                          model, {**meta, "training": {"epoch": epoch, "val_accuracy": val.accuracy}}, improved, note)
     except BaseException as exc:  # Ctrl-C; under torchrun also another rank failing (torchrun stops the rest)
         why = "interrupted" if isinstance(exc, KeyboardInterrupt) else f"stopped ({type(exc).__name__})"
-        log(f"\n{why}: the last finished epoch is saved; continue with: fruitnet train --resume {run}" if rows
-            else f"\n{why} before the first epoch finished: nothing to resume")
+        kept = "the last finished epoch is saved" if run.has_checkpoint else "no epoch finished yet"
+        log(f"\n{why}: {kept}; continue with: fruitnet train --resume {run.path}")
         raise
 
-    from fruitnet.plots import plot_curves
-
-    summary = {"best_val_accuracy": best["val_accuracy"], "best_epoch": best["epoch"], "epochs": len(rows),
-               "seconds": round(elapsed, 2), "model": str(run / "best.safetensors"),
-               "last_model": str(run / "last.safetensors"), "run": str(run)}
-    if world.is_main:
-        plot_curves(rows, run / "curves.png")
-        (run / "summary.json").write_text(json.dumps(summary, indent=2))
-    log(f"best validation accuracy {best['val_accuracy']:.4f} at epoch {best['epoch']}; {elapsed:.1f}s")
-    log(f"outputs in {run}/: best.safetensors, last.safetensors, metrics.csv, curves.png, split.csv, "
-        "data_report.txt, config.json, summary.json")
+    summary = {"best_val_accuracy": progress.best["val_accuracy"], "best_epoch": progress.best["epoch"],
+               "epochs": len(progress.rows), "seconds": round(progress.elapsed, 2),
+               "model": str(run.path / "best.safetensors"), "last_model": str(run.path / "last.safetensors"),
+               "run": str(run.path), "warnings": data.report.get("warnings", [])}
+    run.finish(summary, _tensorboard_pictures(data.classes, pipeline.val.paths, val) if run.writer is not None else None)
+    log(f"best validation accuracy {progress.best['val_accuracy']:.4f} at epoch {progress.best['epoch']}; "
+        f"{progress.elapsed:.1f}s")
+    log(f"outputs in {run.path}/: best.safetensors, last.safetensors, metrics.csv, curves.png, split.csv, "
+        "data_report.txt, config.json, summary.json" + (", tensorboard/" if config.tensorboard else ""))
     distributed.barrier()  # every rank returns once rank 0 has written everything
     return summary
+
+
+def _saved_data(saved: SavedRun, log) -> Data:
+    """The run's own split; photos that have disappeared since are left out, and said so."""
+    lists = []
+    for items in (saved.train_items, saved.val_items):
+        missing = [it for it in items if not os.path.isfile(it.path)]
+        for it in missing:
+            log(f"skipped {it.path}: file no longer exists")
+        lists.append([it for it in items if os.path.isfile(it.path)])
+    report = {"warnings": split_warnings(saved.config["classes"], *lists)}
+    return Data(saved.config["classes"], report, *lists)
+
+
+def _require_tensorboard() -> None:
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        raise UsageError("--tensorboard needs the tensorboard package: pip install 'fruitnet[tensorboard]' "
+                         "(or pip install tensorboard)") from None
+
+
+def _tensorboard_pictures(classes: list[str], val_paths: list[str], val: EpochResult) -> dict:
+    """The last epoch's validation confusion matrix and a few of its predictions, for TensorBoard."""
+    from fruitnet.images import load_image
+    from fruitnet.metrics import confusion_matrix, normalize_rows
+    from fruitnet.plots import plot_confusion, plot_prediction_grid
+
+    folder = Path(tempfile.mkdtemp(prefix="fruitnet-tb-"))
+    predicted = val.logits.argmax(1).tolist()
+    matrix = confusion_matrix(val.targets.tolist(), predicted, len(classes))
+    plot_confusion(matrix, classes, folder / "confusion.png", normalized_matrix=normalize_rows(matrix),
+                   title="Validation confusion matrix (last epoch)")
+    shown = range(0, len(val_paths), max(1, len(val_paths) // 16))[:16]
+    probs = val.logits.softmax(1)
+    plot_prediction_grid([load_image(val_paths[i]) for i in shown],
+                         [f"{classes[predicted[i]]} {probs[i].max():.0%}" for i in shown], folder / "predictions.png",
+                         colors=["green" if predicted[i] == val.targets[i] else "red" for i in shown])
+    return {"validation/confusion_matrix": folder / "confusion.png", "validation/predictions": folder / "predictions.png"}

@@ -1,9 +1,18 @@
-"""Transform presets built from a model's preprocessing metadata (never re-typed elsewhere).
+"""One transform path, built from a model's preprocessing metadata (never re-typed elsewhere).
 
 preprocessing = {input_size, resize: 'crop'|'squash', crop_pct, interpolation, mean, std}
 - 'crop': resize the shorter side to input_size / crop_pct, then centre-crop input_size
   (timm's and torchvision's ImageNet evaluation);
 - 'squash': resize to input_size x input_size regardless of aspect (the original project).
+
+Every image goes through two steps, whoever uses it:
+1. `Decode(pre)`: PIL RGB -> the resized uint8 tensor (the only step that touches PIL; the
+   decoded-image cache stores its output);
+2. `TensorTransform(pre, ...)`: uint8 tensor -> normalised float tensor: a centre crop for
+   evaluation, or a random-resized crop and flip for training, at `size` (progressive resizing
+   changes it between epochs).
+`eval_transform` is the two in a row, so training's validation, evaluate, predict, serve and
+export all see exactly the same inputs.
 """
 
 from __future__ import annotations
@@ -13,38 +22,67 @@ from torchvision.transforms import v2 as T
 
 _INTERPOLATION = {"bilinear": T.InterpolationMode.BILINEAR, "bicubic": T.InterpolationMode.BICUBIC,
                   "nearest": T.InterpolationMode.NEAREST}
+AUGMENTS = ("none", "light")
 
 
 def resize_size(pre: dict) -> int:
     return round(pre["input_size"] / pre.get("crop_pct", 1.0)) if pre["resize"] == "crop" else pre["input_size"]
 
 
-def _resize(pre: dict) -> list:
-    interp = _INTERPOLATION[pre["interpolation"]]
-    size = pre["input_size"]
-    if pre["resize"] == "squash":
-        return [T.Resize((size, size), interpolation=interp, antialias=True)]
-    if pre["resize"] == "crop":
-        return [T.Resize(resize_size(pre), interpolation=interp, antialias=True), T.CenterCrop(size)]
-    raise ValueError(f"unknown resize policy {pre['resize']!r}")
+class Decode:
+    """PIL RGB image -> uint8 CHW tensor after the resize step (a plain tensor: tv_tensor wrappers
+    slow every later op down)."""
+
+    def __init__(self, pre: dict):
+        interp = _INTERPOLATION[pre["interpolation"]]
+        side = resize_size(pre)
+        if pre["resize"] == "squash":
+            self.resize = T.Resize((side, side), interpolation=interp, antialias=True)
+        elif pre["resize"] == "crop":
+            self.resize = T.Resize(side, interpolation=interp, antialias=True)
+        else:
+            raise ValueError(f"unknown resize policy {pre['resize']!r}")
+
+    def __call__(self, image) -> torch.Tensor:
+        return T.functional.pil_to_tensor(self.resize(image)).contiguous()
+
+    def __repr__(self) -> str:
+        return f"Decode({self.resize})"
 
 
-def _to_normalised_tensor(pre: dict) -> list:
-    return [T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(pre["mean"], pre["std"])]
+class TensorTransform:
+    """uint8 tensor from Decode -> normalised float tensor.
+
+    augment 'none': centre crop at input_size (evaluation, and the original recipe's training);
+    'light': random-resized crop (crop_scale of the area) at `size`, and a horizontal flip.
+    """
+
+    def __init__(self, pre: dict, augment: str = "none", crop_scale: tuple[float, float] = (0.35, 1.0)):
+        if augment not in AUGMENTS:
+            raise ValueError(f"unknown augmentation {augment!r}")
+        self.input_size = pre["input_size"]
+        self.size = self.input_size  # training resolution; set between epochs for progressive resizing
+        self.augment, self.crop_scale = augment, tuple(crop_scale)
+        self.interp = _INTERPOLATION[pre["interpolation"]]
+        self.mean = torch.tensor(pre["mean"]).view(3, 1, 1) * 255
+        self.std = torch.tensor(pre["std"]).view(3, 1, 1) * 255
+
+    def __repr__(self) -> str:
+        return (f"TensorTransform(input_size={self.input_size}, size={self.size}, augment={self.augment!r}, "
+                f"crop_scale={self.crop_scale}, interpolation={self.interp}, mean={self.mean.flatten().tolist()}, "
+                f"std={self.std.flatten().tolist()})")
+
+    def __call__(self, img: torch.Tensor) -> torch.Tensor:
+        if self.augment == "none":
+            img = T.functional.center_crop(img, [self.input_size] * 2)
+        else:
+            img = T.RandomResizedCrop(self.size, scale=self.crop_scale, interpolation=self.interp,
+                                      antialias=True)(img)
+            if torch.rand(()) < 0.5:
+                img = T.functional.horizontal_flip(img)
+        return (img.float() - self.mean) / self.std  # = ToDtype(scale=True) then Normalize(mean, std)
 
 
 def eval_transform(pre: dict) -> T.Compose:
     """PIL RGB image -> normalised float tensor, exactly as the model expects at inference."""
-    return T.Compose(_resize(pre) + _to_normalised_tensor(pre))
-
-
-def train_transform(pre: dict, augment: str = "none") -> T.Compose:
-    """'none': the evaluation transform (the original recipe); 'light': random-resized crop and flip."""
-    if augment == "none":
-        return eval_transform(pre)
-    if augment == "light":
-        interp = _INTERPOLATION[pre["interpolation"]]
-        return T.Compose([T.RandomResizedCrop(pre["input_size"], scale=(0.35, 1.0), interpolation=interp,
-                                              antialias=True),
-                          T.RandomHorizontalFlip()] + _to_normalised_tensor(pre))
-    raise ValueError(f"unknown augmentation {augment!r}")
+    return T.Compose([Decode(pre), TensorTransform(pre)])

@@ -1,0 +1,163 @@
+"""What a training run is asked to do: the typed recipes and TrainConfig (no torch import here).
+
+A recipe holds every number the training loop uses; TrainConfig holds what the user chose.
+The command line derives its options, defaults and help text from these two, so a value is
+written in one place only.  `resolve` turns what was given into a complete, checked config:
+the recipe fills what the user left out, and nothing the user gave is ever overridden.
+"""
+
+from __future__ import annotations
+
+import typing
+from dataclasses import dataclass, field, fields, replace
+from typing import Literal
+
+from fruitnet.errors import UsageError
+
+PRECISIONS = ("auto", "fp32", "bf16")  # arithmetic.choose resolves them per device
+
+
+def _check_literals(obj) -> None:
+    """Refuse a value outside a Literal field's choices (an unknown optimizer must not become AdamW)."""
+    hints = typing.get_type_hints(type(obj))
+    for f in fields(obj):
+        hint = hints[f.name]
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        literal = hint if typing.get_origin(hint) is Literal else next(
+            (a for a in args if typing.get_origin(a) is Literal), None)
+        value = getattr(obj, f.name)
+        if literal is not None and value is not None and value not in typing.get_args(literal):
+            raise UsageError(f"{f.name} must be one of {', '.join(map(str, typing.get_args(literal)))}, "
+                             f"not {value!r}")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Every number a recipe uses.  `epochs`, `lr`, `weight_decay` and `batch_size` are defaults
+    that --epochs, --lr, --weight-decay and --batch-size replace."""
+
+    description: str
+    optimizer: Literal["sgd", "adamw"]
+    lr: float
+    weight_decay: float
+    epochs: int
+    batch_size: int = 32
+    momentum: float = 0.0
+    schedule: Literal["constant", "cosine"] = "constant"
+    warmup_epochs: float = 0.0  # linear learning-rate warm-up, in epochs (cosine schedule)
+    label_smoothing: float = 0.0  # training loss only; validation loss is plain cross-entropy
+    augment: Literal["none", "light"] = "none"
+    crop_scale: tuple[float, float] = (0.35, 1.0)  # random-resized crop: share of the image's area
+    feature_views: int = 1  # frozen body: cached feature views (1 plain + n-1 augmented)
+    head_warmup_epochs: int = 0  # unfrozen: train the new head on cached features first (LP-FT)
+    head_warmup_lr_factor: float = 10.0  # the head warm-up's lr, as a multiple of lr
+    low_res_size: int | None = None  # progressive resizing: train at this size first ...
+    low_res_fraction: float = 0.0  # ... for this share of the epochs, then at the model's input size
+    drop_last: bool = False  # one batch shape per resolution: bf16 kernels are compiled per shape
+
+    def __post_init__(self):
+        _check_literals(self)
+        if not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
+            raise UsageError(f"crop_scale must be 0 < low <= high <= 1, not {self.crop_scale}")
+        if self.feature_views < 1 or self.epochs < 1 or self.batch_size < 1:
+            raise UsageError("feature_views, epochs and batch_size must be at least 1")
+
+    def low_res_epochs(self, epochs: int) -> int:
+        """How many of `epochs` train at low_res_size (0 without progressive resizing)."""
+        return int(self.low_res_fraction * epochs) if self.low_res_size else 0
+
+
+RECIPES: dict[str, Recipe] = {
+    "seed": Recipe(
+        description="the original project exactly: plain SGD, constant lr, no augmentation",
+        optimizer="sgd", lr=0.001, weight_decay=0.01, epochs=30),
+    # Chosen by measurement (bench/bench_train.py): see the README's results.
+    "fast": Recipe(
+        description="head warm-up on cached features, then AdamW, cosine, label smoothing, "
+                    "random-resized crops and flips, low resolution first",
+        optimizer="adamw", lr=0.001, weight_decay=0.05, epochs=8, schedule="cosine", warmup_epochs=0.5,
+        label_smoothing=0.1, augment="light", feature_views=4, head_warmup_epochs=40,
+        low_res_size=160, low_res_fraction=0.5, drop_last=True),
+}
+DEFAULT_RECIPE = "fast"
+
+
+def _opt(default, help: str, **argparse):
+    """A TrainConfig field with the command line's help text (and argparse extras) beside it."""
+    return field(default=default, metadata={"help": help, **argparse})
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """What the user chose.  None for epochs, lr, weight_decay, batch_size: the recipe's."""
+
+    data: str | None = None
+    val_dir: str | None = _opt(None, "a separate labelled folder for validation (instead of splitting DATA)",
+                               flag="--val", metavar="DIR")
+    out: str | None = _opt(None, "run folder (default runs/<timestamp>); never overwritten", metavar="RUN")
+    backbone: str = _opt("resnet18", "pretrained network to fine-tune", choices="backbones")
+    weights: str = _opt("imagenet", "imagenet | none | FILE (a state dict)")
+    mode: Literal["freeze", "unfreeze"] = _opt(
+        "unfreeze", "freeze: only the new last layer learns; unfreeze: every layer learns")
+    recipe: str = _opt(DEFAULT_RECIPE, "training recipe ('seed' is the original project's exactly)",
+                       choices="recipes")
+    epochs: int | None = _opt(None, "passes over the training photos", type="positive_int", recipe=True)
+    batch_size: int | None = _opt(None, "photos per step (the global batch under torchrun)",
+                                  type="positive_int", recipe=True)
+    lr: float | None = _opt(None, "learning rate", type="non_negative_float", recipe=True)
+    weight_decay: float | None = _opt(None, "weight decay", type="non_negative_float", recipe=True)
+    val_fraction: float = _opt(0.25, "share of each class held out for validation", type="fraction")
+    seed: int = _opt(0, "seed for the split, the initial head and the augmentations", type=int)
+    precision: Literal[PRECISIONS] = _opt(
+        "auto", "auto: bf16 where the CPU (AVX512-BF16/AMX) or GPU runs it natively, else fp32")
+    feature_cache: bool = _opt(True, "in freeze mode, run the backbone on every image every epoch (slow)",
+                               flag="--no-feature-cache")
+    image_cache: bool = _opt(True, "decode every image every epoch instead of once per run",
+                             flag="--no-image-cache")
+    workers: int = _opt(2, "image-decoding worker processes (without the image cache)", type=int)
+    device: str = _opt("auto", "auto | cpu | cuda | cuda:N")
+    tensorboard: bool = _opt(False, "also write TensorBoard event files into the run folder "
+                                    "(pip install 'fruitnet[tensorboard]')", flag="--tensorboard")
+    exclude: str | None = _opt(None, "leave the photos listed in FILE out of training and validation (one path "
+                                     "a line, e.g. from check --deep --write-exclude); DATA is not touched",
+                               metavar="FILE")
+    balance: Literal["auto", "none", "weights", "sampler"] = _opt(
+        "auto", "auto: class-weighted loss when the largest class has more than 1.5x the photos of the "
+                "smallest; weights; sampler (draw every class equally often); none")
+
+    def __post_init__(self):
+        _check_literals(self)
+
+
+# On --resume these may change: they say how to run, not what to train.  Every other option is
+# refused (exit 2) rather than silently ignored.
+RESUMABLE = ("epochs", "device", "workers", "precision")
+
+
+def recipe_for(config: TrainConfig) -> Recipe:
+    try:
+        return RECIPES[config.recipe]
+    except KeyError:
+        raise UsageError(f"unknown recipe {config.recipe!r}; choose one of: {', '.join(RECIPES)}") from None
+
+
+def resolve(config: TrainConfig) -> TrainConfig:
+    """Fill what the user left to the recipe; what the user gave is kept exactly."""
+    recipe = recipe_for(config)
+    return replace(config, **{f.name: getattr(recipe, f.name) for f in fields(config)
+                              if f.metadata.get("recipe") and getattr(config, f.name) is None})
+
+
+def resume_config(saved: dict, given: dict) -> TrainConfig:
+    """The run's own config, with the RESUMABLE values the user gave again; any other given value
+    is refused: changing what is trained halfway would make the run's records wrong."""
+    refused = sorted(k for k, v in given.items() if v is not None and k not in RESUMABLE
+                     and v != saved.get(k))
+    if refused:
+        names = ", ".join("--" + k.replace("_", "-") for k in refused)
+        raise UsageError(f"--resume continues a run as it was configured; {names} cannot change "
+                         f"(only {', '.join('--' + k for k in RESUMABLE)} can): start a new run instead")
+    known = {f.name for f in fields(TrainConfig)}
+    values = {k: v for k, v in saved.items() if k in known}
+    values.update({k: v for k, v in given.items() if v is not None and k in RESUMABLE})
+    return TrainConfig(**values)
