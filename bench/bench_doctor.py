@@ -122,13 +122,15 @@ def timing_part(tmp: Path) -> str:
 
 
 MODE = "unfreeze"  # --mode: the default recipe trains all layers; freeze is ~50x cheaper on a busy CPU
+RECIPE = "fast"  # --recipe
 
 
 def _train(data, out, log_to, **kw) -> dict:
     from fruitnet.training import TrainConfig, train
 
     with open(log_to, "w") as f:
-        return train(TrainConfig(data=str(data), out=str(out), backbone="efficientnet_lite0", mode=MODE, **kw),
+        return train(TrainConfig(data=str(data), out=str(out), backbone="efficientnet_lite0", mode=MODE,
+                                 recipe=RECIPE, **kw),
                      log=lambda *a: print(*a, file=f))
 
 
@@ -164,7 +166,7 @@ def balance_part(tmp: Path) -> str:
                      f"{per[smallest]['recall']:.4f} ({smallest}, {per[smallest]['support']} val photos)",
                      f"{macro_f1:.4f}", " / ".join(f"{c} {w:.2f}" for c, w in zip(rep["classes"],
                                                                                 cfg["balance"]["class_weights"]))])
-    return (f"## `--balance` on fruits360 (317 / 164 / 776), fast recipe, --mode {MODE}, efficientnet_lite0, "
+    return (f"## `--balance` on fruits360 (317 / 164 / 776), recipe {RECIPE}, --mode {MODE}, efficientnet_lite0, "
             "the same (near-duplicate-aware) split\n\n"
             + table(["run", "mode used", "val accuracy", "smallest class recall", "macro F1", "class weights"], rows)
             + "\n")
@@ -186,7 +188,7 @@ def split_part(tmp: Path) -> str:
                          val_dir=str(folder / "val"))
         rows.append([name, len(tr), len(va), leaks, f"**{summary['best_val_accuracy']:.4f}**"])
     return ("## Validation accuracy on webfruit: today's split against the near-duplicate-aware split\n\n"
-            f"Fast recipe, --mode {MODE}, efficientnet_lite0, seed 0; the same 3:1 stratified split rule, with "
+            f"Recipe {RECIPE}, --mode {MODE}, efficientnet_lite0, seed 0; the same 3:1 stratified split rule, with "
             "near-duplicate groups kept on one side or not.\n\n"
             + table(["split", "train", "val", "near-duplicate pairs across train/val", "best val accuracy"], rows)
             + "\n")
@@ -202,9 +204,11 @@ def main() -> None:
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "doctor.md"))
     parser.add_argument("--mode", default="unfreeze", choices=["unfreeze", "freeze"],
                         help="training mode for the balance and split parts (default: the default recipe's)")
+    parser.add_argument("--recipe", default="fast", choices=["fast", "seed"],
+                        help="training recipe for the balance and split parts (default: fast, the default)")
     args = parser.parse_args()
-    global MODE
-    MODE = args.mode
+    global MODE, RECIPE
+    MODE, RECIPE = args.mode, args.recipe
     commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True).stdout.strip()
     dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
