@@ -175,3 +175,17 @@ def test_report_html_opens_offline_in_a_real_browser(checked, tmp_path):
     assert len(shown) == page.read_text().count("<img ")
     assert requested == []
     assert {"balance", "conflicts", "duplicates", "mislabelled", "outliers"} <= set(sections)
+
+
+def test_quick_check_groups_match_the_split_and_studio_frames_do_not_chain_across_classes():
+    """Fruits-360's frames of fruit turning on white look alike across classes: no giant group."""
+    from fruitnet.dataset import scan
+    from fruitnet.doctor import quick_findings
+
+    catalog = scan(shared_folder("fruits360"), progress=False)
+    findings = quick_findings(catalog)
+    split_groups = sorted(sorted(it.path for it in g) for g in catalog.groups() if len(g) > 1)
+    assert sorted(sorted(g["paths"]) for g in findings["duplicate_groups"]) == split_groups
+    assert max(len(g["paths"]) for g in findings["duplicate_groups"]) <= findings["usable"] // 10
+    assert not any(g["label_conflict"] for g in findings["duplicate_groups"])
+    assert findings["imbalance"]["imbalanced"] and findings["imbalance"]["smallest"] == "strawberry"

@@ -99,6 +99,26 @@ def _pairs(usable: list[Item], extra: dict[str, list[tuple[int, int]]]) -> dict[
     return found
 
 
+def _groups(catalog: Catalog, extra_pairs: list[tuple[int, int]]) -> list[list[int]]:
+    """The split's groups (identical files, perceptual-hash copies: Catalog.groups) joined by
+    extra pairs (feature-space near-duplicates), as indices into catalog.usable.  Where the extra
+    pairs would chain more than a tenth of the photos together, they are dropped for that chain,
+    as the hash's own chains are split (dataset.hash_groups)."""
+    usable = catalog.usable
+    index = {it.path: i for i, it in enumerate(usable)}
+    base = [[index[it.path] for it in g] for g in catalog.groups()]
+    base_pairs = [(g[0], i) for g in base for i in g[1:]]
+    cap = max(3, len(usable) // 10)
+    groups = []
+    for g in connected_groups(len(usable), base_pairs + list(extra_pairs)):
+        if len(g) <= cap:
+            groups.append(g)
+        else:
+            inside = set(g)
+            groups += [b for b in base if b[0] in inside]
+    return sorted(groups, key=lambda g: g[0])
+
+
 def imbalance(counts: dict[str, int]) -> dict:
     largest, smallest = max(counts, key=counts.get), min(counts, key=counts.get)
     ratio = imbalance_ratio(counts)
@@ -110,7 +130,7 @@ def quick_findings(catalog: Catalog) -> dict:
     """What the plain check knows: counts, duplicate groups (bytes and perceptual hash), imbalance."""
     usable = catalog.usable
     found = _pairs(usable, {})
-    groups = connected_groups(len(usable), list(found))
+    groups = _groups(catalog, [])
     counts = catalog.counts()
     return {"root": catalog.root, "classes": catalog.classes, "counts": counts, "usable": len(usable),
             "skipped": catalog.skipped, "ignored": catalog.ignored, "imbalance": imbalance(counts),
@@ -218,7 +238,7 @@ def deep_findings(catalog: Catalog, backbone: str = DEFAULT_BACKBONE, folds: int
     near_sets = lab.get_info("near_duplicate")["near_duplicate_sets"]
     feature_pairs = [(i, int(j)) for i, js in enumerate(near_sets) for j in js]
     found = _pairs(usable, {"features": feature_pairs})
-    groups = connected_groups(len(usable), list(found))
+    groups = _groups(catalog, feature_pairs)
     imbalanced_classes = sorted({usable[i].label for i in
                                  np.flatnonzero(lab.get_issues("class_imbalance")["is_class_imbalance_issue"])})
 
