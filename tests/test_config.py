@@ -5,7 +5,7 @@ from dataclasses import fields, replace
 import pytest
 
 from fruitnet.cli import build_parser
-from fruitnet.config import RECIPES, RESUMABLE, Recipe, TrainConfig, resolve, resume_config
+from fruitnet.config import RECIPES, RESUMABLE, TrainConfig, resolve, resume_config
 from fruitnet.errors import UsageError
 
 

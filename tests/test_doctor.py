@@ -57,7 +57,8 @@ def rel(checked, path: str) -> str:
 def test_check_deep_writes_its_outputs_and_nothing_into_the_data(checked):
     assert checked["proc"].returncode == 0, checked["proc"].stderr
     assert tree_state(checked["data"]) == checked["before"]
-    assert {p.name for p in checked["out"].iterdir()} == {"report.json", "report.html", "photos.csv"}
+    assert {p.name for p in checked["out"].iterdir()} == {"report.json", "report.html", "photos.csv",
+                                                         "fruitnet-run.json"}
     assert "likely mislabelled" in checked["proc"].stdout and str(checked["out"]) in checked["proc"].stdout
 
 

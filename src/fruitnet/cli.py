@@ -19,6 +19,7 @@ from pathlib import Path
 from fruitnet.backbones import BACKBONES
 from fruitnet.config import PRECISIONS, RECIPES, RESUMABLE, TrainConfig
 from fruitnet.errors import FruitnetError, UsageError
+from fruitnet.guard import LIMIT_CONCURRENCY, TIMEOUT_KEEP_ALIVE, TIMEOUT_REQUEST
 
 
 def _whole_number(text: str) -> int:
@@ -40,6 +41,13 @@ def _number(text: str) -> float:
         return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, not {text!r}") from None
+
+
+def _positive_float(text: str) -> float:
+    value = _number(text)
+    if not value > 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be more than 0, not {text}")
+    return value
 
 
 def _non_negative_float(text: str) -> float:
@@ -224,7 +232,8 @@ def cmd_serve(args) -> int:
     from fruitnet.server import serve
 
     return serve(args.model, host=args.host, port=args.port, max_upload_mb=args.max_upload_mb, runtime=args.runtime,
-                 precision=args.precision)
+                 precision=args.precision, timeout_keep_alive=args.timeout_keep_alive,
+                 timeout_request=args.timeout_request, limit_concurrency=args.limit_concurrency)
 
 
 def cmd_demo(args) -> int:
@@ -334,6 +343,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=_port, default=8000, help="port to listen on (default: 8000)")
     p.add_argument("--max-upload-mb", type=_positive_int, default=10, help="largest accepted photo, in MB (default: 10)")
+    p.add_argument("--timeout-keep-alive", type=_positive_float, default=TIMEOUT_KEEP_ALIVE, metavar="SECONDS",
+                   help=f"close a connection idle between requests after this long (default: {TIMEOUT_KEEP_ALIVE})")
+    p.add_argument("--timeout-request", type=_positive_float, default=TIMEOUT_REQUEST, metavar="SECONDS",
+                   help="answer 408 and close when a request's headers take longer than this, or its upload "
+                        f"stops arriving for this long (default: {TIMEOUT_REQUEST})")
+    p.add_argument("--limit-concurrency", type=_positive_int, default=LIMIT_CONCURRENCY, metavar="N",
+                   help=f"answer 503 (JSON, Retry-After) beyond N requests in progress (default: {LIMIT_CONCURRENCY})")
     _add_runtime(p)
     _add_precision(p)
     p.set_defaults(func=cmd_serve)

@@ -20,7 +20,9 @@ from PIL import Image
 from tqdm import tqdm
 
 from fruitnet.errors import DataError, ImageError
-from fruitnet.images import load_image, looks_like_image
+from fruitnet.images import IMAGE_EXTENSIONS, load_image, looks_like_image, open_regular, special_file_kind
+
+RUN_MARKER = "fruitnet-run.json"  # written into every run folder; config.json + metrics.csv for older runs
 
 
 @dataclass
@@ -37,7 +39,8 @@ class Catalog:
     root: str
     classes: list[str]
     items: list[Item]  # usable and unusable image files, sorted by path
-    ignored: list[dict] = field(default_factory=list)  # {path, reason}: not images, or outside any class
+    ignored: list[dict] = field(default_factory=list)  # {path, reason}: not images, outside any class, run folders
+    unlisted: list[dict] = field(default_factory=list)  # {path, reason}: folders that could not be listed
 
     @property
     def usable(self) -> list[Item]:
@@ -45,7 +48,12 @@ class Catalog:
 
     @property
     def skipped(self) -> list[dict]:
-        return [{"path": it.path, "reason": it.problem} for it in self.items if it.problem is not None]
+        """Files (and folders) that could have held training images but could not be used."""
+        return [{"path": it.path, "reason": it.problem} for it in self.items if it.problem is not None] + self.unlisted
+
+    @property
+    def run_folders(self) -> list[str]:
+        return [i["path"] for i in self.ignored if i["reason"] == RUN_FOLDER_REASON]
 
     def duplicates(self) -> list[list[str]]:
         """Groups of usable files with identical bytes."""
@@ -96,7 +104,8 @@ class Catalog:
         groups = [g for g in self.groups() if len(g) > 1]
         return {"root": self.root, "classes": self.classes, "counts": self.counts(),
                 "usable": len(self.usable), "skipped": self.skipped, "ignored": self.ignored,
-                "duplicates": self.duplicates(), "near_duplicates": self.near_duplicates(groups),
+                "run_folders": self.run_folders, "duplicates": self.duplicates(),
+                "near_duplicates": self.near_duplicates(groups),
                 "label_conflicts": [[it.path for it in g] for g in groups if len({it.label for it in g}) > 1],
                 "kept_together": {"groups": len(groups), "files": sum(len(g) for g in groups)}}
 
@@ -231,10 +240,19 @@ def read_exclude(path: str | Path) -> list[str]:
     return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
 
 
+RUN_FOLDER_REASON = "a fruitnet run folder (outputs, not data)"
+
+
+def is_run_folder(path: Path) -> bool:
+    """A folder that holds a fruitnet run (its marker, or config.json + metrics.csv): never data."""
+    isfile = os.path.isfile  # False, not PermissionError, inside a folder that cannot be read
+    return isfile(path / RUN_MARKER) or (isfile(path / "config.json") and isfile(path / "metrics.csv"))
+
+
 def _check_file(path: Path, label: str, draft_size: int) -> Item:
     item = Item(str(path), label)
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:  # a named pipe or a device is refused before a byte is read
             item.sha256 = hashlib.file_digest(f, "sha256").hexdigest()
         img = load_image(path, draft_size=draft_size)  # full decode: truncation shows up here, not mid-training
         item.phash = perceptual_hash(img)
@@ -266,35 +284,60 @@ def scan(root: str | Path, progress: bool = True, workers: int = 4, draft_size: 
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"{root}: data folder not found")
-    classes, candidates, ignored = [], [], []
-    for entry in sorted(root.iterdir()):
+    try:
+        entries = sorted(root.iterdir())
+    except OSError as exc:
+        raise DataError(f"{root}: cannot list the data folder ({exc.strerror or exc})") from None
+    classes, candidates, ignored, unlisted = [], [], [], []
+
+    def unlistable(exc: OSError) -> None:
+        unlisted.append({"path": str(exc.filename), "reason": f"folder cannot be listed ({exc.strerror or exc})"})
+
+    for entry in entries:
         if entry.name.startswith("."):  # .DS_Store, .ipynb_checkpoints: never a class
             continue
         if not entry.is_dir():
             ignored.append({"path": str(entry), "reason": "not inside a class folder"})
             continue
+        if is_run_folder(entry):
+            ignored.append({"path": str(entry), "reason": RUN_FOLDER_REASON})
+            continue
         classes.append(entry.name)
-        for dirpath, dirnames, filenames in os.walk(entry):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for dirpath, dirnames, filenames in os.walk(entry, onerror=unlistable):
+            runs = {d for d in dirnames if is_run_folder(Path(dirpath) / d)}
+            ignored += [{"path": str(Path(dirpath) / d), "reason": RUN_FOLDER_REASON} for d in sorted(runs)]
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d not in runs)
             for name in sorted(filenames):
                 path = Path(dirpath) / name
                 if name.startswith("."):
                     continue
-                if looks_like_image(path):
-                    candidates.append((path, entry.name))
+                kind = special_file_kind(path)  # checked before anything opens it: a FIFO would block
+                if kind and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
+                    candidates.append((path, entry.name, f"not a regular file ({kind})"))
+                elif kind:
+                    ignored.append({"path": str(path), "reason": f"not a regular file ({kind})"})
+                elif looks_like_image(path):
+                    candidates.append((path, entry.name, None))
                 else:
                     ignored.append({"path": str(path), "reason": "not an image file"})
     if len(classes) < 2:
         raise DataError(f"{root}: found {len(classes)} class folder(s) {classes}; need at least two "
                         "(layout: DATA/<class>/<image>)")
+
+    def check(candidate) -> Item:
+        path, label, problem = candidate
+        return Item(str(path), label, problem=problem) if problem else _check_file(path, label, draft_size)
+
     with ThreadPoolExecutor(workers) as pool:  # PIL decodes without the GIL
-        jobs = _ordered_map(pool, lambda pc: _check_file(pc[0], pc[1], draft_size), candidates, 8 * workers)
+        jobs = _ordered_map(pool, check, candidates, 8 * workers)
         items = list(tqdm(jobs, total=len(candidates), desc=f"checking {root.name}", unit="img",
                           disable=not progress, leave=False))
-    catalog = Catalog(str(root), classes, items, ignored)
+    catalog = Catalog(str(root), classes, items, ignored, unlisted)
     empty = [cls for cls, n in catalog.counts().items() if n == 0]
     if empty:
-        raise DataError(f"{root}: class folder(s) with no usable image: {', '.join(empty)}")
+        why = {u["path"]: u["reason"] for u in unlisted}
+        raise DataError(f"{root}: class folder(s) with no usable image: "
+                        + ", ".join(f"{c} ({why[str(root / c)]})" if str(root / c) in why else c for c in empty))
     return catalog
 
 
@@ -322,10 +365,15 @@ def format_report(report: dict) -> str:
         lines.append(f"  {len(report['exclude_unmatched'])} exclude line(s) match no photo:")
         lines += [f"    {line}" for line in report["exclude_unmatched"]]
     if report["skipped"]:
-        lines.append(f"  {len(report['skipped'])} file(s) skipped:")
+        lines.append(f"  {len(report['skipped'])} file(s) or folder(s) skipped:")
         lines += [f"    {s['path']}: {s['reason']}" for s in report["skipped"]]
-    if report["ignored"]:
-        lines.append(f"  {len(report['ignored'])} non-image file(s) ignored")
+    runs = report.get("run_folders", [])
+    if runs:
+        lines.append(f"  {len(runs)} fruitnet run folder(s) skipped (outputs, not data):")
+        lines += [f"    {r}" for r in runs]
+    others = len(report["ignored"]) - len(runs)
+    if others:
+        lines.append(f"  {others} non-image file(s) ignored")
     return "\n".join(lines)
 
 

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from fruitnet.balance import IMBALANCE_RATIO, imbalance_ratio
-from fruitnet.dataset import Catalog, Item, connected_groups
+from fruitnet.dataset import RUN_MARKER, Catalog, Item, connected_groups
 from fruitnet.errors import ImageError, UsageError
 from fruitnet.images import load_image
 
@@ -326,6 +326,9 @@ def format_summary(findings: dict) -> str:
 def write_outputs(findings: dict, out: Path) -> list[Path]:
     """report.json, report.html and (after --deep) photos.csv in `out`; returns the files written."""
     out.mkdir(parents=True, exist_ok=True)
+    # the marker every fruitnet output folder carries: a scan skips the folder, never reads its pictures
+    (out / RUN_MARKER).write_text(json.dumps({"fruitnet": "check report",
+                                              "created": datetime.now().isoformat(timespec="seconds")}))
     photos = findings.get("photos")
     report = {k: v for k, v in findings.items() if k != "photos"}
     written = [out / "report.json", out / "report.html"]

@@ -153,13 +153,18 @@ class Pipeline:
         return make_loader(self.val, self.batch_size, False, self.workers)
 
 
+def use_image_cache(config: TrainConfig, pre: dict, n_images: int) -> bool:
+    """--no-image-cache, or a folder whose decoded images would not fit in MAX_CACHE_BYTES: decode per access."""
+    return config.image_cache and estimated_bytes(n_images, pre) <= MAX_CACHE_BYTES
+
+
 def build_pipeline(config: TrainConfig, recipe: Recipe, pre: dict, classes: list[str], train_items: list[Item],
                    val_items: list[Item], body: nn.Module, device, arith: Arithmetic, batch_size: int,
                    log=print) -> Pipeline:
     """Decode (or plan to decode) the photos; with a frozen body and the feature cache, run the
     body once over them (1 plain + feature_views - 1 augmented views of the training photos)."""
     progress = distributed.is_main()
-    cache = config.image_cache and estimated_bytes(len(train_items) + len(val_items), pre) <= MAX_CACHE_BYTES
+    cache = use_image_cache(config, pre, len(train_items) + len(val_items))
     train = Photos(train_items, classes, pre, TensorTransform(pre, recipe.augment, recipe.crop_scale), cache,
                    progress, "decoding (train)")
     val = Photos(val_items, classes, pre, TensorTransform(pre), cache, progress, "decoding (val)")

@@ -24,7 +24,7 @@ from PIL import Image
 from fruitnet.arithmetic import choose, resolve_device
 from fruitnet.errors import ImageError, ModelFileError
 from fruitnet.images import is_hidden, load_image, looks_like_image
-from fruitnet.model import load_model
+from fruitnet.model import load_model, validate_meta
 from fruitnet.transforms import eval_transform
 
 ONNX_META_KEY = "fruitnet"  # the ONNX metadata_props key that carries the model file's metadata
@@ -67,6 +67,10 @@ class Predictor:
             return exc.reason
         except OSError as exc:
             return f"cannot read file ({exc.strerror or exc})"
+        except MemoryError:
+            return "not enough memory to process it"
+        except Exception as exc:  # whatever goes wrong with one file is that file's error, not the batch's
+            return f"cannot be processed ({exc.__class__.__name__}: {exc})"
 
     def predict_paths(self, paths: list[str], batch_size: int = 32, progress=None) -> list[dict]:
         """[{path, label, probabilities}] or [{path, error}] per path, in order; never raises for a bad file.
@@ -135,13 +139,31 @@ class OnnxPredictor(Predictor):
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")  # leave idle cores to decoding
         try:
             self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-            meta = json.loads(self.session.get_modelmeta().custom_metadata_map[ONNX_META_KEY])
-        except KeyError:
-            raise ModelFileError(f"{path}: ONNX file without fruitnet metadata (not made by fruitnet export)") from None
         except Exception as exc:  # onnxruntime raises its own types for unreadable files
-            raise ModelFileError(f"{path}: not a readable ONNX file ({exc.__class__.__name__}: {exc})") from exc
+            raise ModelFileError(f"{path}: not a readable ONNX file ({exc.__class__.__name__}: {exc})") from None
+        text = self.session.get_modelmeta().custom_metadata_map.get(ONNX_META_KEY)
+        if text is None:
+            raise ModelFileError(f"{path}: ONNX file without fruitnet metadata (not made by fruitnet export)")
+        try:
+            meta = json.loads(text)
+        except (ValueError, RecursionError) as exc:
+            raise ModelFileError(f"{path}: unreadable fruitnet metadata ({exc.__class__.__name__}: {exc})") from None
+        validate_meta(meta, path)
+        self._check_shapes(path, meta)
         super().__init__(meta)
         self.input_name = self.session.get_inputs()[0].name
+
+    def _check_shapes(self, path: Path, meta: dict) -> None:
+        """The graph's input and output must be what the metadata says (named axes such as 'batch' match anything)."""
+        inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
+        size = meta["preprocessing"]["input_size"]
+        want_in, want_out = [None, 3, size, size], [None, len(meta["classes"])]
+        for what, got, want in (("input", inputs[0].shape if inputs else None, want_in),
+                                ("output", outputs[0].shape if outputs else None, want_out)):
+            if got is None or len(got) != len(want) or any(
+                    isinstance(g, int) and w is not None and g != w for g, w in zip(got, want)):
+                raise ModelFileError(f"{path}: the graph's {what} has shape {got}, but the metadata "
+                                     f"({len(meta['classes'])} classes, input_size {size}) needs {want}")
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(self.session.run(None, {self.input_name: x.numpy()})[0]).float()

@@ -19,12 +19,11 @@ from pathlib import Path
 
 import torch
 
-from fruitnet.dataset import Item, read_split, write_report, write_split
+from fruitnet.dataset import RUN_MARKER, Item, read_split, write_report, write_split
 from fruitnet.errors import UsageError
 from fruitnet.model import save_model
 
 METRIC_COLUMNS = ["epoch", "seconds", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr"]
-RUN_FILES = ("config.json", "metrics.csv")  # a folder holding both is a fruitnet run (scan skips it)
 
 
 def check_output_path(out: Path, inside: list[str | Path] = (), kind: str = "output folder") -> Path:
@@ -44,7 +43,9 @@ def check_output_path(out: Path, inside: list[str | Path] = (), kind: str = "out
 
 def new_output_folder(out: str | Path | None, prefix: str, inside: list[str | Path] = (),
                       kind: str = "output folder") -> Path:
-    """Create `out` (checked as above), or runs/<prefix><timestamp>[-n] when None."""
+    """Create `out` (checked as above), or runs/<prefix><timestamp>[-n] when None, with a marker
+    file: should the folder ever be moved into a photo folder, scan skips it instead of reading
+    its pictures as photos."""
     if out is None:
         base = Path("runs") / f"{prefix}{datetime.now().strftime('%Y%m%d-%H%M%S')}"
         out, n = base, 1
@@ -53,6 +54,7 @@ def new_output_folder(out: str | Path | None, prefix: str, inside: list[str | Pa
             out = base.with_name(f"{base.name}-{n}")
     path = check_output_path(Path(out), inside, kind)
     path.mkdir(parents=True, exist_ok=True)
+    (path / RUN_MARKER).write_text(json.dumps({"fruitnet": kind, "created": datetime.now().isoformat(timespec="seconds")}))
     return path
 
 

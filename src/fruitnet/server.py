@@ -12,6 +12,10 @@ one, else 400): 413 larger than --max-upload-mb, 415 not an image (content is no
 BMP, TIFF or WebP), 400 an image that cannot be decoded (truncated, corrupt, decompression bomb);
 422 when no file was sent at all.  Every error body is JSON {"error": "..."}.
 
+Refused before a request reaches the model (guard.py): unknown Host names when bound to loopback
+(400), POSTs from pages on other origins (403), more than --limit-concurrency requests in progress
+(503), requests that stall for --timeout-request seconds (408, connection closed).
+
 One thread owns the model (so concurrent requests are safe); photos that arrive while it is busy
 go through together in the next forward pass (up to MAX_BATCH images).
 """
@@ -19,6 +23,8 @@ go through together in the next forward pass (up to MAX_BATCH images).
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
 import queue
 import tempfile
 import threading
@@ -26,21 +32,26 @@ from contextlib import asynccontextmanager
 from importlib import resources
 from pathlib import Path
 
+import anyio
 import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
-from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
-from fruitnet.errors import ImageError
+from fruitnet.errors import ImageError, ModelFileError
+from fruitnet.guard import (LIMIT_CONCURRENCY, LOOPBACK_NAMES, TIMEOUT_KEEP_ALIVE, TIMEOUT_REQUEST, Guard,
+                            guarded_protocol, host_name, page_csp)
 from fruitnet.images import sniff_format
 from fruitnet.predictors import load_predictor
 
 MAX_FILES = 32  # per request
 MAX_BATCH = 32  # images per forward pass
 MB = 1024 * 1024
+
+log = logging.getLogger("uvicorn.error")
 
 
 class Batcher:
@@ -143,22 +154,40 @@ class Unusable(Exception):
 
 
 def preprocess(predictor, data: bytes) -> torch.Tensor:
-    """Bytes of one upload -> model input, by the same loader and transform as the command line."""
+    """Bytes of one upload -> model input, by the same loader and transform as the command line.
+
+    Raises Unusable, never anything else: whatever goes wrong with one file is that file's error."""
     with tempfile.NamedTemporaryFile(prefix="fruitnet-upload-") as f:
         f.write(data)
         f.flush()
         try:
-            image = predictor.load(f.name)
+            return predictor.transform(predictor.load(f.name))
         except ImageError as exc:
             # The content announces no accepted format: 415; an accepted format that fails to decode: 400.
             raise Unusable(415 if sniff_format(f.name) is None else 400, exc.reason) from None
-    return predictor.transform(image)
+        except MemoryError:
+            raise Unusable(500, "not enough memory to process it") from None
+        except Exception as exc:
+            log.exception("preprocessing an upload failed")
+            raise Unusable(500, f"cannot be processed ({exc.__class__.__name__})") from None
 
 
 def create_app(model_path: str | Path, max_upload_mb: int = 10, runtime: str = "auto",
-               precision: str = "fp32") -> FastAPI:
+               precision: str = "fp32", limit_concurrency: int | None = None,
+               allowed_hosts: set[str] | None = None) -> FastAPI:
+    """The service for one model file.  ModelFileError if the file is unusable or its model does not
+    run: the service never starts on a model that would fail every request.
+
+    limit_concurrency: requests in progress beyond it are answered 503; allowed_hosts: Host names
+    answered (None: any, for a service reachable under names we cannot know)."""
     predictor = load_predictor(model_path, runtime, precision=precision)
+    size = predictor.preprocessing["input_size"]
+    try:
+        predictor.logits(torch.zeros(1, 3, size, size))
+    except Exception as exc:
+        raise ModelFileError(f"{model_path}: the model does not run ({exc.__class__.__name__}: {exc})") from None
     batcher = Batcher(predictor)
+    decoding = anyio.CapacityLimiter(max(2, os.cpu_count() or 2))  # more decodes than cores: only more memory
     limit = max_upload_mb * MB
     page = (resources.files("fruitnet") / "web" / "index.html").read_text(encoding="utf-8")
     training = predictor.meta.get("training") or {}
@@ -181,6 +210,7 @@ def create_app(model_path: str | Path, max_upload_mb: int = 10, runtime: str = "
 
     app = FastAPI(title="fruitnet", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.add_middleware(BodyLimit, limit=MAX_FILES * limit + MB)
+    app.add_middleware(Guard, csp=page_csp(page), limit=limit_concurrency, allowed_hosts=allowed_hosts)
 
     @app.exception_handler(HTTPException)
     async def http_error(request, exc):
@@ -193,6 +223,13 @@ def create_app(model_path: str | Path, max_upload_mb: int = 10, runtime: str = "
     @app.exception_handler(BodyTooLarge)
     async def too_large(request, exc):
         return _error(413, str(exc))
+
+    @app.exception_handler(ClientDisconnect)
+    async def client_gone(request, exc):
+        stalled = request.scope.get("fruitnet.stalled")
+        log.info("%s: %s", "%s:%d" % tuple(request.client) if request.client else "a client",
+                 f"request body stalled for {stalled:g}s: closed" if stalled else "disconnected before the upload ended")
+        return _error(400, "client disconnected")  # nobody is listening; this only ends the request
 
     @app.exception_handler(Exception)
     async def internal_error(request, exc):
@@ -227,7 +264,7 @@ def create_app(model_path: str | Path, max_upload_mb: int = 10, runtime: str = "
                     data = await upload.read(limit + 1)
                     if len(data) > limit:
                         raise Unusable(413, f"file larger than the {max_upload_mb} MB limit")
-                    images.append((i, await run_in_threadpool(preprocess, predictor, data)))
+                    images.append((i, await anyio.to_thread.run_sync(preprocess, predictor, data, limiter=decoding)))
                 except Unusable as exc:
                     results[i].update(error=exc.reason, status=exc.status)
         if images:
@@ -245,16 +282,33 @@ def create_app(model_path: str | Path, max_upload_mb: int = 10, runtime: str = "
 
 
 def serve(model_path: str | Path, host: str = "127.0.0.1", port: int = 8000, max_upload_mb: int = 10,
-          runtime: str = "auto", precision: str = "fp32") -> int:
-    """Run the service until Ctrl+C (0); 1 if it could not start (e.g. the port is in use)."""
+          runtime: str = "auto", precision: str = "fp32", timeout_keep_alive: float = TIMEOUT_KEEP_ALIVE,
+          timeout_request: float = TIMEOUT_REQUEST, limit_concurrency: int = LIMIT_CONCURRENCY) -> int:
+    """Run the service until Ctrl+C (0); 1 if it could not start (e.g. the port is in use).
+
+    timeout_keep_alive: an idle connection is closed after it; timeout_request: a request whose
+    headers take longer, or whose body stops arriving for longer, is answered 408 and closed;
+    limit_concurrency: requests in progress beyond it are answered 503.  Bound to loopback, only
+    Host names of this machine are answered (DNS rebinding)."""
+    import resource
+
     import uvicorn
 
-    app = create_app(model_path, max_upload_mb, runtime, precision)
-    if host not in ("127.0.0.1", "localhost", "::1"):
+    loopback = host_name(host) in LOOPBACK_NAMES or host.startswith("127.")
+    app = create_app(model_path, max_upload_mb, runtime, precision, limit_concurrency,
+                     allowed_hosts={*LOOPBACK_NAMES, host_name(host)} if loopback else None)
+    if not loopback:
         print(f"warning: listening on {host}: anyone who can reach this machine can use the service "
               "(there is no authentication)", flush=True)
+    files = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    files = 1 << 20 if files == resource.RLIM_INFINITY else files
+    # Half the file descriptors for connections (beyond that the idlest is closed), the rest for
+    # uploads' temporary files and the model.  The event loop accepts up to `backlog` connections
+    # before any is seen by the protocol, so that is kept to a quarter.
+    max_connections, backlog = max(16, files // 2), max(16, min(2048, files // 4))
     try:
-        uvicorn.run(app, host=host, port=port, log_level="info")
+        uvicorn.run(app, host=host, port=port, log_level="info", http=guarded_protocol(timeout_request, max_connections),
+                    timeout_keep_alive=timeout_keep_alive, backlog=backlog)
     except SystemExit as exc:  # uvicorn logged why it could not start; exit 1 (the job failed), not its 3
         return 0 if exc.code in (0, None) else 1
     return 0

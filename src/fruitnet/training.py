@@ -33,7 +33,7 @@ from fruitnet.config import Recipe, TrainConfig, recipe_for, resolve, resume_con
 from fruitnet.dataset import Item, apply_exclude, format_report, scan, split, split_warnings
 from fruitnet.errors import DataError, UsageError
 from fruitnet.model import Classifier, create_classifier
-from fruitnet.pipeline import FEATURE_BATCH, Pipeline, build_pipeline, extract_features, make_loader
+from fruitnet.pipeline import Pipeline, build_pipeline, extract_features, make_loader, use_image_cache
 from fruitnet.runfolder import RunFolder, SavedRun, new_output_folder, read_run
 
 
@@ -251,7 +251,9 @@ def _fit(config: TrainConfig, saved: SavedRun | None, log) -> dict:
     if saved is None:
         run.start({"train": asdict(config), "recipe": asdict(recipe), "classes": data.classes,
                    "preprocessing": pre, "weights_source": weights_source, "device": str(device),
-                   "arithmetic": arith.as_dict(), "machine": machine_info(),
+                   "arithmetic": arith.as_dict(),
+                   "image_cache": use_image_cache(config, pre, len(data.train) + len(data.val)),
+                   "machine": machine_info(),
                    "distributed": world.describe(config.batch_size), "balance": balance.as_dict(),
                    "kept_together": None if config.val_dir else data.report.get("kept_together"),
                    "excluded": len(data.report.get("excluded", [])), "command": sys.argv,

@@ -20,6 +20,8 @@ from __future__ import annotations
 import torch
 from torchvision.transforms import v2 as T
 
+from fruitnet.images import MAX_ASPECT
+
 _INTERPOLATION = {"bilinear": T.InterpolationMode.BILINEAR, "bicubic": T.InterpolationMode.BICUBIC,
                   "nearest": T.InterpolationMode.NEAREST}
 AUGMENTS = ("none", "light")
@@ -27,6 +29,17 @@ AUGMENTS = ("none", "light")
 
 def resize_size(pre: dict) -> int:
     return round(pre["input_size"] / pre.get("crop_pct", 1.0)) if pre["resize"] == "crop" else pre["input_size"]
+
+
+def _limit_aspect(img):
+    """Centre-crop the longer side to MAX_ASPECT x the shorter one, so the shorter-side resize
+    after it allocates at most MAX_ASPECT x side^2 pixels, whatever the image (a 1x65535 GIF
+    would otherwise become 256 x 16.8M).  load_image refuses such images, so for the images it
+    returns this never changes a result; it only bounds what a library caller can pass in."""
+    h, w = T.functional.get_size(img)
+    if max(w, h) <= MAX_ASPECT * min(w, h):
+        return img
+    return T.functional.center_crop(img, [min(h, MAX_ASPECT * w), min(w, MAX_ASPECT * h)])
 
 
 class Decode:
@@ -39,7 +52,7 @@ class Decode:
         if pre["resize"] == "squash":
             self.resize = T.Resize((side, side), interpolation=interp, antialias=True)
         elif pre["resize"] == "crop":
-            self.resize = T.Resize(side, interpolation=interp, antialias=True)
+            self.resize = T.Compose([_limit_aspect, T.Resize(side, interpolation=interp, antialias=True)])
         else:
             raise ValueError(f"unknown resize policy {pre['resize']!r}")
 
