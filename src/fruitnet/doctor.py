@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from fruitnet.balance import IMBALANCE_RATIO, imbalance_ratio
-from fruitnet.dataset import RUN_MARKER, Catalog, Item, connected_groups
+from fruitnet.dataset import RUN_MARKER, Catalog, Item, _ordered_map, connected_groups
 from fruitnet.errors import ImageError, UsageError
 from fruitnet.images import load_image
 
@@ -173,7 +173,8 @@ def extract_features(items: list[Item], backbone: str = DEFAULT_BACKBONE, batch_
         with ThreadPoolExecutor(threads) as pool, torch.inference_mode(), \
                 tqdm(total=len(todo), desc="features", unit="img", disable=not progress, leave=False) as bar:
             batches = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
-            pending = pool.map(lambda b: torch.stack([tensor(it) for it in b]), batches)  # decode ahead
+            # decode the next batches while the body runs on this one, a few at a time (bounded memory)
+            pending = _ordered_map(pool, lambda b: torch.stack([tensor(it) for it in b]), batches, threads)
             for batch, x in zip(batches, pending):
                 with arith.autocast(device):
                     feats = body(arith.prepare_input(x)).float().numpy()
