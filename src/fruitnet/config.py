@@ -158,6 +158,7 @@ def resume_config(saved: dict, given: dict) -> TrainConfig:
         raise UsageError(f"--resume continues a run as it was configured; {names} cannot change "
                          f"(only {', '.join('--' + k for k in RESUMABLE)} can): start a new run instead")
     known = {f.name for f in fields(TrainConfig)}
-    values = {k: v for k, v in saved.items() if k in known}
+    # a run saved before a setting existed continues as it began: without class balancing
+    values = {"balance": "none", **{k: v for k, v in saved.items() if k in known}}
     values.update({k: v for k, v in given.items() if v is not None and k in RESUMABLE})
     return TrainConfig(**values)
