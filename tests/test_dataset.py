@@ -115,6 +115,64 @@ def test_photos_yield_normalised_tensors_with_or_without_the_cache(demo_data):
     assert y == 0
 
 
+def test_near_duplicate_aware_split_keeps_every_copy_with_its_original(tmp_path, webfruit):
+    """Resized, re-encoded and cropped copies never land on the other side of the split."""
+    from corrupted import build_corrupted
+
+    data = tmp_path / "photos"
+    truth = build_corrupted(webfruit, data, seed=2, per_class=30, n_mislabelled=0, n_near=12, n_outliers=0)
+    catalog = scan(data, progress=False)
+    side = {}
+    for near in (True, False):
+        train, val = split(catalog, 0.25, seed=0, near_duplicates=near)
+        side[near] = {Path(it.path).relative_to(data).as_posix(): name
+                      for name, items in (("train", train), ("val", val)) for it in items}
+    split_apart = {near: sum(side[near][c["path"]] != side[near][c["original"]] for c in truth["near_copies"])
+                   for near in side}
+    assert split_apart[True] == 0
+    assert split_apart[False] >= 1  # without the groups some copies do leak (this data, seed 0)
+    report = catalog.report()
+    grouped = {Path(p).relative_to(data).as_posix() for g in report["near_duplicates"] for p in g}
+    assert sum(c["path"] in grouped for c in truth["near_copies"]) >= 11
+    assert report["kept_together"]["groups"] >= len(report["near_duplicates"])
+    conflicts = {Path(p).relative_to(data).as_posix() for g in report["label_conflicts"] for p in g}
+    assert {c["path"] for c in truth["near_copies"] if c["cross_class"]} - conflicts <= \
+        {c["path"] for c in truth["near_copies"] if c["path"] not in grouped}
+
+
+def test_chains_of_look_alikes_do_not_swallow_a_class(tmp_path):
+    """Fruits-360 style: frames of fruit on white chain together at 22 bits; groups are capped."""
+    fruits = pytest.importorskip("conftest").shared_folder("fruits360")
+    catalog = scan(fruits, progress=False)
+    groups = catalog.groups()
+    assert max(len(g) for g in groups) <= len(catalog.usable) // 10
+    train, val = split(catalog, 0.25, seed=0)
+    for cls in ("cherry", "tomato"):
+        n_val = sum(it.label == cls for it in val)
+        assert 0.15 <= n_val / catalog.counts()[cls] <= 0.35
+
+
+def test_exclude_list_leaves_photos_out_and_reports_lines_that_match_nothing(tmp_path, demo_data):
+    from fruitnet.dataset import apply_exclude
+
+    root = demo_data / "train"
+    catalog = scan(root, progress=False)
+    first, second = catalog.usable[0], catalog.usable[40]
+    listing = tmp_path / "exclude.txt"
+    listing.write_text(f"# suspects\n{Path(first.path).relative_to(root)}\n\n{Path(second.path).resolve()}\n"
+                       "cherry/no-such-photo.jpg\n")
+    before = snapshot(root)
+    (kept,), info = apply_exclude([catalog], listing)
+    assert snapshot(root) == before
+    assert {it.path for it in catalog.usable} - {it.path for it in kept.usable} == {first.path, second.path}
+    assert sorted(info["excluded"]) == sorted([first.path, second.path])
+    assert info["exclude_unmatched"] == ["cherry/no-such-photo.jpg"]
+    everything = tmp_path / "all-cherries.txt"
+    everything.write_text("\n".join(it.path for it in catalog.usable if it.label == "cherry"))
+    with pytest.raises(DataError, match="every photo of class"):
+        apply_exclude([catalog], everything)
+
+
 # --- what a data folder can hold besides photos (issue 11) --------------------------------------
 
 def small_folder(root: Path) -> Path:

@@ -107,9 +107,32 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
 def cmd_check(args) -> int:
     from fruitnet.dataset import format_report, scan
 
-    report = scan(args.data).report()
-    print(json.dumps(report, indent=2) if args.json else format_report(report))
-    return 1 if report["skipped"] else 0
+    if args.write_exclude and not args.deep:
+        raise UsageError("--write-exclude needs --deep (the suspects come from the deep check)")
+    if not (args.deep or args.out):  # the quick report on the console, as always: nothing written
+        report = scan(args.data).report()
+        print(json.dumps(report, indent=2) if args.json else format_report(report))
+        return 1 if report["skipped"] else 0
+
+    from fruitnet import doctor
+
+    out = doctor.output_folder(args.out, args.data)  # refused before any work if inside DATA
+    if args.write_exclude:
+        doctor.check_exclude_target(args.write_exclude, args.data)
+    catalog = scan(args.data, progress=not args.json)
+    log = (lambda *a: None) if args.json else print
+    findings = (doctor.deep_findings(catalog, backbone=args.backbone, folds=args.folds, seed=args.seed,
+                                     progress=not args.json, log=log)
+                if args.deep else doctor.quick_findings(catalog))
+    written = doctor.write_outputs(findings, out)
+    if args.write_exclude:
+        written.append(doctor.write_exclude(findings, args.write_exclude))
+    if args.json:
+        print(json.dumps({k: v for k, v in findings.items() if k != "photos"}, indent=2))
+    else:
+        print(doctor.format_summary(findings))
+        print("wrote " + ", ".join(str(p) for p in written))
+    return 1 if findings["skipped"] else 0
 
 
 def cmd_train(args) -> int:
@@ -285,9 +308,23 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("check", help="data report for a class-folder tree; writes nothing into it",
-                       description="Count the photos per class, find exact duplicates and unusable files.")
+                       description="Count the photos per class, find exact and near-duplicates, label conflicts and "
+                                   "unusable files; --deep also finds likely mislabelled photos and outliers, "
+                                   "shown in report.html.")
     p.add_argument("data", metavar="DATA", help="a folder of class folders: DATA/<class>/<image>")
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    p.add_argument("--deep", action="store_true",
+                   help="also find likely mislabelled photos, outliers and near-duplicates in feature space "
+                        "(pretrained features, cross-validated linear head, cleanlab); writes report.html")
+    p.add_argument("--out", metavar="DIR",
+                   help="report folder, outside DATA (default with --deep: runs/check-<timestamp>)")
+    p.add_argument("--write-exclude", metavar="FILE",
+                   help="with --deep: write the likely mislabelled photos and outliers, one path a line, "
+                        "for train --exclude FILE")
+    p.add_argument("--backbone", default="efficientnet_lite0", choices=sorted(BACKBONES),
+                   help="features for --deep (default: efficientnet_lite0, whose weights work offline)")
+    p.add_argument("--folds", type=_positive_int, default=5, help="cross-validation folds for --deep (default: 5)")
+    p.add_argument("--seed", type=_whole_number, default=0, help="seed of the folds (default: 0)")
     p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("train", help="fine-tune a pretrained backbone on DATA/<class>/<image>",

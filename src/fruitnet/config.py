@@ -121,6 +121,12 @@ class TrainConfig:
                                  "typical than the rest are answered 'unknown'", type="fraction")
     tensorboard: bool = _opt(False, "also write TensorBoard event files into the run folder "
                                     "(pip install 'fruitnet[tensorboard]')", flag="--tensorboard")
+    exclude: str | None = _opt(None, "leave the photos listed in FILE out of training and validation (one path "
+                                     "a line, e.g. from check --deep --write-exclude); DATA is not touched",
+                               metavar="FILE")
+    balance: Literal["auto", "none", "weights", "sampler"] = _opt(
+        "auto", "auto: class-weighted loss when the largest class has more than 1.5x the photos of the "
+                "smallest; weights; sampler (draw every class equally often); none")
 
     def __post_init__(self):
         _check_literals(self)
@@ -157,6 +163,7 @@ def resume_config(saved: dict, given: dict) -> TrainConfig:
         raise UsageError(f"--resume continues a run as it was configured; {names} cannot change "
                          f"(only {', '.join('--' + k for k in RESUMABLE)} can): start a new run instead")
     known = {f.name for f in fields(TrainConfig)}
-    values = {k: v for k, v in saved.items() if k in known}
+    # a run saved before a setting existed continues as it began: without class balancing
+    values = {"balance": "none", **{k: v for k, v in saved.items() if k in known}}
     values.update({k: v for k, v in given.items() if v is not None and k in RESUMABLE})
     return TrainConfig(**values)

@@ -83,15 +83,19 @@ class Photos(Dataset):
 
 
 def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, workers: int = 0,
-                generator: torch.Generator | None = None, seed: int = 0, drop_last: bool = False) -> DataLoader:
-    """Under torchrun each rank reads its own shard (distributed.sampler).
+                generator: torch.Generator | None = None, seed: int = 0, drop_last: bool = False,
+                weights: list[float] | None = None) -> DataLoader:
+    """Under torchrun each rank reads its own shard (distributed.sampler); with per-photo weights
+    (--balance sampler) photos are drawn with replacement in proportion to them.
 
     Workers are not persistent: each epoch's workers get the dataset as it is then (the
     training resolution changes between epochs)."""
     generator = generator or torch.Generator().manual_seed(seed)
     drop_last = drop_last and len(dataset) > batch_size * distributed.world().size
-    return DataLoader(dataset, batch_size=batch_size, sampler=distributed.sampler(dataset, shuffle, seed, generator),
-                      num_workers=workers, generator=generator, drop_last=drop_last)
+    sampler = (torch.utils.data.WeightedRandomSampler(weights, len(dataset), generator=generator) if weights
+               else distributed.sampler(dataset, shuffle, seed, generator))
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, generator=generator,
+                      drop_last=drop_last)
 
 
 @torch.no_grad()
@@ -128,6 +132,7 @@ class Pipeline:
     generator: torch.Generator  # one for the run: a new shuffle each epoch, restored on --resume
     feature_views: list[TensorDataset] | None = None
     val_features: TensorDataset | None = None
+    sample_weights: list[float] | None = None  # --balance sampler: per training photo
 
     @property
     def image_cache(self) -> bool:
@@ -136,11 +141,11 @@ class Pipeline:
     def train_loader(self, epoch: int) -> DataLoader:
         if self.feature_views is not None:
             view = self.feature_views[(epoch - 1) % len(self.feature_views)]
-            return make_loader(view, self.batch_size, True, 0, self.generator, self.seed)
+            return make_loader(view, self.batch_size, True, 0, self.generator, self.seed, weights=self.sample_weights)
         low = epoch <= self.recipe.low_res_epochs(self.epochs)
         self.train.transform.size = self.recipe.low_res_size if low else self.train.transform.input_size
         return make_loader(self.train, self.batch_size, True, self.workers, self.generator, self.seed,
-                           self.recipe.drop_last)
+                           self.recipe.drop_last, self.sample_weights)
 
     def val_loader(self) -> DataLoader:
         if self.val_features is not None:
