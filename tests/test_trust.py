@@ -68,8 +68,8 @@ def test_training_stores_calibration_and_statistics_in_both_model_files(trained_
         trust = meta["trust"]
         assert trust["score"] == "energy" and trust["recall"] == 0.95 and trust["threshold"] == pytest.approx(0.05)
         assert trust["temperature"] > 0 and trust["val_accepted"] >= 0.95
-        cal = trust["val_calibration"]  # the demo's 24 validation photos are all right: confident, not certain
-        assert cal["temperature"] == trust["temperature"] and cal["ece_after"] < 0.1 and cal["nll_after"] > 0.01
+        cal = trust["val_calibration"]  # T minimises the validation NLL (up to the small Laplace share)
+        assert cal["temperature"] == trust["temperature"] and cal["nll_after"] <= cal["nll_before"] + 0.01
         scores = model.trust.val_scores
         assert len(scores) == trust["n_val"] and torch.all(scores[1:] >= scores[:-1])
 
