@@ -147,6 +147,13 @@ class RunFolder:
                 self.writer.add_scalar(name, row[key], row["epoch"])
             self.writer.flush()
 
+    def add_trust(self, best_epoch: int, last_epoch: int, val_set, recall: float, device, log=print) -> None:
+        """Fit calibration and the unknown verdict (ood.py) into best.safetensors and last.safetensors."""
+        if self.active:
+            from fruitnet.ood import fit_model_files
+
+            fit_model_files(self.path, best_epoch, last_epoch, val_set, recall, device, log)
+
     def finish(self, summary: dict, images: dict | None = None) -> None:
         """summary.json; in TensorBoard, the given end-of-run pictures ({tag: PNG path})."""
         if not self.active:

@@ -33,7 +33,6 @@ from fruitnet.config import Recipe, TrainConfig, recipe_for, resolve, resume_con
 from fruitnet.dataset import Item, apply_exclude, format_report, scan, split, split_warnings
 from fruitnet.errors import DataError, UsageError
 from fruitnet.model import Classifier, create_classifier
-from fruitnet.ood import fit_model_files  # issue 9: calibration and the unknown verdict
 from fruitnet.pipeline import Pipeline, build_pipeline, extract_features, make_loader, use_image_cache
 from fruitnet.runfolder import RunFolder, SavedRun, new_output_folder, read_run
 
@@ -335,9 +334,9 @@ def _fit(config: TrainConfig, saved: SavedRun | None, log) -> dict:
         log(f"\n{why}: {kept}; continue with: fruitnet train --resume {run.path}")
         raise
 
-    if world.is_main and progress.rows:  # issue 9: temperature and unknown threshold, into best and last
-        fit_model_files(run.path, progress.best["epoch"], progress.rows[-1]["epoch"], pipeline.val,
-                        config.unknown_recall, device, log)
+    if progress.rows:  # the temperature and the unknown verdict's threshold, into best and last
+        run.add_trust(progress.best["epoch"], progress.rows[-1]["epoch"], pipeline.val, config.unknown_recall,
+                      device, log)
     summary = {"best_val_accuracy": progress.best["val_accuracy"], "best_epoch": progress.best["epoch"],
                "epochs": len(progress.rows), "seconds": round(progress.elapsed, 2),
                "model": str(run.path / "best.safetensors"), "last_model": str(run.path / "last.safetensors"),
