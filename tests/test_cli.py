@@ -255,3 +255,13 @@ def test_outputs_never_land_in_the_data_folder_or_on_existing_files(tmp_path, de
     assert again.returncode == 2 and "already exists" in again.stderr
     assert (tmp_path / "done" / "report.json").read_text() == "{}" and a_file.read_text() == "mine"
     assert sorted(p.relative_to(data) for p in data.rglob("*")) == before
+
+
+def test_a_class_named_unknown_is_refused_before_training(tmp_path, demo_data):
+    for cls in ("cherry", "unknown"):
+        (tmp_path / "data" / cls).mkdir(parents=True)
+        for src in sorted((demo_data / "test" / "cherry").glob("*.jpg"))[:2]:
+            (tmp_path / "data" / cls / src.name).write_bytes(src.read_bytes())
+    result = run_cli("train", tmp_path / "data", "--backbone", "efficientnet_lite0", "--out", tmp_path / "run")
+    assert result.returncode == 2 and "named 'unknown'" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "run").exists()

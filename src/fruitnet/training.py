@@ -33,6 +33,7 @@ from fruitnet.config import Recipe, TrainConfig, recipe_for, resolve, resume_con
 from fruitnet.dataset import Item, apply_exclude, format_report, scan, split, split_warnings
 from fruitnet.errors import DataError, UsageError
 from fruitnet.model import Classifier, create_classifier
+from fruitnet.predictors import UNKNOWN
 from fruitnet.pipeline import Pipeline, build_pipeline, extract_features, make_loader, use_image_cache
 from fruitnet.runfolder import RunFolder, SavedRun, new_output_folder, read_run
 
@@ -79,6 +80,10 @@ def read_data(config: TrainConfig, log=print) -> Data:
     --exclude FILE leaves the listed photos out of both sides; near-duplicate groups (identical
     files and perceptual-hash copies, dataset.py) stay on one side of the split."""
     catalog = scan(config.data)
+    if UNKNOWN in catalog.classes:
+        raise DataError(f"{config.data}: a class folder named {UNKNOWN!r} would be confused with the answer "
+                        f"{UNKNOWN!r} that fruitnet gives for photos of none of the classes; rename it "
+                        "(e.g. 'other')")
     val_catalog = scan(config.val_dir) if config.val_dir else None
     if val_catalog and val_catalog.classes != catalog.classes:
         raise DataError(f"{config.val_dir}: classes {val_catalog.classes} differ from "
