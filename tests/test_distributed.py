@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import os
 import random
 import signal
@@ -22,7 +21,9 @@ from PIL import Image, ImageDraw
 from torch.utils.data import DataLoader, RandomSampler, SequentialSampler, TensorDataset
 
 from fruitnet import distributed
-from fruitnet.predictors import TorchPredictor
+from fruitnet.images import load_image
+from fruitnet.model import load_model
+from fruitnet.transforms import eval_transform
 
 # 21 train / 9 validation images: both odd, so a padded shard would count an image twice
 # fp32: the exact comparisons below need the same arithmetic as the single-process reference
@@ -77,9 +78,13 @@ def independent_evaluation(model: Path, run: Path) -> tuple[float, float, int]:
     """(accuracy, mean cross-entropy, n) of a model file on the run's validation list, one process."""
     with open(run / "split.csv", newline="") as f:
         val = [row for row in csv.DictReader(f) if row["split"] == "val"]
-    results = TorchPredictor(model, device="cpu").predict_paths([row["path"] for row in val], batch_size=64)
-    correct = sum(r["label"] == row["class"] for r, row in zip(results, val))
-    loss = -sum(math.log(r["probabilities"][row["class"]]) for r, row in zip(results, val)) / len(val)
+    net, meta = load_model(model)  # the raw network: validation in training is before calibration
+    transform = eval_transform(meta["preprocessing"])
+    with torch.no_grad():
+        logits = net(torch.stack([transform(load_image(row["path"])) for row in val]))
+    targets = torch.tensor([meta["classes"].index(row["class"]) for row in val])
+    correct = int((logits.argmax(1) == targets).sum())
+    loss = float(torch.nn.functional.cross_entropy(logits.double(), targets))
     return correct / len(val), loss, len(val)
 
 

@@ -17,7 +17,7 @@ from conftest import DEMO_DATA, run_cli, shared_folder
 from PIL import Image, ImageDraw
 from quick_model import CLASSES, make_quick_model
 
-from fruitnet.calibration import expected_calibration_error, fit_temperature, nll
+from fruitnet.calibration import MAX_TEMPERATURE, expected_calibration_error, fit_temperature, nll
 from fruitnet.evaluate import evaluate
 from fruitnet.explain import model_view
 from fruitnet.export import export_onnx
@@ -49,6 +49,13 @@ def test_temperature_stays_finite_when_every_validation_photo_is_right():
     t = fit_temperature(logits, logits.argmax(1))
     confidence = float((logits / t).softmax(1).amax(1).mean())
     assert 0.05 < t < 1 and 0.95 < confidence < 0.995  # sharper, but not "100%" from 60 photos
+
+
+def test_temperature_of_an_uninformative_model_stays_in_bounds():
+    """Logits that say nothing about the class (an untrained head) would flatten to T -> infinity."""
+    logits = torch.randn(300, 3, generator=torch.Generator().manual_seed(0)) * 3
+    targets = torch.randint(0, 3, (300,), generator=torch.Generator().manual_seed(100))  # unrelated to the logits
+    assert fit_temperature(logits, targets) == MAX_TEMPERATURE
 
 
 def test_ece_nll_and_auroc_on_known_cases():

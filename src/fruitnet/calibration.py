@@ -14,8 +14,14 @@ import torch
 ECE_BINS = 15
 
 
+# An untrained or collapsed model's best T can run off to thousands (flatten everything) or
+# towards 0; inside these bounds the answer is already "no confidence" or "certain".
+MIN_TEMPERATURE, MAX_TEMPERATURE = 0.01, 100.0
+
+
 def fit_temperature(logits: torch.Tensor, targets: torch.Tensor, max_iter: int = 200) -> float:
-    """The T > 0 minimising the NLL of softmax(logits / T); LBFGS on log T (so T stays positive).
+    """The T > 0 minimising the NLL of softmax(logits / T); LBFGS on log T (so T stays positive),
+    clipped to [MIN_TEMPERATURE, MAX_TEMPERATURE].
 
     Each photo counts as right with weight 1 - 1/(n + 2) and wrong with 1/(n + 2) (Laplace's rule
     of succession): when all n validation photos are right, plain NLL keeps falling as T -> 0 and
@@ -44,7 +50,7 @@ def fit_temperature(logits: torch.Tensor, targets: torch.Tensor, max_iter: int =
 
     opt.step(closure)
     t = float(log_t.detach().exp())
-    return t if np.isfinite(t) else 1.0
+    return float(np.clip(t, MIN_TEMPERATURE, MAX_TEMPERATURE)) if np.isfinite(t) else 1.0
 
 
 def nll(probs: np.ndarray, targets: np.ndarray) -> float:
