@@ -15,10 +15,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tqdm import tqdm
-
 from fruitnet.errors import DataError, ImageError
 from fruitnet.images import load_image, looks_like_image
+from fruitnet.progress import bar as progress_bar
 
 
 @dataclass
@@ -61,6 +60,15 @@ class Catalog:
                 "duplicates": self.duplicates()}
 
 
+LOOSE = "not inside a class folder"
+SHOWN = 5  # the report names this many duplicate groups and ignored files, then says how many more
+
+
+def _first(entries: list[str], what: str) -> list[str]:
+    more = [f"    and {len(entries) - SHOWN} more {what} (--json lists them all)"] if len(entries) > SHOWN else []
+    return [f"    {e}" for e in entries[:SHOWN]] + more
+
+
 def _check_file(path: Path, label: str, draft_size: int) -> Item:
     item = Item(str(path), label)
     try:
@@ -100,7 +108,7 @@ def scan(root: str | Path, progress: bool = True, workers: int = 4, draft_size: 
         if entry.name.startswith("."):  # .DS_Store, .ipynb_checkpoints: never a class
             continue
         if not entry.is_dir():
-            ignored.append({"path": str(entry), "reason": "not inside a class folder"})
+            ignored.append({"path": str(entry), "reason": LOOSE})
             continue
         classes.append(entry.name)
         for dirpath, dirnames, filenames in os.walk(entry):
@@ -113,13 +121,17 @@ def scan(root: str | Path, progress: bool = True, workers: int = 4, draft_size: 
                     candidates.append((path, entry.name))
                 else:
                     ignored.append({"path": str(path), "reason": "not an image file"})
+    loose = [i for i in ignored if i["reason"] == LOOSE and looks_like_image(i["path"])]
+    if len(classes) < 2 and loose:
+        raise DataError(f"{root}: found {len(loose)} image(s) directly in {root}; put them in one folder per class: "
+                        f"{root}/<class>/<image>")
     if len(classes) < 2:
         raise DataError(f"{root}: found {len(classes)} class folder(s) {classes}; need at least two "
                         "(layout: DATA/<class>/<image>)")
     with ThreadPoolExecutor(workers) as pool:  # PIL decodes without the GIL
         jobs = _ordered_map(pool, lambda pc: _check_file(pc[0], pc[1], draft_size), candidates, 8 * workers)
-        items = list(tqdm(jobs, total=len(candidates), desc=f"checking {root.name}", unit="img",
-                          disable=not progress, leave=False))
+        items = list(progress_bar(jobs, total=len(candidates), desc=f"checking {root.name}", unit="img",
+                                  disable=not progress))
     catalog = Catalog(str(root), classes, items, ignored)
     empty = [cls for cls, n in catalog.counts().items() if n == 0]
     if empty:
@@ -134,18 +146,22 @@ def format_report(report: dict) -> str:
     lines += [f"    {cls:<{width}}  {n}" for cls, n in report["counts"].items()]
     if report["duplicates"]:
         n = sum(len(g) for g in report["duplicates"])
-        lines.append(f"  {len(report['duplicates'])} groups of exact duplicates ({n} files), kept on one side of the split")
+        lines.append(f"  {len(report['duplicates'])} group(s) of exact duplicates ({n} files), kept on one side "
+                     "of the split:")
+        lines += _first([" = ".join(g) for g in report["duplicates"]], "groups")
     if report["skipped"]:
-        lines.append(f"  {len(report['skipped'])} file(s) skipped:")
+        lines.append(f"  {len(report['skipped'])} image file(s) skipped, unusable (exit code 1):")
         lines += [f"    {s['path']}: {s['reason']}" for s in report["skipped"]]
     if report["ignored"]:
-        lines.append(f"  {len(report['ignored'])} non-image file(s) ignored")
+        lines.append(f"  {len(report['ignored'])} other file(s) ignored (not a failure):")
+        lines += _first([f"{i['path']}: {i['reason']}" for i in report["ignored"]], "files")
     return "\n".join(lines)
 
 
 def write_report(report: dict, folder: Path) -> None:
     (folder / "data_report.json").write_text(json.dumps(report, indent=2))
-    (folder / "data_report.txt").write_text(format_report(report) + "\n")
+    warnings = "".join(f"warning: {w}\n" for w in report.get("warnings", []))
+    (folder / "data_report.txt").write_text(format_report(report) + "\n" + warnings)
 
 
 def split(catalog: Catalog, val_fraction: float = 0.25, seed: int = 0) -> tuple[list[Item], list[Item]]:

@@ -9,6 +9,8 @@ project's `model.pth` (a plain torchvision resnet18 state dict) is read through
 from __future__ import annotations
 
 import json
+import pickle
+import warnings
 from pathlib import Path
 
 import torch
@@ -18,6 +20,7 @@ from torch import nn
 
 from fruitnet.backbones import create_body, get_backbone
 from fruitnet.errors import ModelFileError
+from fruitnet.modelpath import check_model_argument
 
 FORMAT_VERSION = 1
 # The original project: resnet18, 3 classes, 300x300 squashed, mean/std 0.5 per channel.
@@ -83,6 +86,7 @@ def _is_safetensors(path: Path) -> bool:
 def load_model(path: str | Path, legacy: bool | None = None) -> tuple[Classifier, dict]:
     """Load a fruitnet model file, or (detected, or legacy=True) the original project's model.pth."""
     path = Path(path)
+    check_model_argument(path)  # a run folder, a checkpoint, a photo: say what to pass instead
     if not path.is_file():
         raise ModelFileError(f"{path}: model file not found")
     if legacy is None:
@@ -95,8 +99,9 @@ def load_model(path: str | Path, legacy: bool | None = None) -> tuple[Classifier
         with safe_open(str(path), framework="pt") as f:
             meta = json.loads((f.metadata() or {}).get("fruitnet", "null"))
         state = load_file(str(path))
-    except (SafetensorError, OSError, json.JSONDecodeError) as exc:
-        raise ModelFileError(f"{path}: not a readable fruitnet model file ({exc})") from exc
+    except (SafetensorError, OSError, json.JSONDecodeError):
+        raise ModelFileError(f"{path}: damaged or incomplete model file (its header cannot be read); "
+                             "copy it again from the run folder") from None
     if not isinstance(meta, dict) or meta.get("format") != "fruitnet":
         raise ModelFileError(f"{path}: safetensors file without fruitnet metadata")
     model, _ = create_classifier(meta["backbone"], len(meta["classes"]), weights="none")
@@ -108,10 +113,21 @@ def load_model(path: str | Path, legacy: bool | None = None) -> tuple[Classifier
 
 
 def _load_legacy(path: Path) -> tuple[Classifier, dict]:
+    neither = f"{path}: neither a fruitnet model file (.safetensors) nor the original project's model.pth"
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ModelFileError(f"{path}: not a fruitnet model nor a plain state dict ({exc.__class__.__name__})") from exc
+        with warnings.catch_warnings():  # torch warns about pickle protocols it then reads fine
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "weights only load failed" in str(exc).lower():
+            raise ModelFileError(f"{path}: holds Python objects, not only tensors; fruitnet never loads those "
+                                 "(loading them could run code)") from None
+        raise ModelFileError(neither) from None
+    except Exception:  # torch.load raises many types for files that are not a state dict at all
+        raise ModelFileError(neither) from None
+    if isinstance(state, dict) and {"model", "optimizer", "epoch"} <= set(state):
+        raise ModelFileError(f"{path}: a training checkpoint (for fruitnet train --resume), not a model file; "
+                             "pass the run's best.safetensors")
     if not isinstance(state, dict) or "fc.weight" not in state:
         raise ModelFileError(f"{path}: not a torchvision resnet18 state dict (no 'fc.weight')")
     n = state["fc.weight"].shape[0]

@@ -12,20 +12,18 @@ Every consumer (predict, evaluate, serve, export's parity check) talks to a Pred
 
 from __future__ import annotations
 
-import glob
 import json
-import os
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 from PIL import Image
 
 from fruitnet.arithmetic import choose, resolve_device
-from fruitnet.errors import ImageError, ModelFileError
-from fruitnet.images import is_hidden, load_image, looks_like_image
+from fruitnet.errors import ModelFileError
+from fruitnet.images import expand_paths  # noqa: F401  (here for the callers that import it from here)
 from fruitnet.model import load_model
-from fruitnet.transforms import eval_transform
+from fruitnet.preprocess import DecodeAhead, load, small_image_warning
+from fruitnet.transforms import TensorTransform, eval_transform, hwc_to_tensor
 
 ONNX_META_KEY = "fruitnet"  # the ONNX metadata_props key that carries the model file's metadata
 
@@ -42,7 +40,8 @@ class Predictor:
         self.meta = meta
         self.classes: list[str] = meta["classes"]
         self.preprocessing: dict = meta["preprocessing"]
-        self.transform = eval_transform(self.preprocessing)
+        self.transform = eval_transform(self.preprocessing)  # PIL image -> model input
+        self.finish = TensorTransform(self.preprocessing)  # uint8 model input (DecodeAhead) -> model input
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """A normalised image batch -> logits (float32, on the CPU)."""
@@ -53,42 +52,39 @@ class Predictor:
         raise NotImplementedError
 
     def load(self, path) -> Image.Image:
-        return load_image(path)  # full decode, exactly as in training (no JPEG draft shortcuts)
+        """A file decoded as in training (preprocess.load: a JPEG draft decode where the model's
+        preprocessing says so); ImageError if it cannot be used."""
+        return load(path, self.preprocessing)
 
     def probabilities(self, images: list) -> torch.Tensor:
         """PIL RGB images -> (n, classes) softmax probabilities."""
         return self.logits(torch.stack([self.transform(im) for im in images])).softmax(1)
 
-    def _prepare(self, path) -> torch.Tensor | str:
-        """Decode and transform one file (runs in a thread: PIL works without the GIL); an error is a str."""
-        try:
-            return self.transform(self.load(path))
-        except ImageError as exc:
-            return exc.reason
-        except OSError as exc:
-            return f"cannot read file ({exc.strerror or exc})"
+    def predict_paths(self, paths: list[str], batch_size: int = 32, progress=None,
+                      decoded: DecodeAhead | None = None) -> list[dict]:
+        """[{path, label, probabilities[, warning]}] or [{path, error}] per path, in order; never
+        raises for a bad file.  `warning` flags a photo much smaller than the model's input.
 
-    def predict_paths(self, paths: list[str], batch_size: int = 32, progress=None) -> list[dict]:
-        """[{path, label, probabilities}] or [{path, error}] per path, in order; never raises for a bad file.
-
-        The next batch is decoded by threads while the model runs on this one; at most two
-        batches are in memory, however many paths there are.
+        Files are decoded by threads ahead of the model (a bounded window: memory stays flat
+        however many paths there are); `decoded` is such a decoder started earlier, over the same
+        paths with the same preprocessing (the CLI starts it before the model has loaded).
         """
-        chunks = [paths[i:i + batch_size] for i in range(0, len(paths), batch_size)]
+        decoded = decoded if decoded is not None else DecodeAhead(paths, self.preprocessing)
         results: list[dict] = []
-        with ThreadPoolExecutor(max(2, os.cpu_count() or 2)) as pool:
-            pending = pool.map(self._prepare, chunks[0]) if chunks else None
-            for k, chunk in enumerate(chunks):
-                prepared = list(pending)
-                if k + 1 < len(chunks):
-                    pending = pool.map(self._prepare, chunks[k + 1])
-                out = [{"path": str(p)} if isinstance(t, torch.Tensor) else {"path": str(p), "error": t}
-                       for p, t in zip(chunk, prepared)]
-                good = [i for i, t in enumerate(prepared) if isinstance(t, torch.Tensor)]
+        with decoded:
+            for start in range(0, len(paths), batch_size):
+                chunk = paths[start:start + batch_size]
+                prepared = [next(decoded) for _ in chunk]
+                out = [{"path": str(p), "error": d} if isinstance(d, str) else {"path": str(p)}
+                       for p, d in zip(chunk, prepared)]
+                good = [i for i, d in enumerate(prepared) if not isinstance(d, str)]
                 if good:
-                    probs = self.logits(torch.stack([prepared[i] for i in good])).softmax(1)
-                    for i, row in zip(good, probs):
+                    x = torch.stack([self.finish(hwc_to_tensor(prepared[i][0])) for i in good])
+                    for i, row in zip(good, self.logits(x).softmax(1)):
                         out[i].update(self.describe(row))
+                        warning = small_image_warning(prepared[i][1], self.preprocessing)
+                        if warning:
+                            out[i]["warning"] = warning
                 results.extend(out)
                 if progress is not None:
                     progress(len(chunk))
@@ -115,10 +111,13 @@ class TorchPredictor(Predictor):
     @torch.inference_mode()
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         with self.arith.autocast(self.device):
-            return self.model(self.arith.prepare_input(x.to(self.device))).float().cpu()
+            features = self.model.body(self.arith.prepare_input(x.to(self.device)))
+        # The final layer always in fp32 (outside autocast): it costs nothing measurable, and it
+        # keeps bf16 rounding out of the last step that decides near-ties (README: bf16 and fp32).
+        return self.model.head(features.float()).cpu()
 
     def runtime(self) -> dict:
-        return {"runtime": "pytorch", "arithmetic": self.arith.as_dict()}
+        return {"runtime": "pytorch", "arithmetic": {**self.arith.as_dict(), "final_layer": "fp32"}}
 
 
 class OnnxPredictor(Predictor):
@@ -156,23 +155,3 @@ def load_predictor(path: str | Path, runtime: str = "auto", legacy: bool | None 
     if runtime == "onnx" or (runtime == "auto" and str(path).lower().endswith(".onnx")):
         return OnnxPredictor(path)
     return TorchPredictor(path, device=device, legacy=legacy, precision=precision)
-
-
-def expand_paths(patterns: list[str]) -> tuple[list[str], list[dict]]:
-    """Files, folders (recursively, skipping hidden entries and non-images) and globs.
-
-    Returns (paths, problems) where problems are {path, error} for patterns that matched nothing.
-    """
-    paths, problems = [], []
-    for pattern in patterns:
-        if os.path.isdir(pattern):
-            found = sorted(str(p) for p in Path(pattern).rglob("*")
-                           if p.is_file() and not is_hidden(p.relative_to(pattern)) and looks_like_image(p))
-        elif os.path.exists(pattern):
-            found = [pattern]
-        else:
-            found = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
-        if not found:
-            problems.append({"path": pattern, "error": "no such file, or no images there"})
-        paths.extend(found)
-    return paths, problems

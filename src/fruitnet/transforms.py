@@ -1,13 +1,9 @@
 """One transform path, built from a model's preprocessing metadata (never re-typed elsewhere).
 
-preprocessing = {input_size, resize: 'crop'|'squash', crop_pct, interpolation, mean, std}
-- 'crop': resize the shorter side to input_size / crop_pct, then centre-crop input_size
-  (timm's and torchvision's ImageNet evaluation);
-- 'squash': resize to input_size x input_size regardless of aspect (the original project).
-
 Every image goes through two steps, whoever uses it:
-1. `Decode(pre)`: PIL RGB -> the resized uint8 tensor (the only step that touches PIL; the
-   decoded-image cache stores its output);
+1. `Decode(pre)`: a file (`load`) or a PIL RGB image -> the resized uint8 tensor: the PIL half,
+   preprocess.py (the resize policies, the JPEG draft decode), then a tensor.  The decoded-image
+   cache stores its output;
 2. `TensorTransform(pre, ...)`: uint8 tensor -> normalised float tensor: a centre crop for
    evaluation, or a random-resized crop and flip for training, at `size` (progressive resizing
    changes it between epochs).
@@ -17,16 +13,15 @@ export all see exactly the same inputs.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torchvision.transforms import v2 as T
+
+from fruitnet.preprocess import fit, load, resize_size  # noqa: F401  (resize_size: part of this module's API)
 
 _INTERPOLATION = {"bilinear": T.InterpolationMode.BILINEAR, "bicubic": T.InterpolationMode.BICUBIC,
                   "nearest": T.InterpolationMode.NEAREST}
 AUGMENTS = ("none", "light")
-
-
-def resize_size(pre: dict) -> int:
-    return round(pre["input_size"] / pre.get("crop_pct", 1.0)) if pre["resize"] == "crop" else pre["input_size"]
 
 
 class Decode:
@@ -34,20 +29,25 @@ class Decode:
     slow every later op down)."""
 
     def __init__(self, pre: dict):
-        interp = _INTERPOLATION[pre["interpolation"]]
-        side = resize_size(pre)
-        if pre["resize"] == "squash":
-            self.resize = T.Resize((side, side), interpolation=interp, antialias=True)
-        elif pre["resize"] == "crop":
-            self.resize = T.Resize(side, interpolation=interp, antialias=True)
-        else:
+        if pre["resize"] not in ("crop", "squash"):
             raise ValueError(f"unknown resize policy {pre['resize']!r}")
+        self.pre = pre
+
+    def load(self, path) -> torch.Tensor:
+        """A file, decoded as the preprocessing says (preprocess.load), then resized."""
+        return self(load(path, self.pre))
 
     def __call__(self, image) -> torch.Tensor:
-        return T.functional.pil_to_tensor(self.resize(image)).contiguous()
+        return hwc_to_tensor(np.array(fit(image, self.pre)))
 
     def __repr__(self) -> str:
-        return f"Decode({self.resize})"
+        return (f"Decode(resize={self.pre['resize']!r}, side={resize_size(self.pre)}, "
+                f"interpolation={self.pre['interpolation']!r}, jpeg_draft={bool(self.pre.get('jpeg_draft'))})")
+
+
+def hwc_to_tensor(array: np.ndarray) -> torch.Tensor:
+    """uint8 (height, width, 3) array -> contiguous uint8 (3, height, width) tensor."""
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
 class TensorTransform:
