@@ -171,8 +171,8 @@ def _arithmetic(predictor) -> str:
     arith = runtime["arithmetic"]
     if isinstance(arith, str):
         return f"{runtime['runtime']}, {arith}"
-    head = f", final layer {arith['final_layer']}" if arith["dtype"] != arith.get("final_layer", arith["dtype"]) else ""
-    return f"{runtime['runtime']}, {arith['dtype']}{head} ({arith['reason']})"
+    near_ties = f"; near-ties {arith['near_ties']}" if "near_ties" in arith else ""
+    return f"{runtime['runtime']}, {arith['dtype']} ({arith['reason']}){near_ties}"
 
 
 def cmd_predict(args) -> int:

@@ -25,6 +25,7 @@ from fruitnet.model import load_model
 from fruitnet.preprocess import DecodeAhead, load, small_image_warning
 from fruitnet.transforms import TensorTransform, eval_transform, hwc_to_tensor
 
+NEAR_TIE = 0.1  # bf16: a photo whose top two probabilities are closer than this is run again in fp32
 ONNX_META_KEY = "fruitnet"  # the ONNX metadata_props key that carries the model file's metadata
 
 
@@ -98,26 +99,37 @@ class Predictor:
 class TorchPredictor(Predictor):
     """A .safetensors model file (or the original model.pth) run by PyTorch.
 
-    precision 'fp32' (exact, the library default), 'bf16' or 'auto' (bf16 where native: faster)."""
+    precision 'fp32' (exact, the library default), 'bf16' or 'auto' (bf16 where native: faster).
+    Under bf16, photos whose top two probabilities are within NEAR_TIE are run again in fp32
+    (recheck_near_ties), so labels agree with fp32 and ONNX."""
 
     def __init__(self, model_path: str | Path, device: str = "auto", legacy: bool | None = None,
-                 precision: str = "fp32"):
+                 precision: str = "fp32", recheck_near_ties: bool = True):
         self.model, meta = load_model(model_path, legacy=legacy)
         super().__init__(meta)
         self.device = resolve_device(device)
         self.arith = choose(precision, self.device)
         self.arith.prepare_model(self.model.to(self.device).eval())
+        self.recheck_near_ties = recheck_near_ties  # bf16 only: see logits
 
     @torch.inference_mode()
     def logits(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.arith.prepare_input(x.to(self.device))
         with self.arith.autocast(self.device):
-            features = self.model.body(self.arith.prepare_input(x.to(self.device)))
-        # The final layer always in fp32 (outside autocast): it costs nothing measurable, and it
-        # keeps bf16 rounding out of the last step that decides near-ties (README: bf16 and fp32).
-        return self.model.head(features.float()).cpu()
+            logits = self.model(x).float()
+        if self.arith.dtype == "bf16" and self.recheck_near_ties:
+            # bf16 moves probabilities by up to ~0.05 (README: bf16 and fp32), enough to flip a
+            # near-tie: those few photos are run again in fp32, so labels agree with fp32 and ONNX.
+            top2 = logits.softmax(1).topk(min(2, logits.shape[1]), dim=1).values
+            close = (top2[:, 0] - top2[:, -1]) < NEAR_TIE
+            if close.any():
+                logits[close] = self.model(x[close]).float()
+        return logits.cpu()
 
     def runtime(self) -> dict:
-        return {"runtime": "pytorch", "arithmetic": {**self.arith.as_dict(), "final_layer": "fp32"}}
+        near_ties = {"near_ties": f"run again in fp32 (top two within {NEAR_TIE})"} \
+            if self.arith.dtype == "bf16" and self.recheck_near_ties else {}
+        return {"runtime": "pytorch", "arithmetic": {**self.arith.as_dict(), **near_ties}}
 
 
 class OnnxPredictor(Predictor):
