@@ -59,6 +59,9 @@ def test_model_input_is_the_eval_transforms_uint8_stage(name, size):
     assert torch.equal(a, b)
     assert torch.equal(T.functional.center_crop(Decode(pre)(image), [pre["input_size"]] * 2),
                        hwc_to_tensor(model_input(image, pre)))
+    # a batch, as the predictors normalise it, gives each image's own result
+    batch = np.stack([model_input(image, pre), model_input(photo(*size, seed=2), pre)])
+    assert torch.equal(TensorTransform(pre)(hwc_to_tensor(batch))[0], b)
 
 
 def test_jpeg_draft_decodes_big_photos_smaller_but_never_below_the_resize(tmp_path):

@@ -46,14 +46,15 @@ class Decode:
 
 
 def hwc_to_tensor(array: np.ndarray) -> torch.Tensor:
-    """uint8 (height, width, 3) array -> contiguous uint8 (3, height, width) tensor."""
-    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+    """uint8 ([n,] height, width, 3) array -> contiguous uint8 ([n,] 3, height, width) tensor."""
+    return torch.from_numpy(array).movedim(-1, -3).contiguous()
 
 
 class TensorTransform:
     """uint8 tensor from Decode -> normalised float tensor.
 
     augment 'none': centre crop at input_size (evaluation, and the original recipe's training);
+    it also takes a batch (n, 3, h, w), with the same result per image as one at a time;
     'light': random-resized crop (crop_scale of the area) at `size`, and a horizontal flip.
     """
 
