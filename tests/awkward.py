@@ -8,6 +8,7 @@ Usage::
 
 from __future__ import annotations
 
+import io
 import pathlib
 import struct
 import zlib
@@ -162,3 +163,32 @@ def make_awkward_folder(root: pathlib.Path, base_images: dict[str, list[Image.Im
         "ignored": ignored,
         "rotated": (rotated_rel, upright.size),
     }
+
+
+# --- hostile files: tiny on disk, huge once resized or decoded (issue 11) -------------------
+
+def tall_gif_bytes() -> bytes:
+    """457 bytes: a 1x65535 palette GIF. A shorter-side resize to 256 would make it 256 x 16.8M pixels."""
+    buf = io.BytesIO()
+    Image.new("P", (1, 65535)).save(buf, format="GIF")
+    return buf.getvalue()
+
+
+def wide_png_bytes() -> bytes:
+    """About 100 bytes: a 20000x10 1-bit PNG (2000:1)."""
+    buf = io.BytesIO()
+    Image.new("1", (20000, 10)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def lying_jpeg_bytes(size=(7000, 7000)) -> bytes:
+    """About 630 bytes: a 16x16 JPEG whose frame header claims ``size``; libjpeg pads the missing
+    data with grey instead of failing, so it would decode to a 49-megapixel grey image."""
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), (120, 30, 40)).save(buf, format="JPEG")
+    data = buf.getvalue()
+    i = 2
+    while data[i + 1] not in (0xC0, 0xC1, 0xC2):  # walk the markers to the start of frame
+        i += 2 + struct.unpack(">H", data[i + 2:i + 4])[0]
+    w, h = size
+    return data[:i + 5] + struct.pack(">HH", h, w) + data[i + 9:]

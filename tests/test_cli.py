@@ -2,6 +2,7 @@
 
 import csv
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -11,8 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from awkward import make_awkward_folder
+from awkward import lying_jpeg_bytes, make_awkward_folder, tall_gif_bytes, wide_png_bytes
 from conftest import run_cli
+from quick_model import bad_metadata_cases, make_quick_model, with_metadata
 
 RUN_FILES = {"config.json", "split.csv", "data_report.json", "data_report.txt", "metrics.csv", "curves.png",
              "best.safetensors", "last.safetensors", "summary.json", "checkpoint.pt"}
@@ -39,11 +41,15 @@ def test_check_names_every_unusable_file_and_exits_1(awkward):
     (["train", "/no/such/folder"], "not found"),
     (["train", "x", "--epochs", "0"], "at least 1"),
     (["train", "x", "--backbone", "vgg"], "invalid choice"),
+    (["serve", "m.safetensors", "--port", "99999"], "argument --port: must be between 1 and 65535, not 99999"),
+    (["serve", "m.safetensors", "--port", "0"], "argument --port: must be between 1 and 65535, not 0"),
+    (["serve", "m.safetensors", "--port=-1"], "argument --port: must be between 1 and 65535, not -1"),
+    (["serve", "m.safetensors", "--timeout-request", "0"], "must be more than 0"),
 ])
 def test_unusable_arguments_exit_2(args, message):
     result = run_cli(*args)
     assert result.returncode == 2
-    assert message in result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr
 
 
 def test_awkward_folder_trains_predicts_and_evaluates(awkward, tmp_path):
@@ -109,6 +115,61 @@ def test_predict_table_shows_every_class_probability(trained_model, demo_data):
     header, row = result.stdout.strip().splitlines()[-2:]
     assert header.split()[-3:] == ["cherry", "strawberry", "tomato"]
     assert row.split()[1] == "strawberry"
+
+
+PEAK_RSS = """
+import runpy, sys
+sys.argv = ["fruitnet", *sys.argv[1:]]
+try:
+    runpy.run_module("fruitnet", run_name="__main__")
+finally:  # the process's own peak resident memory, printed last
+    print(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1], file=sys.stderr)
+"""
+
+
+def test_predict_keeps_every_answer_with_bounded_memory(trained_model, tmp_path, demo_data):
+    """Tiny files that used to need ~17 GB (a 1x65535 GIF resized to 256 x 16.8M) get their own
+    error; the photos in the same call keep their answers; the process stays under 1.5 GB."""
+    if not os.path.exists("/proc/self/status"):
+        pytest.skip("reads the peak memory from /proc (Linux)")
+    (tmp_path / "tall.gif").write_bytes(tall_gif_bytes())
+    (tmp_path / "wide.png").write_bytes(wide_png_bytes())
+    (tmp_path / "liar.jpg").write_bytes(lying_jpeg_bytes())
+    photos = sorted((demo_data / "test" / "tomato").glob("*.jpg"))[:2]
+    paths = [tmp_path / "tall.gif", photos[0], tmp_path / "wide.png", tmp_path / "liar.jpg", photos[1]]
+    # the address-space cap is a safety net for the machine if this regresses (the old code then dies
+    # of MemoryError instead of taking 17 GB); the assertion is on the peak resident memory
+    six_gb = 6 << 30
+    result = subprocess.run([sys.executable, "-c", PEAK_RSS, "predict", str(trained_model), *map(str, paths), "--json"],
+                            capture_output=True, text=True, timeout=600, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
+                            preexec_fn=lambda: __import__("resource").setrlimit(__import__("resource").RLIMIT_AS,
+                                                                                  (six_gb, six_gb)))
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    rows = {Path(r["path"]).name: r for r in json.loads(result.stdout)}
+    assert "extreme aspect ratio: 1x65535" in rows["tall.gif"]["error"]
+    assert "extreme aspect ratio: 20000x10" in rows["wide.png"]["error"]
+    assert "truncated image data" in rows["liar.jpg"]["error"]
+    assert all(rows[p.name]["label"] in ("cherry", "strawberry", "tomato") for p in photos)
+    peak_mb = int(result.stderr.strip().splitlines()[-1]) / 1024
+    assert peak_mb < 1536, f"predict peaked at {peak_mb:.0f} MB"
+
+
+@pytest.fixture(scope="module")
+def bad_models(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("bad-models")
+    good = make_quick_model(root / "good.safetensors")
+    cases = bad_metadata_cases()
+    return {name: (with_metadata(good, root / f"{name}.safetensors", cases[name][0]), cases[name][1])
+            for name in ("a-million-classes", "std-0")}
+
+
+@pytest.mark.parametrize("case", ["a-million-classes", "std-0"])  # every case, in-process: test_model.py
+def test_predict_refuses_a_bad_model_file_in_one_line(bad_models, demo_data, case):
+    path, words = bad_models[case]
+    result = run_cli("predict", path, sorted((demo_data / "test" / "cherry").glob("*.jpg"))[0], timeout=300)
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"fruitnet predict: error: {path}: ") and words in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
 def test_resnet18_trains_from_a_local_weights_file_and_stops_without_weights(tmp_path, demo_data):
@@ -195,6 +256,16 @@ def test_outputs_never_land_in_the_data_folder_or_on_existing_files(tmp_path, de
     assert again.returncode == 2 and "already exists" in again.stderr
     assert (tmp_path / "done" / "report.json").read_text() == "{}" and a_file.read_text() == "mine"
     assert sorted(p.relative_to(data) for p in data.rglob("*")) == before
+
+
+def test_a_class_named_unknown_is_refused_before_training(tmp_path, demo_data):
+    for cls in ("cherry", "unknown"):
+        (tmp_path / "data" / cls).mkdir(parents=True)
+        for src in sorted((demo_data / "test" / "cherry").glob("*.jpg"))[:2]:
+            (tmp_path / "data" / cls / src.name).write_bytes(src.read_bytes())
+    result = run_cli("train", tmp_path / "data", "--backbone", "efficientnet_lite0", "--out", tmp_path / "run")
+    assert result.returncode == 2 and "named 'unknown'" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "run").exists()
 
 
 # --- the first hour (issue 13): no dead ends, numbers that warn, exit codes that agree ----------

@@ -5,7 +5,7 @@ from dataclasses import fields, replace
 import pytest
 
 from fruitnet.cli import build_parser
-from fruitnet.config import RECIPES, RESUMABLE, Recipe, TrainConfig, resolve, resume_config
+from fruitnet.config import RECIPES, RESUMABLE, TrainConfig, resolve, resume_config
 from fruitnet.errors import UsageError
 
 
@@ -46,6 +46,8 @@ def test_resume_accepts_only_how_to_run_not_what_to_train():
     with pytest.raises(UsageError, match="--lr, --mode cannot change"):
         resume_config(saved, {"lr": 0.5, "mode": "freeze"})
     assert set(RESUMABLE) == {"epochs", "device", "workers", "precision"}
+    older = {k: v for k, v in saved.items() if k != "balance"}  # a run saved before --balance existed
+    assert resume_config(older, {}).balance == "none" and resume_config(saved, {}).balance == "auto"
 
 
 def test_command_line_options_and_help_come_from_trainconfig_and_the_recipes():

@@ -1,13 +1,19 @@
 import csv
+import ctypes
 import hashlib
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
-from awkward import make_awkward_folder
+from awkward import make_awkward_folder, synthetic_image
+from conftest import run_cli
 
 from fruitnet.errors import DataError
-from fruitnet.dataset import read_split, scan, split, write_split
+from fruitnet.dataset import format_report, read_split, scan, split, write_split
 
 
 def snapshot(root: Path) -> dict:
@@ -107,3 +113,150 @@ def test_photos_yield_normalised_tensors_with_or_without_the_cache(demo_data):
     assert x.shape == (3, 224, 224) and -1.01 <= x.min() and x.max() <= 1.01
     assert torch.equal(x, x2) and y == y2
     assert y == 0
+
+
+def test_near_duplicate_aware_split_keeps_every_copy_with_its_original(tmp_path, webfruit):
+    """Resized, re-encoded and cropped copies never land on the other side of the split."""
+    from corrupted import build_corrupted
+
+    data = tmp_path / "photos"
+    truth = build_corrupted(webfruit, data, seed=2, per_class=30, n_mislabelled=0, n_near=12, n_outliers=0)
+    catalog = scan(data, progress=False)
+    side = {}
+    for near in (True, False):
+        train, val = split(catalog, 0.25, seed=0, near_duplicates=near)
+        side[near] = {Path(it.path).relative_to(data).as_posix(): name
+                      for name, items in (("train", train), ("val", val)) for it in items}
+    split_apart = {near: sum(side[near][c["path"]] != side[near][c["original"]] for c in truth["near_copies"])
+                   for near in side}
+    assert split_apart[True] == 0
+    assert split_apart[False] >= 1  # without the groups some copies do leak (this data, seed 0)
+    report = catalog.report()
+    grouped = {Path(p).relative_to(data).as_posix() for g in report["near_duplicates"] for p in g}
+    assert sum(c["path"] in grouped for c in truth["near_copies"]) >= 11
+    assert report["kept_together"]["groups"] >= len(report["near_duplicates"])
+    conflicts = {Path(p).relative_to(data).as_posix() for g in report["label_conflicts"] for p in g}
+    assert {c["path"] for c in truth["near_copies"] if c["cross_class"]} - conflicts <= \
+        {c["path"] for c in truth["near_copies"] if c["path"] not in grouped}
+
+
+def test_chains_of_look_alikes_do_not_swallow_a_class(tmp_path):
+    """Fruits-360 style: frames of fruit on white chain together at 22 bits; groups are capped."""
+    fruits = pytest.importorskip("conftest").shared_folder("fruits360")
+    catalog = scan(fruits, progress=False)
+    groups = catalog.groups()
+    assert max(len(g) for g in groups) <= len(catalog.usable) // 10
+    train, val = split(catalog, 0.25, seed=0)
+    for cls in ("cherry", "tomato"):
+        n_val = sum(it.label == cls for it in val)
+        assert 0.15 <= n_val / catalog.counts()[cls] <= 0.35
+
+
+def test_exclude_list_leaves_photos_out_and_reports_lines_that_match_nothing(tmp_path, demo_data):
+    from fruitnet.dataset import apply_exclude
+
+    root = demo_data / "train"
+    catalog = scan(root, progress=False)
+    first, second = catalog.usable[0], catalog.usable[40]
+    listing = tmp_path / "exclude.txt"
+    listing.write_text(f"# suspects\n{Path(first.path).relative_to(root)}\n\n{Path(second.path).resolve()}\n"
+                       "cherry/no-such-photo.jpg\n")
+    before = snapshot(root)
+    (kept,), info = apply_exclude([catalog], listing)
+    assert snapshot(root) == before
+    assert {it.path for it in catalog.usable} - {it.path for it in kept.usable} == {first.path, second.path}
+    assert sorted(info["excluded"]) == sorted([first.path, second.path])
+    assert info["exclude_unmatched"] == ["cherry/no-such-photo.jpg"]
+    everything = tmp_path / "all-cherries.txt"
+    everything.write_text("\n".join(it.path for it in catalog.usable if it.label == "cherry"))
+    with pytest.raises(DataError, match="every photo of class"):
+        apply_exclude([catalog], everything)
+
+
+# --- what a data folder can hold besides photos (issue 11) --------------------------------------
+
+def small_folder(root: Path) -> Path:
+    for cls in ("cherry", "tomato"):
+        (root / cls).mkdir(parents=True)
+        for i in range(3):
+            synthetic_image(cls, i).save(root / cls / f"{cls}_{i}.jpg")
+    return root
+
+
+def test_run_folders_inside_the_data_are_skipped_and_reported(tmp_path):
+    root = small_folder(tmp_path / "data")
+    runtop = root / "runtop"  # `train DATA --out DATA/runtop` (an older run: config.json + metrics.csv)
+    runtop.mkdir()
+    (runtop / "config.json").write_text("{}")
+    (runtop / "metrics.csv").write_text("epoch\n")
+    synthetic_image("cherry", 9).save(runtop / "curves.png")
+    nested = root / "cherry" / "run2"  # a run marked by the file fruitnet writes into every run folder
+    nested.mkdir()
+    (nested / "fruitnet-run.json").write_text("{}")
+    synthetic_image("cherry", 8).save(nested / "curves.png")
+    lookalike = root / "tomato" / "more"  # a config.json alone does not make a run folder
+    lookalike.mkdir()
+    (lookalike / "config.json").write_text("{}")
+    synthetic_image("tomato", 7).save(lookalike / "t.jpg")
+
+    catalog = scan(root, progress=False)
+    assert catalog.classes == ["cherry", "tomato"]
+    paths = {Path(it.path).relative_to(root).as_posix() for it in catalog.items}
+    assert not any(p.startswith(("runtop/", "cherry/run2/")) for p in paths) and "tomato/more/t.jpg" in paths
+    report = catalog.report()
+    assert report["run_folders"] == [str(nested), str(runtop)]
+    text = format_report(report)
+    assert "2 fruitnet run folder(s) skipped (outputs, not data)" in text and str(runtop) in text
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes need a POSIX system")
+def test_special_files_are_listed_not_read(tmp_path):
+    root = small_folder(tmp_path / "data")
+    os.mkfifo(root / "cherry" / "pipe.jpg")  # opening it would wait for a writer: check hung forever
+    os.mkfifo(root / "tomato" / "pipe")  # no image extension: sniffing its content would hang too
+    (root / "tomato" / "noise.png").symlink_to("/dev/urandom")  # hashing it would burn a core forever
+    result = run_cli("check", root, "--json", timeout=120)  # a hang fails here instead of hanging the suite
+    assert result.returncode == 1, result.stderr
+    report = json.loads(result.stdout)
+    assert report["counts"] == {"cherry": 3, "tomato": 3}
+    skipped = {Path(s["path"]).relative_to(root).as_posix(): s["reason"] for s in report["skipped"]}
+    assert skipped == {"cherry/pipe.jpg": "not a regular file (named pipe)",
+                       "tomato/noise.png": "not a regular file (character device)"}
+    ignored = {Path(i["path"]).relative_to(root).as_posix(): i["reason"] for i in report["ignored"]}
+    assert ignored["tomato/pipe"] == "not a regular file (named pipe)"
+
+
+def _drop_file_capabilities() -> None:
+    """preexec_fn: the child (and what it execs) cannot read what permissions forbid, even as root.
+
+    Tests run as root, whom mode bits do not stop (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH).  With
+    those two dropped from the child's capability bounding set before exec, the kernel applies the
+    mode bits to it as to any user; root-owned files with the usual modes stay readable."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    for cap in (1, 2):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH
+        if libc.prctl(24, cap, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
+
+
+def test_a_folder_that_cannot_be_listed_is_reported(tmp_path):
+    root = small_folder(tmp_path / "data")
+    locked = root / "tomato" / "locked"
+    locked.mkdir()
+    synthetic_image("tomato", 5).save(locked / "unseen.jpg")
+    locked.chmod(0)
+    unprivileged = _drop_file_capabilities if os.geteuid() == 0 else None
+    try:
+        try:  # first show that the child really cannot list it
+            probe = subprocess.run([sys.executable, "-c", "import os, sys; os.listdir(sys.argv[1])", str(locked)],
+                                   preexec_fn=unprivileged, capture_output=True, text=True, timeout=60)
+        except (OSError, subprocess.SubprocessError) as exc:
+            pytest.skip(f"cannot run a child without root's file capabilities here ({exc})")
+        assert "PermissionError" in probe.stderr, "the child could list a mode-000 folder: the test would prove nothing"
+        result = subprocess.run([sys.executable, "-m", "fruitnet", "check", str(root), "--json"], capture_output=True,
+                                text=True, timeout=120, preexec_fn=unprivileged)
+    finally:
+        locked.chmod(0o755)
+    assert result.returncode == 1, result.stderr
+    report = json.loads(result.stdout)
+    assert report["counts"] == {"cherry": 3, "tomato": 3}
+    assert {"path": str(locked), "reason": "folder cannot be listed (Permission denied)"} in report["skipped"]

@@ -113,6 +113,24 @@ def test_onnx_without_fruitnet_metadata_is_refused(tmp_path):
         OnnxPredictor(path)
 
 
+@pytest.mark.parametrize("change, words", [
+    (lambda m: {**m, "preprocessing": {**m["preprocessing"], "std": [0.5, 0, 0.5]}}, "bad model metadata: preprocessing.std.1"),
+    (lambda m: {**m, "classes": ["cherry", "cherry", "tomato"]}, "repeated: 'cherry'"),
+    (lambda m: {**m, "classes": ["a", "b", "c", "d"]}, "the graph's output has shape ['batch', 3]"),
+    (lambda m: {**m, "preprocessing": {**m["preprocessing"], "input_size": 300}}, "the graph's input has shape"),
+], ids=["std-0", "duplicate-classes", "classes-not-the-graph's", "input-size-not-the-graph's"])
+def test_onnx_metadata_is_checked_like_a_model_file(exported, tmp_path, change, words):
+    _, onnx_path, _, _ = exported
+    proto = onnx.load(str(onnx_path))
+    meta = json.loads(next(p.value for p in proto.metadata_props if p.key == "fruitnet"))
+    onnx.helper.set_model_props(proto, {"fruitnet": json.dumps(change(meta))})
+    bad = tmp_path / "bad.onnx"
+    onnx.save(proto, str(bad))
+    with pytest.raises(ModelFileError) as err:
+        OnnxPredictor(bad)
+    assert str(err.value).startswith(f"{bad}: ") and words in str(err.value), str(err.value)
+
+
 def test_cli_export_then_predict_with_onnx_runtime(exported, tmp_path):
     model, _, _, _ = exported
     out = tmp_path / "cli.onnx"

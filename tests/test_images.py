@@ -16,7 +16,15 @@ import pytest
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
-from awkward import MARKER, MARKER_SIZE, bomb_png_bytes, make_awkward_folder  # noqa: E402
+from awkward import (  # noqa: E402
+    MARKER,
+    MARKER_SIZE,
+    bomb_png_bytes,
+    lying_jpeg_bytes,
+    make_awkward_folder,
+    tall_gif_bytes,
+    wide_png_bytes,
+)
 
 from fruitnet.images import (  # noqa: E402
     IMAGE_EXTENSIONS,
@@ -238,7 +246,7 @@ def test_unreadable_files(tmp_path):
     (tmp_path / "random.png").write_bytes(np.random.default_rng(0).bytes(5000))
     _raises(tmp_path / "random.png", "not an image (unrecognised content)")
     _raises(tmp_path / "missing.jpg", "cannot read file")
-    _raises(tmp_path, "cannot read file")  # a directory
+    _raises(tmp_path, "not a regular file (folder)")  # a directory
 
 
 @pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "GIF", "TIFF", "BMP"])
@@ -288,6 +296,92 @@ def test_max_pixels_parameter(tmp_path):
     p = save(tmp_path / "a.png", Image.new("RGB", (100, 80)))
     _raises(p, "decompression bomb: 100x80 pixels exceeds the 7,999-pixel limit", max_pixels=7999)
     assert_rgb(load_image(p, max_pixels=8000), (100, 80))
+
+
+# --- tiny files that would allocate gigabytes, special files (issue 11) ------------------------------
+
+
+def test_extreme_aspect_ratios_are_refused_from_the_header(tmp_path):
+    (tmp_path / "tall.gif").write_bytes(tall_gif_bytes())
+    (tmp_path / "wide.png").write_bytes(wide_png_bytes())
+    assert (tmp_path / "tall.gif").stat().st_size < 1000 and (tmp_path / "wide.png").stat().st_size < 1000
+    _raises(tmp_path / "tall.gif", "extreme aspect ratio: 1x65535 pixels is more than 50:1")
+    _raises(tmp_path / "wide.png", "extreme aspect ratio: 20000x10 pixels is more than 50:1")
+    for size in [(500, 10), (10, 500), (1, 1)]:  # 50:1 exactly, and a single pixel, still load
+        assert_rgb(load_image(save(tmp_path / "ok.png", Image.new("L", size))), size)
+
+
+def test_eval_transform_bounds_what_its_resize_allocates():
+    """Images that did not come through load_image (a library caller's own) are cropped to 50:1
+    before the shorter-side resize, so it makes at most 50 x 256 x 256 pixels, not 256 x 512,000;
+    within 50:1 the result is exactly the plain resize-and-centre-crop."""
+    import torch
+    from torchvision.transforms import v2 as T
+
+    from fruitnet.backbones import get_backbone
+    from fruitnet.transforms import eval_transform
+
+    pre = get_backbone("efficientnet_lite0").preprocessing
+    tf = eval_transform(pre)
+    for size in [(1, 2000), (2000, 1), (3, 7), (640, 480)]:
+        img, largest = Image.new("RGB", size, (200, 30, 30)), 0
+        for step in tf.transforms:  # watch every intermediate image
+            img = step(img)
+            largest = max(largest, int(np.prod(img.shape[-2:])) if hasattr(img, "shape") else img.width * img.height)
+        assert tuple(img.shape) == (3, 224, 224)
+        assert largest <= 50 * 256 * 256, (size, largest)
+    reference = T.Compose([T.Resize(256, interpolation=T.InterpolationMode.BICUBIC, antialias=True), T.CenterCrop(224),
+                           T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(pre["mean"], pre["std"])])
+    stripes = Image.fromarray(np.tile((np.arange(400) % 7 * 30).astype(np.uint8)[None, :, None], (10, 1, 3)))  # 40:1
+    assert torch.allclose(tf(stripes), reference(stripes), atol=1e-6)
+
+
+def test_jpeg_with_far_too_few_bytes_for_its_size_is_truncated(tmp_path):
+    p = tmp_path / "liar.jpg"
+    p.write_bytes(lying_jpeg_bytes((7000, 7000)))
+    start = time.monotonic()
+    _raises(p, f"truncated image data: {p.stat().st_size:,} bytes cannot hold a 7000x7000 JPEG")
+    assert time.monotonic() - start < 1  # refused from the header, not after decoding 49 MP of grey
+    # the smallest honest JPEG of a size: flat grey, optimised Huffman tables (~256 pixels per byte)
+    flat = save(tmp_path / "flat.jpg", Image.new("L", (2000, 2000), 128), optimize=True)
+    assert 2000 * 2000 / flat.stat().st_size > 100
+    assert_rgb(load_image(flat), (2000, 2000))
+
+
+class _Deadline:
+    """Fail instead of hanging: SIGALRM interrupts a blocking open() or read() in the main thread."""
+
+    def __init__(self, seconds: int):
+        self.seconds = seconds
+
+    def __enter__(self):
+        import signal
+
+        def fail(*_):
+            raise TimeoutError(f"still blocked after {self.seconds}s")
+
+        self.old = signal.signal(signal.SIGALRM, fail)
+        signal.alarm(self.seconds)
+
+    def __exit__(self, *exc):
+        import signal
+
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, self.old)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes need a POSIX system")
+def test_special_files_are_refused_without_reading_them(tmp_path):
+    os.mkfifo(tmp_path / "pipe.jpg")  # opening it for reading would block until a writer comes
+    (tmp_path / "noise.png").symlink_to("/dev/urandom")  # reading it would never end
+    for name, kind in [("pipe.jpg", "named pipe"), ("noise.png", "character device")]:
+        with _Deadline(10):
+            start = time.monotonic()
+            _raises(tmp_path / name, f"not a regular file ({kind})")
+            assert sniff_format(tmp_path / name) is None and not looks_like_image(tmp_path / "pipe")
+            assert time.monotonic() - start < 2
+    (tmp_path / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    _raises(tmp_path / "gone.jpg", "cannot read file (No such file or directory)")
 
 
 def test_image_error_pickles():

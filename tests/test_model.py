@@ -1,4 +1,5 @@
 import pickle
+import time
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ from fruitnet.backbones import LITE0_SHA256, create_body, get_backbone, lite0_we
 from fruitnet.errors import ModelFileError
 from fruitnet.model import create_classifier, load_model, save_model
 from fruitnet.predictors import TorchPredictor
+from quick_model import bad_metadata_cases, make_quick_model, with_metadata
 
 
 def test_lite0_imagenet_weights_are_real_and_offline(demo_data):
@@ -121,3 +123,64 @@ def test_model_file_never_runs_code(tmp_path):
     (tmp_path / "junk.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
     with pytest.raises(ModelFileError, match="junk.safetensors"):
         load_model(tmp_path / "junk.safetensors")
+
+
+# --- model metadata is checked against a schema before anything is built from it (issue 11) ------
+
+@pytest.fixture(scope="module")
+def good_model(tmp_path_factory) -> Path:
+    return make_quick_model(tmp_path_factory.mktemp("schema") / "model.safetensors")
+
+
+@pytest.mark.parametrize("case", list(bad_metadata_cases()))
+def test_bad_metadata_is_refused_in_one_line_before_anything_is_allocated(good_model, tmp_path, case):
+    change, words = bad_metadata_cases()[case]
+    path = with_metadata(good_model, tmp_path / f"{case}.safetensors", change)
+    start = time.perf_counter()
+    with pytest.raises(ModelFileError) as err:
+        load_model(path)
+    # a million classes used to build a 5.8 GB head first (18 s); the file itself is 17 MB
+    assert time.perf_counter() - start < 1
+    message = str(err.value)
+    assert message.startswith(f"{path}: ") and "\n" not in message and words in message, message
+
+
+def test_files_written_before_the_schema_and_unknown_keys_still_load(good_model, tmp_path):
+    def older(meta):  # no crop_pct (the transform's default 1.0 applies), plus keys this version does not know
+        pre = {k: v for k, v in meta["preprocessing"].items() if k != "crop_pct"}
+        return {**meta, "preprocessing": pre, "calibration": {"temperature": 1.5}, "exported_from": "x"}
+
+    path = with_metadata(good_model, tmp_path / "older.safetensors", older)
+    _, meta = load_model(path)
+    assert meta["calibration"] == {"temperature": 1.5} and "crop_pct" not in meta["preprocessing"]
+
+
+def test_save_model_refuses_metadata_that_load_would_refuse(tmp_path):
+    model, _ = create_classifier("efficientnet_lite0", 2, "none")
+    pre = {**get_backbone("efficientnet_lite0").preprocessing, "std": [0.5, 0.0, 0.5]}
+    with pytest.raises(ModelFileError, match="std.1"):
+        save_model(tmp_path / "m.safetensors", model, {"classes": ["a", "b"], "backbone": "efficientnet_lite0",
+                                                        "preprocessing": pre})
+    assert not list(tmp_path.iterdir())
+
+
+def test_any_failure_on_one_file_is_that_files_error(good_model, demo_data, monkeypatch):
+    """Fault injection: decoding one file runs out of memory, another hits an unexpected bug; the
+    others in the same batch keep their answers (it used to lose the whole batch)."""
+    import fruitnet.preprocess as preprocess  # where predictors (and the service) decode a file
+
+    real = preprocess.load_image
+    photos = [str(p) for p in sorted((demo_data / "test" / "cherry").glob("*.jpg"))[:4]]
+    failures = {photos[1]: MemoryError(), photos[2]: ZeroDivisionError("division by zero")}
+
+    def flaky(path, *args, **kwargs):
+        if str(path) in failures:
+            raise failures[str(path)]
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(preprocess, "load_image", flaky)
+    rows = TorchPredictor(good_model, device="cpu").predict_paths(photos, batch_size=4)
+    assert [r["path"] for r in rows] == photos
+    assert rows[1]["error"] == "not enough memory to process it"
+    assert rows[2]["error"] == "cannot be processed (ZeroDivisionError: division by zero)"
+    assert rows[0]["label"] and rows[3]["label"]

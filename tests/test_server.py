@@ -1,7 +1,11 @@
 """`fruitnet serve` on loopback: the API, every bad request, concurrency, and the page in a real browser."""
 
-import io
+import base64
+import hashlib
+import json
 import os
+import re
+import select
 import shutil
 import socket
 import subprocess
@@ -9,13 +13,15 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
-from awkward import bomb_png_bytes
-from conftest import DEMO_DATA
-from quick_model import CLASSES, make_quick_model
+from awkward import bomb_png_bytes, lying_jpeg_bytes, tall_gif_bytes, wide_png_bytes
+from conftest import DEMO_DATA, run_cli
+from quick_model import CLASSES, make_quick_model, with_metadata
 
 from fruitnet.predictors import TorchPredictor
 
@@ -34,33 +40,63 @@ def model(tmp_path_factory) -> Path:
     return make_quick_model(tmp_path_factory.mktemp("serve") / "model.safetensors", training={"val_accuracy": 0.875})
 
 
-@pytest.fixture(scope="module")
-def server(model):
-    """`fruitnet serve MODEL` as a user starts it, on a free loopback port; yields its base URL."""
+@dataclass
+class Served:
+    url: str
+    port: int
+    proc: subprocess.Popen
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def peak_rss_mb(self) -> float:
+        status = Path(f"/proc/{self.proc.pid}/status").read_text()
+        return int(re.search(r"VmHWM:\s+(\d+) kB", status)[1]) / 1024
+
+
+@contextmanager
+def start_server(model, *options, preexec_fn=None):
+    """`fruitnet serve MODEL --max-upload-mb 1 OPTIONS` as a user starts it, on a free loopback port."""
     port = free_port()
-    log = tempfile.TemporaryFile()
-    proc = subprocess.Popen([sys.executable, "-m", "fruitnet", "serve", str(model), "--port", str(port),
-                             "--max-upload-mb", str(LIMIT_MB)], stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
+    with tempfile.TemporaryDirectory() as tmp:
+        log_path = Path(tmp) / "serve.log"
+        with open(log_path, "wb") as log:
+            proc = subprocess.Popen([sys.executable, "-m", "fruitnet", "serve", str(model), "--port", str(port),
+                                     "--max-upload-mb", str(LIMIT_MB), *map(str, options)],
+                                    stdout=log, stderr=subprocess.STDOUT, preexec_fn=preexec_fn)
+        served = Served(f"http://127.0.0.1:{port}", port, proc, log_path)
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(served.url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                pytest.fail("fruitnet serve did not come up:\n" + served.log())
+            time.sleep(0.3)
         try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            log.seek(0)
-            pytest.fail("fruitnet serve did not come up:\n" + log.read().decode(errors="replace"))
-        time.sleep(0.3)
-    yield url
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
+            yield served
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+@pytest.fixture(scope="module")
+def served(model):
+    with start_server(model) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def server(served) -> str:
+    """The base URL of `fruitnet serve MODEL` (module-wide)."""
+    return served.url
 
 
 @pytest.fixture
@@ -167,28 +203,50 @@ def test_no_file(client):
         assert "error" in r.json()
 
 
-def test_too_many_files_and_oversized_body(client):
+def send_until_answered(port: int, head: bytes, body: bytes = b"", wait: float = 30) -> bytes:
+    """Send `head`, then `body` for as long as the server has not answered; return its whole answer."""
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        s.sendall(head)
+        s.setblocking(False)
+        sent, deadline = 0, time.monotonic() + wait
+        while sent < len(body) and time.monotonic() < deadline:
+            readable, writable, _ = select.select([s], [s], [], 1)
+            if readable:
+                break  # the server answered before the body ended
+            try:
+                sent += s.send(body[sent:sent + 65536]) if writable else 0
+            except BlockingIOError:
+                pass
+            except OSError:  # it closed the connection: its answer is waiting
+                break
+        s.setblocking(True)
+        s.settimeout(wait)
+        answer = b""
+        try:
+            while chunk := s.recv(65536):
+                answer += chunk
+        except (TimeoutError, ConnectionResetError):
+            pass
+        return answer
+
+
+def test_too_many_files_and_oversized_body(client, served):
     r = post(client, *[("x.jpg", b"x", "image/jpeg")] * 33)
     assert r.status_code == 400 and "error" in r.json()
-    # Content-Length above the request cap (32 files x the limit): refused before it is read
-    big = io.BytesIO(b"\0" * ((32 * LIMIT_MB + 2) * 2**20))
-    try:
-        r = post(client, ("huge.jpg", big, "image/jpeg"))
-        assert r.status_code == 413 and "request larger than" in r.json()["error"]
-    except httpx.TransportError:  # the server may close the connection while the client still sends
-        pass
-
-    def chunked():  # no Content-Length: counted as it arrives, refused once past the cap
-        yield b'--XX\r\nContent-Disposition: form-data; name="files"; filename="a.jpg"\r\n\r\n'
-        for _ in range(32 * LIMIT_MB + 2):
-            yield b"\0" * 2**20
-        yield b"\r\n--XX--\r\n"
-
-    try:
-        r = client.post("/predict", content=chunked(), headers={"content-type": "multipart/form-data; boundary=XX"})
-        assert r.status_code == 413 and "request larger than" in r.json()["error"]
-    except httpx.TransportError:
-        pass
+    port = served.port
+    cap = 32 * LIMIT_MB + 1  # MB: 32 files x the limit, plus the form's own bytes
+    # Content-Length above the request cap: refused before a byte of the body is read
+    head = (f"POST /predict HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: multipart/form-data; boundary=XX\r\n"
+            f"Content-Length: {(cap + 1) * 2**20}\r\n\r\n").encode()
+    answer = send_until_answered(port, head)
+    assert answer.startswith(b"HTTP/1.1 413") and "request larger than" in json_body(answer)["error"]
+    # no Content-Length: counted as it arrives, refused once past the cap
+    head = (f"POST /predict HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: multipart/form-data; boundary=XX\r\n"
+            "Transfer-Encoding: chunked\r\n\r\n").encode()
+    part = b'--XX\r\nContent-Disposition: form-data; name="files"; filename="a.jpg"\r\n\r\n'
+    body = b"%x\r\n%s\r\n" % (len(part), part) + (b"100000\r\n" + b"\0" * 2**20 + b"\r\n") * (cap + 2)
+    answer = send_until_answered(port, head, body)
+    assert answer.startswith(b"HTTP/1.1 413") and "request larger than" in json_body(answer)["error"]
     assert client.get("/health").status_code == 200
 
 
@@ -214,6 +272,198 @@ def test_onnx_file_is_served_the_same_way(model, tmp_path):
     assert max(abs(got["probabilities"][k] - want["probabilities"][k]) for k in CLASSES) < 1e-3
 
 
+# --- hostile uploads, other origins, stalled and flooding clients (issue 11) --------------------------
+
+def test_extreme_files_get_their_own_error_and_memory_stays_bounded(served):
+    """Twelve clients at once, each sending a 1x65535 GIF, a 20000x10 PNG and a 633-byte JPEG claiming
+    7000x7000 (each used to take gigabytes and answer 500 to everyone) next to a real photo."""
+    files = [("tall.gif", tall_gif_bytes(), "image/gif"), ("wide.png", wide_png_bytes(), "image/png"),
+             ("liar.jpg", lying_jpeg_bytes(), "image/jpeg"), photo(5)]
+
+    def one(_):
+        with httpx.Client(base_url=served.url, timeout=120) as c:
+            return post(c, *files)
+
+    with ThreadPoolExecutor(12) as pool:
+        responses = list(pool.map(one, range(12)))
+    for r in responses:
+        assert r.status_code == 200, r.text
+        tall, wide, liar, good = r.json()
+        assert "extreme aspect ratio: 1x65535" in tall["error"] and "extreme aspect ratio: 20000x10" in wide["error"]
+        assert "truncated image data" in liar["error"] and good["label"] in CLASSES
+    assert served.peak_rss_mb() < 1536, f"the service peaked at {served.peak_rss_mb():.0f} MB"
+
+
+def test_any_failure_on_one_upload_is_that_files_error(model, monkeypatch):
+    """Fault injection in the service's own process: one upload's decoding runs out of memory."""
+    from fastapi.testclient import TestClient
+
+    import fruitnet.preprocess as preprocess  # where predictors (and the service) decode a file
+    from fruitnet.server import create_app
+
+    real, poison = preprocess.load_image, PHOTOS[1].read_bytes()
+
+    def flaky(path, *args, **kwargs):
+        if Path(path).read_bytes() == poison:
+            raise MemoryError()
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(preprocess, "load_image", flaky)
+    with TestClient(create_app(model, max_upload_mb=LIMIT_MB)) as c:
+        r = post(c, photo(0), photo(1), photo(2))
+        assert r.status_code == 200
+        good, bad, other = r.json()
+        assert bad == {"filename": PHOTOS[1].name, "error": "not enough memory to process it"}
+        assert good["label"] in CLASSES and other["label"] in CLASSES
+        r = post(c, photo(1))  # alone: the request fails with that file's error, in JSON
+        assert r.status_code == 500 and r.json()["results"][0]["error"] == "not enough memory to process it"
+
+
+def test_cross_origin_posts_are_refused(client, server):
+    for origin in ("http://evil.example", "null", server.replace("127.0.0.1", "localhost")):
+        r = post(client, photo(0), headers={"Origin": origin})
+        assert r.status_code == 403 and "cross-origin request refused" in r.json()["error"], origin
+    assert post(client, photo(0), headers={"Origin": server}).status_code == 200  # the page's own origin
+    assert post(client, photo(0)).status_code == 200  # no Origin: curl, scripts
+
+
+def test_unknown_host_names_are_refused_on_loopback(client, served):
+    r = client.get("/model", headers={"Host": f"rebind.evil.example:{served.port}"})  # DNS rebinding
+    assert r.status_code == 400 and "unknown Host" in r.json()["error"]
+    for host in (f"localhost:{served.port}", f"127.0.0.1:{served.port}", f"[::1]:{served.port}"):
+        assert client.get("/model", headers={"Host": host}).status_code == 200, host
+
+
+def test_security_headers_on_every_answer(client):
+    page = client.get("/")
+    for r in (page, client.get("/health"), client.get("/nope"), client.post("/predict")):
+        assert r.headers["x-content-type-options"] == "nosniff" and r.headers["x-frame-options"] == "DENY"
+        csp = r.headers["content-security-policy"]
+        assert "default-src 'none'" in csp and "frame-ancestors 'none'" in csp and "unsafe-inline" not in csp
+    # the page's own inline script is the one script allowed
+    script = re.search(r"<script>(.*?)</script>", page.text, re.S)[1]
+    digest = base64.b64encode(hashlib.sha256(script.encode()).digest()).decode()
+    assert f"script-src 'sha256-{digest}'" in page.headers["content-security-policy"]
+
+
+def raw_exchange(port: int, data: bytes, drip: float = 0, wait: float = 10) -> tuple[bytes, float]:
+    """Send `data` (one byte every `drip` seconds if given), then read until the server closes."""
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        s.settimeout(wait)
+        start = time.monotonic()
+        try:
+            for i in range(0, len(data), 1 if drip else len(data) or 1):
+                s.sendall(data[i:i + (1 if drip else len(data))])
+                time.sleep(drip)
+        except OSError:  # closed by the server while we were still sending
+            pass
+        answer = b""
+        try:
+            while chunk := s.recv(65536):
+                answer += chunk
+        except (TimeoutError, ConnectionResetError):
+            answer += b"<still open>" if not answer else b""
+        return answer, time.monotonic() - start
+
+
+def json_body(answer: bytes) -> dict:
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert b"content-type: application/json" in head.lower(), answer
+    return json.loads(body)
+
+
+def test_a_malformed_request_is_answered_in_json(served):
+    answer, _ = raw_exchange(served.port, b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nno colon in this header\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 400 ") and json_body(answer) == {"error": "invalid HTTP request"}
+
+
+HEADERS = b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+UPLOAD_START = (HEADERS + b"Content-Type: multipart/form-data; boundary=XX\r\nContent-Length: 100000\r\n\r\n"
+                b'--XX\r\nContent-Disposition: form-data; name="files"; filename="a.jpg"\r\n\r\n' + b"\xff" * 1000)
+
+
+@pytest.fixture(scope="module")
+def guarded(model):
+    """A service with short limits: requests must not stall for 1 s, at most 2 at a time."""
+    with start_server(model, "--timeout-request", 1, "--timeout-keep-alive", 1, "--limit-concurrency", 2) as s:
+        yield s
+
+
+def test_stalled_requests_are_answered_408_and_closed(guarded):
+    answer, took = raw_exchange(guarded.port, HEADERS)  # headers never finished
+    assert answer.startswith(b"HTTP/1.1 408 ") and "headers not complete within 1s" in json_body(answer)["error"]
+    assert took < 5
+    answer, took = raw_exchange(guarded.port, HEADERS, drip=0.25)  # a byte at a time does not reset the deadline
+    assert b"408" in answer.split(b"\r\n")[0] and took < len(HEADERS) * 0.25
+    answer, took = raw_exchange(guarded.port, UPLOAD_START)  # the upload stops half-way
+    assert answer.startswith(b"HTTP/1.1 408 ") and "body stalled for 1s" in json_body(answer)["error"] and took < 5
+    answer, took = raw_exchange(guarded.port, b"")  # a connection that never says anything
+    assert answer == b"" and took < 5
+    # an idle keep-alive connection is closed after --timeout-keep-alive
+    answer, took = raw_exchange(guarded.port, b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 200 ") and 0.5 < took < 5
+    assert "Traceback" not in guarded.log()
+
+
+def test_requests_beyond_the_limit_get_503_in_json(guarded):
+    stalled = [socket.create_connection(("127.0.0.1", guarded.port)) for _ in range(2)]
+    try:
+        for s in stalled:  # two uploads in progress, the limit
+            s.sendall(UPLOAD_START)
+        time.sleep(0.3)
+        r = httpx.get(guarded.url + "/health", timeout=10)
+        assert r.status_code == 503 and r.headers["retry-after"] == "1"
+        assert "busy: 2 requests in progress (limit 2)" in r.json()["error"]
+        time.sleep(1.5)  # they stall past --timeout-request and are closed
+        assert httpx.get(guarded.url + "/health", timeout=10).status_code == 200
+    finally:
+        for s in stalled:
+            s.close()
+
+
+def test_a_client_that_disconnects_mid_upload_gives_one_quiet_line(guarded):
+    before = guarded.log().splitlines()
+    with socket.create_connection(("127.0.0.1", guarded.port)) as s:
+        s.sendall(UPLOAD_START)
+        time.sleep(0.3)
+    time.sleep(0.5)
+    new = guarded.log().splitlines()[len(before):]
+    assert len(new) == 1 and "disconnected before the upload ended" in new[0], new
+    assert httpx.get(guarded.url + "/health", timeout=10).status_code == 200
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="sets the child's file-descriptor limit")
+def test_a_flood_of_half_open_connections_cannot_starve_the_service(model):
+    """300 connections that never finish their headers, against a service limited to 256 open files
+    (it used to fail with 'Too many open files' and stop answering): /health still answers at once."""
+    import resource
+
+    with start_server(model, preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))) as s:
+        flood = []
+        try:
+            for _ in range(300):
+                c = socket.create_connection(("127.0.0.1", s.port))
+                c.sendall(HEADERS)
+                flood.append(c)
+            start = time.monotonic()
+            r = httpx.get(s.url + "/health", timeout=10)
+            assert r.status_code == 200 and time.monotonic() - start < 5
+            assert post(httpx.Client(base_url=s.url, timeout=60), photo(0)).status_code == 200  # uploads need files too
+        finally:
+            for c in flood:
+                c.close()
+        assert "Too many open files" not in s.log()
+
+
+def test_serve_refuses_to_start_on_a_bad_model(model, tmp_path):
+    bad = with_metadata(model, tmp_path / "std0.safetensors",
+                        lambda m: {**m, "preprocessing": {**m["preprocessing"], "std": [0.5, 0.5, 0]}})
+    result = run_cli("serve", bad, "--port", free_port(), timeout=120)  # it used to start and answer 500s
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == f"fruitnet serve: error: {bad}: bad model metadata: preprocessing.std.2: " \
+                                    "Input should be greater than 0 (got 0)"
+
+
 # --- the page in a real browser ----------------------------------------------------------------
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium") or "/usr/bin/chromium", shutil.which("chromedriver") or "/usr/bin/chromedriver"
@@ -227,6 +477,7 @@ def browser(tmp_path):
     from selenium.webdriver.chrome.service import Service
 
     options = webdriver.ChromeOptions()
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # to see Content-Security-Policy reports
     options.binary_location = CHROMIUM
     for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                 "--disable-component-update", "--disable-sync", "--no-first-run", "--window-size=1200,900",
@@ -256,3 +507,12 @@ def test_page_shows_prediction_and_readable_error(browser, server, model, tmp_pa
     error = browser.find_element(By.CSS_SELECTOR, ".card.error")
     assert "shopping list.jpg" in error.text and "not an image" in error.text
     assert "2 photos" in browser.find_element(By.ID, "summary").text and done
+    # the page did all that under its Content-Security-Policy without a single violation ...
+    assert browser.find_element(By.CSS_SELECTOR, ".card[data-label] img").get_attribute("src").startswith("blob:")
+    csp_reports = lambda: [e["message"] for e in browser.get_log("browser") if "Content Security Policy" in e["message"]]  # noqa: E731
+    assert csp_reports() == []
+    # ... and the policy is enforced: a script injected into the page does not run
+    injected = browser.execute_script(
+        "const s = document.createElement('script'); s.textContent = 'window.injected = 1';"
+        "document.body.append(s); return window.injected === 1;")
+    assert injected is False and len(csp_reports()) == 1

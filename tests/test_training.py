@@ -136,7 +136,10 @@ def test_fast_recipe_unfrozen_learns_and_records_what_it_did(demo_data, tmp_path
     assert config["image_cache"] is True
     rows = metrics(run)
     assert rows[-1]["lr"] < rows[0]["lr"]  # cosine decay
-    assert summary["best_val_accuracy"] >= 0.9  # studio shots: easy once the head is warmed up
+    # Validation holds fruits the training photos never showed: the split keeps near-duplicate
+    # frames of one fruit on one side (issue 10).  0.79 measured (0.9+ when frames leaked across);
+    # chance is 0.33.
+    assert summary["best_val_accuracy"] >= 0.66
 
 
 def test_scheduler_warms_up_linearly_then_decays_to_zero():

@@ -19,6 +19,7 @@ from pathlib import Path
 from fruitnet.backbones import BACKBONES
 from fruitnet.config import PRECISIONS, RECIPES, RESUMABLE, TrainConfig
 from fruitnet.errors import FruitnetError, UsageError
+from fruitnet.guard import LIMIT_CONCURRENCY, TIMEOUT_KEEP_ALIVE, TIMEOUT_REQUEST
 from fruitnet.modelpath import check_model_argument
 
 
@@ -41,6 +42,13 @@ def _number(text: str) -> float:
         return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, not {text!r}") from None
+
+
+def _positive_float(text: str) -> float:
+    value = _number(text)
+    if not value > 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be more than 0, not {text}")
+    return value
 
 
 def _non_negative_float(text: str) -> float:
@@ -100,9 +108,32 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
 def cmd_check(args) -> int:
     from fruitnet.dataset import format_report, scan
 
-    report = scan(args.data).report()
-    print(json.dumps(report, indent=2) if args.json else format_report(report))
-    return 1 if report["skipped"] else 0
+    if args.write_exclude and not args.deep:
+        raise UsageError("--write-exclude needs --deep (the suspects come from the deep check)")
+    if not (args.deep or args.out):  # the quick report on the console, as always: nothing written
+        report = scan(args.data).report()
+        print(json.dumps(report, indent=2) if args.json else format_report(report))
+        return 1 if report["skipped"] else 0
+
+    from fruitnet import doctor
+
+    out = doctor.output_folder(args.out, args.data)  # refused before any work if inside DATA
+    if args.write_exclude:
+        doctor.check_exclude_target(args.write_exclude, args.data)
+    catalog = scan(args.data, progress=not args.json)
+    log = (lambda *a: None) if args.json else print
+    findings = (doctor.deep_findings(catalog, backbone=args.backbone, folds=args.folds, seed=args.seed,
+                                     progress=not args.json, log=log)
+                if args.deep else doctor.quick_findings(catalog))
+    written = doctor.write_outputs(findings, out)
+    if args.write_exclude:
+        written.append(doctor.write_exclude(findings, args.write_exclude))
+    if args.json:
+        print(json.dumps({k: v for k, v in findings.items() if k != "photos"}, indent=2))
+    else:
+        print(doctor.format_summary(findings))
+        print("wrote " + ", ".join(str(p) for p in written))
+    return 1 if findings["skipped"] else 0
 
 
 def cmd_train(args) -> int:
@@ -134,23 +165,24 @@ def cmd_train(args) -> int:
 
 def cmd_evaluate(args) -> int:
     check_model_argument(args.model, [args.data], "evaluate")  # before torch: an argument error is instant
-    from fruitnet.evaluate import evaluate
+    from fruitnet.evaluate import evaluate, format_trust
     from fruitnet.metrics import format_report
     from fruitnet.runfolder import new_output_folder
 
     out = new_output_folder(args.out, "eval-", [args.data], "evaluation folder")
     report = evaluate(args.model, args.data, out, batch_size=args.batch_size, legacy=args.legacy or None,
-                      precision=args.precision, progress=not args.json)
+                      precision=args.precision, unknown_dir=args.unknown, unknown=not args.no_unknown,
+                      progress=not args.json)
     if args.json:
         print(json.dumps(report))
         for warning in report["warnings"]:  # also on stderr: a script reading the JSON may not look
             print(f"fruitnet evaluate: warning: {warning}", file=sys.stderr)
     else:
-        print(format_report(report))
+        print(format_report(report) + format_trust(report))
         for s in report["skipped"]:
             print(f"skipped {s['path']}: {s['reason']}")
         print(f"{report['n']} images in {report['seconds']:.1f}s; outputs in {out}/: report.txt, report.json, "
-              "confusion.png, confusion.csv, mistakes.png, predictions.csv")
+              "confusion.png, confusion.csv, calibration.png, mistakes.png, predictions.csv")
     return 1 if report["skipped"] else 0
 
 
@@ -185,7 +217,10 @@ def cmd_predict(args) -> int:
     try:
         from fruitnet.predictors import load_predictor
 
-        predictor = load_predictor(args.model, args.runtime, legacy=args.legacy or None, precision=args.precision)
+        predictor = load_predictor(args.model, args.runtime, legacy=args.legacy or None, precision=args.precision,
+                                   unknown=not args.no_unknown)
+        if args.explain and predictor.explain_unavailable:
+            raise UsageError(f"--explain: {predictor.explain_unavailable}")
         if early is not None and early.pre != predictor.preprocessing:  # cannot happen for a file read once
             early.close()
             early = None
@@ -195,39 +230,63 @@ def cmd_predict(args) -> int:
     finally:
         if early is not None:
             early.close()
+    good = [r for r in results if "error" not in r]
+    overlays = {}
+    if args.explain:
+        from fruitnet.explain import write_overlays
+
+        overlays = write_overlays(predictor, good, Path(args.explain), progress=not args.json)
     if args.json:
         print(json.dumps(results, indent=2))
     else:
-        width = max([len(r["path"]) for r in results] + [4])
-        print(f"{'path':<{width}}  {'label':<12} " + " ".join(f"{c[:12]:>12}" for c in predictor.classes))
-        for r in results:
-            if "error" in r:
-                print(f"{r['path']:<{width}}  error: {r['error']}")
-            else:
-                print(f"{r['path']:<{width}}  {r['label']:<12} "
-                      + " ".join(f"{r['probabilities'][c]:>12.4f}" for c in predictor.classes)
-                      + (f"  warning: {r['warning']}" if "warning" in r else ""))
+        _print_predictions(results, predictor)
     if args.csv:
         with open(args.csv, "w", newline="") as f:
             w = csv.writer(f)
-            w.writerow(["path", "label", "error", "warning"] + predictor.classes)
+            w.writerow(["path", "label", "best_guess", "in_distribution", "error", "warning"] + predictor.classes)
             for r in results:
                 probs = r.get("probabilities", {})
-                w.writerow([r["path"], r.get("label", ""), r.get("error", ""), r.get("warning", "")]
+                w.writerow([r["path"], r.get("label", ""), r.get("best_guess", r.get("label", "")),
+                            r.get("in_distribution", ""), r.get("error", ""), r.get("warning", "")]
                            + [probs.get(c, "") for c in predictor.classes])
     if args.grid:
+        from fruitnet.explain import caption
         from fruitnet.images import load_image
         from fruitnet.plots import plot_prediction_grid
 
-        good = [r for r in results if "error" not in r][:64]
-        plot_prediction_grid([load_image(r["path"]) for r in good],
-                             [f"{r['label']} {r['probabilities'][r['label']]:.1%}" for r in good], args.grid)
-    if not args.json and (args.csv or args.grid):
-        print("wrote " + ", ".join(str(p) for p in (args.csv, args.grid) if p))
+        shown = good[:64]  # with --explain the grid shows the overlays
+        plot_prediction_grid([overlays[r["path"]] if r["path"] in overlays else load_image(r["path"]) for r in shown],
+                             [caption(r, wrap=True) for r in shown], args.grid)
+    if not args.json and (args.csv or args.grid or args.explain):
+        print("wrote " + ", ".join(str(p) for p in (args.csv, args.grid) if p)
+              + (", " if (args.csv or args.grid) and args.explain else "")
+              + (f"{len(overlays)} heat-map overlays in {args.explain}/" if args.explain else ""))
     warned = sum("warning" in r for r in results)
     if warned and not args.json:
         print(f"{warned} photo(s) much smaller than the model's input: their answers rest on upscaled pixels")
     return 1 if any("error" in r for r in results) else 0
+
+
+def _print_predictions(results: list[dict], predictor) -> None:
+    """One row per photo: label ("unknown" with the closest class), in_distribution, probabilities."""
+    from fruitnet.predictors import UNKNOWN
+
+    def label(r):
+        return f"unknown ({r['best_guess']})" if r["label"] == UNKNOWN else r["label"]
+
+    trust = any("in_distribution" in r for r in results)
+    width = max([len(r["path"]) for r in results] + [4])
+    lw = max([len(label(r)) for r in results if "error" not in r] + [12])
+    print(f"{'path':<{width}}  {'label':<{lw}} " + (f"{'in_dist':>8} " if trust else "")
+          + " ".join(f"{c[:12]:>12}" for c in predictor.classes))
+    for r in results:
+        if "error" in r:
+            print(f"{r['path']:<{width}}  error: {r['error']}")
+        else:
+            print(f"{r['path']:<{width}}  {label(r):<{lw}} "
+                  + (f"{r['in_distribution']:>8.2f} " if trust else "")
+                  + " ".join(f"{r['probabilities'][c]:>12.4f}" for c in predictor.classes)
+                  + (f"  warning: {r['warning']}" if "warning" in r else ""))
 
 
 def cmd_export(args) -> int:
@@ -243,7 +302,8 @@ def cmd_serve(args) -> int:
     from fruitnet.server import serve
 
     return serve(args.model, host=args.host, port=args.port, max_upload_mb=args.max_upload_mb, runtime=args.runtime,
-                 precision=args.precision)
+                 precision=args.precision, unknown=not args.no_unknown, timeout_keep_alive=args.timeout_keep_alive,
+                 timeout_request=args.timeout_request, limit_concurrency=args.limit_concurrency)
 
 
 def cmd_demo(args) -> int:
@@ -262,6 +322,11 @@ def _add_precision(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", default="auto", choices=list(PRECISIONS),
                    help="auto: bf16 where the CPU (AVX512-BF16/AMX) or GPU runs it natively, else fp32 "
                         "(default: auto)")
+
+
+def _add_no_unknown(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-unknown", action="store_true",
+                   help="never answer 'unknown': always the best class (in_distribution is still given)")
 
 
 def _add_runtime(p: argparse.ArgumentParser) -> None:
@@ -284,9 +349,23 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("check", help="data report for a class-folder tree; writes nothing into it",
-                       description="Count the photos per class, find exact duplicates and unusable files.")
+                       description="Count the photos per class, find exact and near-duplicates, label conflicts and "
+                                   "unusable files; --deep also finds likely mislabelled photos and outliers, "
+                                   "shown in report.html.")
     p.add_argument("data", metavar="DATA", help="a folder of class folders: DATA/<class>/<image>")
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    p.add_argument("--deep", action="store_true",
+                   help="also find likely mislabelled photos, outliers and near-duplicates in feature space "
+                        "(pretrained features, cross-validated linear head, cleanlab); writes report.html")
+    p.add_argument("--out", metavar="DIR",
+                   help="report folder, outside DATA (default with --deep: runs/check-<timestamp>)")
+    p.add_argument("--write-exclude", metavar="FILE",
+                   help="with --deep: write the likely mislabelled photos and outliers, one path a line, "
+                        "for train --exclude FILE")
+    p.add_argument("--backbone", default="efficientnet_lite0", choices=sorted(BACKBONES),
+                   help="features for --deep (default: efficientnet_lite0, whose weights work offline)")
+    p.add_argument("--folds", type=_positive_int, default=5, help="cross-validation folds for --deep (default: 5)")
+    p.add_argument("--seed", type=_whole_number, default=0, help="seed of the folds (default: 0)")
     p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("train", help="fine-tune a pretrained backbone on DATA/<class>/<image>",
@@ -306,6 +385,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
     _add_batch_size(p)
     _add_legacy(p)
+    p.add_argument("--unknown", metavar="DIR",
+                   help="photos of none of the classes (default: DATA/unknown/ if present): AUROC, share rejected")
+    _add_no_unknown(p)
     _add_precision(p)
     p.set_defaults(func=cmd_evaluate)
 
@@ -313,11 +395,16 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Predict the class of each photo: a table, or JSON, CSV and a picture grid.")
     _add_model(p)
     p.add_argument("paths", nargs="+", metavar="PATH", help="photos, folders (searched recursively) or globs")
-    p.add_argument("--json", action="store_true", help="print a JSON list of {path, label, probabilities}")
+    p.add_argument("--json", action="store_true",
+                   help="print a JSON list of {path, label, best_guess, probabilities, in_distribution}")
     p.add_argument("--csv", metavar="FILE", help="also write the predictions as CSV")
-    p.add_argument("--grid", metavar="FILE.png", help="draw the photos titled with prediction and confidence")
+    p.add_argument("--grid", metavar="FILE.png",
+                   help="draw the photos titled with prediction and confidence (with --explain: the heat maps)")
+    p.add_argument("--explain", metavar="DIR",
+                   help="write one Grad-CAM overlay per photo into DIR: where the network looked (PyTorch models)")
     _add_batch_size(p)
     _add_legacy(p)
+    _add_no_unknown(p)
     _add_runtime(p)
     _add_precision(p)
     p.set_defaults(func=cmd_predict)
@@ -339,6 +426,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=_port, default=8000, help="port to listen on (default: 8000)")
     p.add_argument("--max-upload-mb", type=_positive_int, default=10, help="largest accepted photo, in MB (default: 10)")
+    p.add_argument("--timeout-keep-alive", type=_positive_float, default=TIMEOUT_KEEP_ALIVE, metavar="SECONDS",
+                   help=f"close a connection idle between requests after this long (default: {TIMEOUT_KEEP_ALIVE})")
+    p.add_argument("--timeout-request", type=_positive_float, default=TIMEOUT_REQUEST, metavar="SECONDS",
+                   help="answer 408 and close when a request's headers take longer than this, or its upload "
+                        f"stops arriving for this long (default: {TIMEOUT_REQUEST})")
+    p.add_argument("--limit-concurrency", type=_positive_int, default=LIMIT_CONCURRENCY, metavar="N",
+                   help=f"answer 503 (JSON, Retry-After) beyond N requests in progress (default: {LIMIT_CONCURRENCY})")
+    _add_no_unknown(p)
     _add_runtime(p)
     _add_precision(p)
     p.set_defaults(func=cmd_serve)

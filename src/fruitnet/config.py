@@ -15,6 +15,7 @@ from typing import Literal
 from fruitnet.errors import UsageError
 
 PRECISIONS = ("auto", "fp32", "bf16")  # arithmetic.choose resolves them per device
+UNKNOWN_RECALL = 0.95  # share of validation photos that keep their label (the rest set the "unknown" threshold)
 
 
 def _check_literals(obj) -> None:
@@ -116,11 +117,21 @@ class TrainConfig:
                              flag="--no-image-cache")
     workers: int = _opt(2, "image-decoding worker processes (without the image cache)", type=int)
     device: str = _opt("auto", "auto | cpu | cuda | cuda:N")
+    unknown_recall: float = _opt(UNKNOWN_RECALL, "share of validation photos that keep their label; photos less "
+                                 "typical than the rest are answered 'unknown'", type="fraction")
     tensorboard: bool = _opt(False, "also write TensorBoard event files into the run folder "
                                     "(pip install 'fruitnet[tensorboard]')", flag="--tensorboard")
+    exclude: str | None = _opt(None, "leave the photos listed in FILE out of training and validation (one path "
+                                     "a line, e.g. from check --deep --write-exclude); DATA is not touched",
+                               metavar="FILE")
+    balance: Literal["auto", "none", "weights", "sampler"] = _opt(
+        "auto", "auto: class-weighted loss when the largest class has more than 1.5x the photos of the "
+                "smallest; weights; sampler (draw every class equally often); none")
 
     def __post_init__(self):
         _check_literals(self)
+        if not 0 < self.unknown_recall < 1:
+            raise UsageError(f"unknown_recall must be between 0 and 1, not {self.unknown_recall}")
 
 
 # On --resume these may change: they say how to run, not what to train.  Every other option is
@@ -152,6 +163,7 @@ def resume_config(saved: dict, given: dict) -> TrainConfig:
         raise UsageError(f"--resume continues a run as it was configured; {names} cannot change "
                          f"(only {', '.join('--' + k for k in RESUMABLE)} can): start a new run instead")
     known = {f.name for f in fields(TrainConfig)}
-    values = {k: v for k, v in saved.items() if k in known}
+    # a run saved before a setting existed continues as it began: without class balancing
+    values = {"balance": "none", **{k: v for k, v in saved.items() if k in known}}
     values.update({k: v for k, v in given.items() if v is not None and k in RESUMABLE})
     return TrainConfig(**values)

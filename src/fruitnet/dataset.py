@@ -12,12 +12,17 @@ import os
 import random
 from collections import Counter, defaultdict, deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
+from PIL import Image
+
 from fruitnet.errors import DataError, ImageError
-from fruitnet.images import load_image, looks_like_image
+from fruitnet.images import IMAGE_EXTENSIONS, load_image, looks_like_image, open_regular, special_file_kind
 from fruitnet.progress import bar as progress_bar
+
+RUN_MARKER = "fruitnet-run.json"  # written into every run folder; config.json + metrics.csv for older runs
 
 
 @dataclass
@@ -26,6 +31,7 @@ class Item:
     label: str
     sha256: str = ""
     problem: str | None = None  # why the file cannot be used, None if it can
+    phash: str = ""  # perceptual hash (pHash + dHash, 128 bits as hex) for near-duplicates
 
 
 @dataclass
@@ -33,7 +39,8 @@ class Catalog:
     root: str
     classes: list[str]
     items: list[Item]  # usable and unusable image files, sorted by path
-    ignored: list[dict] = field(default_factory=list)  # {path, reason}: not images, or outside any class
+    ignored: list[dict] = field(default_factory=list)  # {path, reason}: not images, outside any class, run folders
+    unlisted: list[dict] = field(default_factory=list)  # {path, reason}: folders that could not be listed
 
     @property
     def usable(self) -> list[Item]:
@@ -41,7 +48,12 @@ class Catalog:
 
     @property
     def skipped(self) -> list[dict]:
-        return [{"path": it.path, "reason": it.problem} for it in self.items if it.problem is not None]
+        """Files (and folders) that could have held training images but could not be used."""
+        return [{"path": it.path, "reason": it.problem} for it in self.items if it.problem is not None] + self.unlisted
+
+    @property
+    def run_folders(self) -> list[str]:
+        return [i["path"] for i in self.ignored if i["reason"] == RUN_FOLDER_REASON]
 
     def duplicates(self) -> list[list[str]]:
         """Groups of usable files with identical bytes."""
@@ -50,14 +62,191 @@ class Catalog:
             groups[it.sha256].append(it.path)
         return [paths for paths in groups.values() if len(paths) > 1]
 
+    def groups(self, near_duplicates: bool = True) -> list[list[Item]]:
+        """Every usable item in exactly one group: identical bytes, and (by default) perceptual-hash
+        near-duplicates (resized, re-encoded, lightly cropped copies) joined transitively."""
+        usable = self.usable
+        pairs = [(i, j, 0) for members in _indices_by(usable, "sha256") for i, j in zip(members, members[1:])]
+        if near_duplicates:
+            pairs += near_duplicate_pairs([it.phash for it in usable], with_distance=True)
+        return [[usable[i] for i in members] for members in hash_groups(len(usable), pairs)]
+
+    def near_duplicates(self, groups: list[list[Item]] | None = None) -> list[list[str]]:
+        """Groups joined by the perceptual hash that are not just identical bytes."""
+        return [[it.path for it in g] for g in (groups or self.groups()) if len({it.sha256 for it in g}) > 1]
+
+    def exclude(self, paths: list[str]) -> tuple["Catalog", list[str], list[str]]:
+        """A catalog without the listed photos: (catalog, excluded paths, lines that matched nothing).
+
+        A line matches a photo by its path as given, relative to the current folder, or relative
+        to the data folder; the files themselves are never touched."""
+        root = Path(self.root)
+        wanted: dict[str, str] = {}
+        for line in paths:
+            for candidate in {os.path.abspath(line), os.path.abspath(root / line)}:
+                wanted[candidate] = line
+        kept, excluded, matched = [], [], set()
+        for it in self.items:
+            line = wanted.get(os.path.abspath(it.path))
+            if line is None:
+                kept.append(it)
+            else:
+                excluded.append(it.path)
+                matched.add(line)
+        unmatched = [line for line in dict.fromkeys(paths) if line not in matched]
+        return replace(self, items=kept), excluded, unmatched
+
     def counts(self) -> dict[str, int]:
         c = Counter(it.label for it in self.usable)
         return {cls: c.get(cls, 0) for cls in self.classes}
 
     def report(self) -> dict:
+        groups = [g for g in self.groups() if len(g) > 1]
         return {"root": self.root, "classes": self.classes, "counts": self.counts(),
                 "usable": len(self.usable), "skipped": self.skipped, "ignored": self.ignored,
-                "duplicates": self.duplicates()}
+                "run_folders": self.run_folders, "duplicates": self.duplicates(),
+                "near_duplicates": self.near_duplicates(groups),
+                "label_conflicts": [[it.path for it in g] for g in groups if len({it.label for it in g}) > 1],
+                "kept_together": {"groups": len(groups), "files": sum(len(g) for g in groups)}}
+
+
+# Near-duplicates: pHash (low frequencies of the DCT of a 32x32 grey thumbnail) and dHash (signs of
+# horizontal gradients of a 9x8 one), 64 bits each, compared together.  Measured on webfruit
+# (bench/bench_doctor.py, notes/doctor-readme.md): copies resized to 60-90% or re-encoded at JPEG
+# quality 50-80 stay within 6 bits, copies cropped by 2-5% per side are within 22 bits in 95% of
+# cases, and every pair of distinct webfruit photos within 22 bits is a real near-copy.  The same
+# bits as the imagehash package's phash + dhash, 5x faster: PIL's reducing_gap shrinks by whole
+# factors first.
+NEAR_DUPLICATE_BITS = 22
+_DCT = np.cos(np.pi * (2 * np.arange(32)[None, :] + 1) * np.arange(8)[:, None] / 64)  # DCT-II rows 0..7
+
+
+def perceptual_hash(img: Image.Image) -> str:
+    grey = img.convert("L")
+    small = np.asarray(grey.resize((32, 32), Image.LANCZOS, reducing_gap=2.0), dtype=np.float32)
+    dct = (_DCT @ small @ _DCT.T).ravel()
+    tiny = np.asarray(grey.resize((9, 8), Image.LANCZOS, reducing_gap=2.0), dtype=np.int16)
+    bits = np.concatenate([dct > np.median(dct), (tiny[:, 1:] > tiny[:, :-1]).ravel()])
+    return np.packbits(bits).tobytes().hex()
+
+
+def _hash_words(hashes: list[str]) -> np.ndarray:
+    """hex hashes -> (n, 2) uint64; an image without a hash gets a row that matches nothing."""
+    words = np.zeros((len(hashes), 2), dtype=np.uint64)
+    for i, h in enumerate(hashes):
+        if h:
+            words[i] = [int(h[:16], 16), int(h[16:32], 16)]
+    return words
+
+
+def near_duplicate_pairs(hashes: list[str], max_bits: int = NEAR_DUPLICATE_BITS,
+                         with_distance: bool = False) -> list[tuple]:
+    """Index pairs (i < j) whose 128-bit hashes differ in at most max_bits bits (and the distance).
+
+    All pairs are compared, a block of rows at a time so that memory stays near 100 MB."""
+    words, has = _hash_words(hashes), np.array([bool(h) for h in hashes], dtype=bool)
+    block = max(1, (1 << 23) // max(1, len(words)))
+    pairs = []
+    for start in range(0, len(words), block):
+        a = words[start:start + block]
+        dist = (np.bitwise_count(a[:, None, 0] ^ words[None, :, 0]).astype(np.int16)
+                + np.bitwise_count(a[:, None, 1] ^ words[None, :, 1]))
+        i, j = np.nonzero(dist <= max_bits)
+        i = i + start
+        keep = (i < j) & has[i] & has[j]
+        i, j = i[keep], j[keep]
+        columns = (i, j, dist[i - start, j]) if with_distance else (i, j)
+        pairs += zip(*(c.tolist() for c in columns))
+    return pairs
+
+
+def hash_groups(n: int, pairs: list[tuple[int, int, int]], max_share: float = 0.1,
+                min_bits: int = 4) -> list[list[int]]:
+    """Connected groups of (i, j, bits) pairs, where a group larger than max_share of all photos is
+    split again at a stricter distance, down to min_bits.
+
+    Such a group is a chain of look-alikes rather than copies: on Fruits-360 (studio frames of
+    fruit turning on white) 22 bits chain 940 of 1,257 photos across classes; at 12 bits the
+    groups are single fruits (at most 82 frames)."""
+    cap = max(3, int(n * max_share))
+
+    def refine(members: list[int], links: list[tuple[int, int, int]], bits: int) -> list[list[int]]:
+        index = {m: k for k, m in enumerate(members)}
+        kept = [(index[i], index[j], d) for i, j, d in links if d <= bits]
+        out = []
+        for comp in connected_groups(len(members), [(a, b) for a, b, _ in kept]):
+            group = [members[k] for k in comp]
+            if len(group) > cap and bits > min_bits:
+                inside = set(group)
+                out += refine(group, [l for l in links if l[0] in inside and l[1] in inside and l[2] <= bits], bits - 2)
+            else:
+                out.append(group)
+        return out
+
+    exact_bits = max([d for *_, d in pairs] + [NEAR_DUPLICATE_BITS])
+    return sorted((sorted(g) for g in refine(list(range(n)), pairs, exact_bits)), key=lambda g: g[0])
+
+
+def connected_groups(n: int, pairs: list[tuple[int, int]]) -> list[list[int]]:
+    """Connected components of n nodes joined by pairs, each sorted, in order of their first member."""
+    parent = list(range(n))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for i, j in pairs:
+        parent[find(i)] = find(j)
+    groups: dict[int, list[int]] = defaultdict(list)
+    for i in range(n):
+        groups[find(i)].append(i)
+    return sorted(groups.values(), key=lambda g: g[0])
+
+
+def _indices_by(items: list[Item], attr: str) -> list[list[int]]:
+    groups: dict[str, list[int]] = defaultdict(list)
+    for i, it in enumerate(items):
+        groups[getattr(it, attr)].append(i)
+    return list(groups.values())
+
+
+def apply_exclude(catalogs: list[Catalog], path: str | Path | None) -> tuple[list[Catalog], dict]:
+    """Leave the photos listed in the file at `path` out of every catalog (train --exclude FILE).
+
+    Returns the catalogs and {"excluded": paths, "exclude_unmatched": lines matching no photo};
+    a class left without photos is a DataError, as for any empty class."""
+    if not path:
+        return catalogs, {}
+    lines = read_exclude(path)
+    results = [c.exclude(lines) for c in catalogs]
+    unmatched = set.intersection(*(set(r[2]) for r in results))
+    info = {"exclude_file": str(path), "excluded": [p for r in results for p in r[1]],
+            "exclude_unmatched": [line for line in lines if line in unmatched]}
+    for catalog, _, _ in results:
+        empty = [cls for cls, n in catalog.counts().items() if n == 0]
+        if empty:
+            raise DataError(f"{path}: excludes every photo of class(es) {', '.join(empty)} in {catalog.root}")
+    return [r[0] for r in results], info
+
+
+def read_exclude(path: str | Path) -> list[str]:
+    """Paths to leave out, one per line; blank lines and lines starting with '#' are ignored."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: cannot read the exclude list ({exc})") from None
+    return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+
+
+RUN_FOLDER_REASON = "a fruitnet run folder (outputs, not data)"
+
+
+def is_run_folder(path: Path) -> bool:
+    """A folder that holds a fruitnet run (its marker, or config.json + metrics.csv): never data."""
+    isfile = os.path.isfile  # False, not PermissionError, inside a folder that cannot be read
+    return isfile(path / RUN_MARKER) or (isfile(path / "config.json") and isfile(path / "metrics.csv"))
 
 
 LOOSE = "not inside a class folder"
@@ -72,9 +261,10 @@ def _first(entries: list[str], what: str) -> list[str]:
 def _check_file(path: Path, label: str, draft_size: int) -> Item:
     item = Item(str(path), label)
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:  # a named pipe or a device is refused before a byte is read
             item.sha256 = hashlib.file_digest(f, "sha256").hexdigest()
-        load_image(path, draft_size=draft_size)  # full decode: truncation shows up here, not mid-training
+        img = load_image(path, draft_size=draft_size)  # full decode: truncation shows up here, not mid-training
+        item.phash = perceptual_hash(img)
     except ImageError as exc:
         item.problem = exc.reason
     except OSError as exc:
@@ -103,22 +293,40 @@ def scan(root: str | Path, progress: bool = True, workers: int = 4, draft_size: 
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"{root}: data folder not found")
-    classes, candidates, ignored = [], [], []
-    for entry in sorted(root.iterdir()):
+    try:
+        entries = sorted(root.iterdir())
+    except OSError as exc:
+        raise DataError(f"{root}: cannot list the data folder ({exc.strerror or exc})") from None
+    classes, candidates, ignored, unlisted = [], [], [], []
+
+    def unlistable(exc: OSError) -> None:
+        unlisted.append({"path": str(exc.filename), "reason": f"folder cannot be listed ({exc.strerror or exc})"})
+
+    for entry in entries:
         if entry.name.startswith("."):  # .DS_Store, .ipynb_checkpoints: never a class
             continue
         if not entry.is_dir():
             ignored.append({"path": str(entry), "reason": LOOSE})
             continue
+        if is_run_folder(entry):
+            ignored.append({"path": str(entry), "reason": RUN_FOLDER_REASON})
+            continue
         classes.append(entry.name)
-        for dirpath, dirnames, filenames in os.walk(entry):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for dirpath, dirnames, filenames in os.walk(entry, onerror=unlistable):
+            runs = {d for d in dirnames if is_run_folder(Path(dirpath) / d)}
+            ignored += [{"path": str(Path(dirpath) / d), "reason": RUN_FOLDER_REASON} for d in sorted(runs)]
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d not in runs)
             for name in sorted(filenames):
                 path = Path(dirpath) / name
                 if name.startswith("."):
                     continue
-                if looks_like_image(path):
-                    candidates.append((path, entry.name))
+                kind = special_file_kind(path)  # checked before anything opens it: a FIFO would block
+                if kind and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
+                    candidates.append((path, entry.name, f"not a regular file ({kind})"))
+                elif kind:
+                    ignored.append({"path": str(path), "reason": f"not a regular file ({kind})"})
+                elif looks_like_image(path):
+                    candidates.append((path, entry.name, None))
                 else:
                     ignored.append({"path": str(path), "reason": "not an image file"})
     loose = [i for i in ignored if i["reason"] == LOOSE and looks_like_image(i["path"])]
@@ -128,14 +336,21 @@ def scan(root: str | Path, progress: bool = True, workers: int = 4, draft_size: 
     if len(classes) < 2:
         raise DataError(f"{root}: found {len(classes)} class folder(s) {classes}; need at least two "
                         "(layout: DATA/<class>/<image>)")
+
+    def check(candidate) -> Item:
+        path, label, problem = candidate
+        return Item(str(path), label, problem=problem) if problem else _check_file(path, label, draft_size)
+
     with ThreadPoolExecutor(workers) as pool:  # PIL decodes without the GIL
-        jobs = _ordered_map(pool, lambda pc: _check_file(pc[0], pc[1], draft_size), candidates, 8 * workers)
+        jobs = _ordered_map(pool, check, candidates, 8 * workers)
         items = list(progress_bar(jobs, total=len(candidates), desc=f"checking {root.name}", unit="img",
                                   disable=not progress))
-    catalog = Catalog(str(root), classes, items, ignored)
+    catalog = Catalog(str(root), classes, items, ignored, unlisted)
     empty = [cls for cls, n in catalog.counts().items() if n == 0]
     if empty:
-        raise DataError(f"{root}: class folder(s) with no usable image: {', '.join(empty)}")
+        why = {u["path"]: u["reason"] for u in unlisted}
+        raise DataError(f"{root}: class folder(s) with no usable image: "
+                        + ", ".join(f"{c} ({why[str(root / c)]})" if str(root / c) in why else c for c in empty))
     return catalog
 
 
@@ -146,15 +361,34 @@ def format_report(report: dict) -> str:
     lines += [f"    {cls:<{width}}  {n}" for cls, n in report["counts"].items()]
     if report["duplicates"]:
         n = sum(len(g) for g in report["duplicates"])
-        lines.append(f"  {len(report['duplicates'])} group(s) of exact duplicates ({n} files), kept on one side "
-                     "of the split:")
+        lines.append(f"  {len(report['duplicates'])} group(s) of exact duplicates ({n} files):")
         lines += _first([" = ".join(g) for g in report["duplicates"]], "groups")
+    if report.get("near_duplicates"):
+        n = sum(len(g) for g in report["near_duplicates"])
+        lines.append(f"  {len(report['near_duplicates'])} groups of near-duplicates ({n} files: resized, "
+                     "re-encoded or cropped copies)")
+    if report.get("kept_together", {}).get("groups"):
+        kept = report["kept_together"]
+        lines.append(f"  {kept['groups']} duplicate groups ({kept['files']} files) kept on one side of the split")
+    if report.get("label_conflicts"):
+        lines.append(f"  {len(report['label_conflicts'])} duplicate group(s) span two classes (label conflicts):")
+        lines += [f"    {' = '.join(g)}" for g in report["label_conflicts"]]
+    if report.get("excluded"):
+        lines.append(f"  {len(report['excluded'])} photo(s) left out by the exclude list")
+    if report.get("exclude_unmatched"):
+        lines.append(f"  {len(report['exclude_unmatched'])} exclude line(s) match no photo:")
+        lines += [f"    {line}" for line in report["exclude_unmatched"]]
     if report["skipped"]:
-        lines.append(f"  {len(report['skipped'])} image file(s) skipped, unusable (exit code 1):")
+        lines.append(f"  {len(report['skipped'])} image file(s) or folder(s) skipped, unusable (exit code 1):")
         lines += [f"    {s['path']}: {s['reason']}" for s in report["skipped"]]
-    if report["ignored"]:
-        lines.append(f"  {len(report['ignored'])} other file(s) ignored (not a failure):")
-        lines += _first([f"{i['path']}: {i['reason']}" for i in report["ignored"]], "files")
+    runs = report.get("run_folders", [])
+    if runs:
+        lines.append(f"  {len(runs)} fruitnet run folder(s) skipped (outputs, not data):")
+        lines += [f"    {r}" for r in runs]
+    others = [i for i in report["ignored"] if i["path"] not in runs]
+    if others:
+        lines.append(f"  {len(others)} other file(s) ignored (not a failure):")
+        lines += _first([f"{i['path']}: {i['reason']}" for i in others], "files")
     return "\n".join(lines)
 
 
@@ -164,15 +398,15 @@ def write_report(report: dict, folder: Path) -> None:
     (folder / "data_report.txt").write_text(format_report(report) + "\n" + warnings)
 
 
-def split(catalog: Catalog, val_fraction: float = 0.25, seed: int = 0) -> tuple[list[Item], list[Item]]:
-    """Stratified per class, seeded; files with identical bytes stay on the same side."""
+def split(catalog: Catalog, val_fraction: float = 0.25, seed: int = 0,
+          near_duplicates: bool = True) -> tuple[list[Item], list[Item]]:
+    """Stratified per class, seeded; identical files and (by default) near-duplicates stay on the
+    same side, so validation never sees a copy of a training photo.  A group that spans two
+    classes is placed with the class of its first member."""
     if not 0 < val_fraction < 1:
         raise DataError(f"val fraction must be between 0 and 1, not {val_fraction}")
-    groups: dict[str, list[Item]] = defaultdict(list)
-    for it in catalog.usable:
-        groups[it.sha256].append(it)
     by_class: dict[str, list[list[Item]]] = defaultdict(list)
-    for members in groups.values():
+    for members in catalog.groups(near_duplicates):
         by_class[members[0].label].append(members)
     rng = random.Random(seed)
     train, val = [], []
@@ -184,10 +418,12 @@ def split(catalog: Catalog, val_fraction: float = 0.25, seed: int = 0) -> tuple[
         if total >= 2:
             target = min(max(target, 1), total - 1)
         taken = 0
-        for g in class_groups:
-            (val if taken < target else train).extend(g)
-            if taken < target:
+        for g in class_groups:  # a group goes to validation if that brings the count nearer the target
+            if taken + len(g) <= target or target - taken > taken + len(g) - target:
+                val.extend(g)
                 taken += len(g)
+            else:
+                train.extend(g)
     return sorted(train, key=lambda it: it.path), sorted(val, key=lambda it: it.path)
 
 

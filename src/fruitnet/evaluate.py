@@ -1,4 +1,12 @@
-"""Evaluate a model on a labelled class-folder tree: the report, confusion matrix and mistakes."""
+"""Evaluate a model on a labelled class-folder tree: the report, confusion matrix, calibration,
+the unknown verdict and the mistakes (each beside its Grad-CAM heat map).
+
+`accuracy` stays the accuracy of the best class (comparable with earlier runs and other tools);
+`coverage` is the share of photos answered (not "unknown") and `answered_accuracy` the accuracy
+on those. Photos of none of the classes, in DATA/unknown/ or --unknown DIR, give the AUROC of
+the in-distribution score (known against unknown), the share of them rejected and the share of
+known photos accepted.
+"""
 
 from __future__ import annotations
 
@@ -7,13 +15,23 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
+
+from fruitnet.calibration import calibration_summary, reliability
 from fruitnet.dataset import scan
 from fruitnet.errors import DataError
 from fruitnet.images import load_image
 from fruitnet.metrics import classification_report, format_report, write_confusion_csv
-from fruitnet.predictors import TorchPredictor
+from fruitnet.ood import auroc
+from fruitnet.predictors import UNKNOWN, TorchPredictor, expand_paths
 from fruitnet.preprocess import small_side
 from fruitnet.progress import bar as progress_bar
+
+MAX_MISTAKES = 24
+
+
+def _best(r: dict) -> str:
+    return r.get("best_guess", r["label"])
 
 
 def _first_few(paths: list[str], n: int = 3) -> str:
@@ -41,47 +59,127 @@ def evaluation_warnings(meta: dict, items: list, results: list[dict]) -> list[st
 
 
 def evaluate(model_path, data, out: Path, batch_size: int = 32, legacy: bool | None = None,
-             progress: bool = True, precision: str = "fp32") -> dict:
-    """Returns the report dict (accuracy, n, classes, per_class, confusion_matrix, skipped, ...)
-    and writes report.json/.txt, confusion.png/.csv, mistakes.png and predictions.csv into out."""
+             progress: bool = True, precision: str = "fp32", unknown_dir: str | Path | None = None,
+             unknown: bool = True) -> dict:
+    """Returns the report dict (accuracy, n, classes, per_class, confusion_matrix, calibration,
+    coverage, unknown, skipped, ...) and writes report.json/.txt, confusion.png/.csv,
+    calibration.png, mistakes.png and predictions.csv into out."""
     t0 = time.perf_counter()
-    predictor = TorchPredictor(model_path, legacy=legacy, precision=precision)
+    predictor = TorchPredictor(model_path, legacy=legacy, precision=precision, unknown=unknown)
     catalog = scan(data, progress=progress)
-    unknown = [c for c in catalog.classes if c not in predictor.classes]
-    if unknown:
-        raise DataError(f"{data}: class folder(s) {unknown} unknown to the model, which knows {predictor.classes}")
-    items = catalog.usable
-    with progress_bar(total=len(items), desc="evaluating", unit="img", disable=not progress) as bar:
-        results = predictor.predict_paths([it.path for it in items], batch_size, progress=bar.update)
-    skipped = catalog.skipped + [{"path": r["path"], "reason": r["error"]} for r in results if "error" in r]
+    # DATA/unknown/ holds photos of none of the classes, unless the model has a class of that name
+    unknown_folder = UNKNOWN in catalog.classes and UNKNOWN not in predictor.classes
+    foreign = [c for c in catalog.classes if c not in predictor.classes and not (unknown_folder and c == UNKNOWN)]
+    if foreign:
+        raise DataError(f"{data}: class folder(s) {foreign} unknown to the model, which knows {predictor.classes}")
+    items = [it for it in catalog.usable if it.label in predictor.classes]
+    unknown_paths = [it.path for it in catalog.usable if unknown_folder and it.label == UNKNOWN]
+    if unknown_dir is not None:
+        found, problems = expand_paths([str(unknown_dir)])
+        if problems:
+            raise DataError(f"--unknown {unknown_dir}: no such folder, or no images there")
+        unknown_paths += found
+    with progress_bar(total=len(items) + len(unknown_paths), desc="evaluating", unit="img",
+                      disable=not progress) as bar:
+        results = predictor.predict_paths([it.path for it in items], batch_size, progress=bar.update, raw=True)
+        unknown_results = predictor.predict_paths(unknown_paths, batch_size, progress=bar.update, raw=True)
+    skipped = catalog.skipped + [{"path": r["path"], "reason": r["error"]} for r in results + unknown_results
+                                 if "error" in r]
     scored = [(it, r) for it, r in zip(items, results) if "error" not in r]
     index = {c: i for i, c in enumerate(predictor.classes)}
     y_true = [index[it.label] for it, _ in scored]
-    y_pred = [index[r["label"]] for _, r in scored]
+    y_pred = [index[_best(r)] for _, r in scored]
     report = classification_report(y_true, y_pred, predictor.classes)
+    report.update(_trust_report(predictor, scored, [r for r in unknown_results if "error" not in r], y_true))
     report.update({"skipped": skipped, "model": str(model_path), "data": str(data),
                    "warnings": evaluation_warnings(predictor.meta, items, results),
                    "seconds": round(time.perf_counter() - t0, 2)})
 
     out.mkdir(parents=True, exist_ok=True)
-    from fruitnet.plots import plot_confusion, plot_mistakes
+    from fruitnet.plots import plot_confusion, plot_mistakes, plot_reliability
 
     write_confusion_csv(out / "confusion.csv", report["confusion_matrix"], predictor.classes)
     write_confusion_csv(out / "confusion_normalized.csv", report["confusion_matrix_normalized"],
                         predictor.classes, normalized=True)
     plot_confusion(report["confusion_matrix"], predictor.classes, out / "confusion.png",
                    normalized_matrix=report["confusion_matrix_normalized"])
+    cal = report["calibration"]
+    if scored:
+        logits = np.array([r["logits"] for _, r in scored])
+        plot_reliability(reliability(_softmax(logits), y_true), reliability(_softmax(logits / cal["temperature"]), y_true),
+                         out / "calibration.png", cal["ece_before"], cal["ece_after"], cal["temperature"])
     with open(out / "predictions.csv", "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["path", "true", "predicted", "confidence", "warning"] + [f"p_{c}" for c in predictor.classes])
-        for it, r in scored:
+        w.writerow(["path", "true", "predicted", "confidence", "verdict", "in_distribution", "warning"]
+                   + [f"p_{c}" for c in predictor.classes])
+        for it, r in scored + [(None, r) for r in unknown_results if "error" not in r]:
             probs = r["probabilities"]
-            w.writerow([it.path, it.label, r["label"], probs[r["label"]], r.get("warning", "")]
-                       + [probs[c] for c in predictor.classes])
-    mistakes = sorted(((r["probabilities"][r["label"]], it, r) for it, r in scored if r["label"] != it.label),
-                      key=lambda m: -m[0])[:24]
-    plot_mistakes([load_image(it.path) for _, it, _ in mistakes], [it.label for _, it, _ in mistakes],
-                  [r["label"] for _, _, r in mistakes], [c for c, _, _ in mistakes], out / "mistakes.png")
+            w.writerow([r["path"], it.label if it else UNKNOWN, _best(r), probs[_best(r)], r["label"],
+                        r.get("in_distribution", ""), r.get("warning", "")] + [probs[c] for c in predictor.classes])
+    mistakes = sorted(((r["probabilities"][_best(r)], it, r) for it, r in scored if _best(r) != it.label),
+                      key=lambda m: -m[0])[:MAX_MISTAKES]
+    _plot_mistakes(predictor, mistakes, out / "mistakes.png", plot_mistakes)
     (out / "report.json").write_text(json.dumps(report, indent=2))
-    (out / "report.txt").write_text(format_report(report) + "\n")
+    (out / "report.txt").write_text(format_report(report) + format_trust(report) + "\n")
     return report
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    e = np.exp(logits - logits.max(1, keepdims=True))
+    return e / e.sum(1, keepdims=True)
+
+
+def _trust_report(predictor, scored: list, unknown_results: list, y_true: list[int]) -> dict:
+    """calibration (ECE and NLL before/after), coverage and answered accuracy, and the unknown set."""
+    logits = np.array([r["logits"] for _, r in scored]).reshape(len(scored), len(predictor.classes))
+    answered = [(it, r) for it, r in scored if r["label"] != UNKNOWN]
+    report = {
+        "calibration": calibration_summary(logits, np.array(y_true, dtype=int), predictor.temperature),
+        "unknown_verdict": predictor.trust_info(),
+        "coverage": len(answered) / len(scored) if scored else 0.0,
+        "answered_accuracy": (sum(r["label"] == it.label for it, r in answered) / len(answered)) if answered else 0.0,
+    }
+    if unknown_results:
+        known_scores = [r["score"] for _, r in scored]
+        summary = {"n": len(unknown_results),
+                   "rejected": sum(r["label"] == UNKNOWN for r in unknown_results) / len(unknown_results),
+                   "known_accepted": report["coverage"],
+                   "predicted": {c: sum(_best(r) == c for r in unknown_results) for c in predictor.classes}}
+        if known_scores and known_scores[0] is not None:
+            summary["auroc"] = auroc(known_scores, [r["score"] for r in unknown_results])
+        report["unknown"] = summary
+    return report
+
+
+def _plot_mistakes(predictor, mistakes: list, path: Path, plot_mistakes) -> None:
+    """The most confident mistakes, each photo beside its heat map (for the predicted class)."""
+    from fruitnet.explain import explain_images
+
+    images = [load_image(it.path) for _, it, _ in mistakes]
+    if images and not predictor.explain_unavailable:
+        images = [im for i in range(0, len(images), 8)
+                  for im in explain_images(predictor, images[i:i + 8], [r for _, _, r in mistakes[i:i + 8]])]
+    plot_mistakes(images, [it.label for _, it, _ in mistakes], [_best(r) for _, _, r in mistakes],
+                  [c for c, _, _ in mistakes], path)
+
+
+def format_trust(report: dict) -> str:
+    """The calibration and unknown-verdict lines of a report, as text."""
+    cal, verdict = report["calibration"], report["unknown_verdict"]
+    lines = [f"Calibration ({cal['bins']} bins): temperature {cal['temperature']:.3f}; "
+             f"ECE {cal['ece_before']:.4f} -> {cal['ece_after']:.4f}; NLL {cal['nll_before']:.4f} -> {cal['nll_after']:.4f}"]
+    if verdict["unknown_verdict"]:
+        lines.append(f"Answered (not 'unknown'): {report['coverage']:.2%} of the photos "
+                     f"(threshold in_distribution {verdict['threshold']:g}); accuracy on them "
+                     f"{report['answered_accuracy']:.2%}")
+    elif verdict["threshold"] is None:
+        lines.append("No 'unknown' verdict: this model file has no in-distribution statistics (made before them)")
+    else:
+        lines.append("No 'unknown' verdict: turned off (--no-unknown)")
+    u = report.get("unknown")
+    if u:
+        auc = f"AUROC {u['auroc']:.4f}; " if "auroc" in u else ""
+        lines.append(f"Photos of none of the classes: {u['n']}; {auc}rejected {u['rejected']:.2%}; "
+                     f"known photos accepted {u['known_accepted']:.2%}; their best guesses: "
+                     + ", ".join(f"{c} {n}" for c, n in u["predicted"].items()))
+    return "\n".join(lines) + "\n"

@@ -1,9 +1,14 @@
 """ONNX export with a parity check (and an optional int8 copy).
 
-The exported file carries the model file's metadata (classes, backbone, preprocessing, training)
-as JSON under the ONNX metadata_props key "fruitnet"; predictors.OnnxPredictor builds its
+The exported file carries the model file's metadata (classes, backbone, preprocessing, training,
+trust) as JSON under the ONNX metadata_props key "fruitnet"; predictors.OnnxPredictor builds its
 transform from it with the same transforms.eval_transform as the PyTorch path, so nothing is
 re-typed.
+
+The graph itself gives a user of the bare .onnx file everything predict gives (`Exported`):
+outputs `logits`, `probabilities` (calibrated: the temperature is a constant in the graph) and,
+for model files with in-distribution statistics, `score`, `in_distribution` (the share of
+validation photos scoring no higher) and `known` (in_distribution >= the stored threshold).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
 from fruitnet.errors import DataError, ExportError, UsageError
 from fruitnet.predictors import ONNX_META_KEY, OnnxPredictor, Predictor, TorchPredictor, expand_paths
@@ -29,19 +35,42 @@ CHECK_BATCH = 16
 
 # --- export ---------------------------------------------------------------------------------
 
+class Exported(nn.Module):
+    """The classifier as exported: logits, calibrated probabilities and the unknown verdict's inputs."""
+
+    def __init__(self, model: nn.Module, meta: dict):
+        super().__init__()
+        trust = meta.get("trust") or {}
+        self.model = model
+        self.temperature = float(trust.get("temperature", 1.0))
+        self.threshold = float(trust.get("threshold", 0.0))
+
+    def output_names(self) -> list[str]:
+        return ["logits", "probabilities"] + (["score", "in_distribution", "known"] if self.model.trust else [])
+
+    def forward(self, x: torch.Tensor):
+        logits = self.model(x)
+        outputs = (logits, (logits / self.temperature).softmax(1))
+        if self.model.trust is None:
+            return outputs
+        score, in_dist = self.model.trust(logits)
+        return outputs + (score, in_dist, in_dist >= self.threshold)
+
+
 def write_onnx(model: torch.nn.Module, meta: dict, out: Path) -> Path:
     """Trace the classifier to ONNX (dynamic batch axis) and store meta in metadata_props."""
     import onnx
 
     size = meta["preprocessing"]["input_size"]
-    model = model.eval().cpu()
+    graph = Exported(model.eval().cpu(), meta).eval()
+    names = graph.output_names()
     with warnings.catch_warnings():
         # The TorchScript exporter (dynamo=False): one self-contained file in under a second for
         # these plain CNNs; the dynamo exporter takes ~20x longer and needs onnxscript.
         warnings.simplefilter("ignore")
-        torch.onnx.export(model, (torch.zeros(2, 3, size, size),), str(out), dynamo=False, opset_version=OPSET,
-                          input_names=["input"], output_names=["logits"],
-                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+        torch.onnx.export(graph, (torch.zeros(2, 3, size, size),), str(out), dynamo=False, opset_version=OPSET,
+                          input_names=["input"], output_names=names,
+                          dynamic_axes={"input": {0: "batch"}, **{n: {0: "batch"} for n in names}})
     proto = onnx.load(str(out))
     onnx.helper.set_model_props(proto, {ONNX_META_KEY: json.dumps(meta)})
     proto.doc_string = f"fruitnet {meta['backbone']} classifier: {', '.join(meta['classes'])}"
@@ -83,13 +112,31 @@ def check_images(check: list[str] | None, limit: int = 64) -> tuple[list, str]:
     return [Image.fromarray(a, "RGB") for a in gen], "16 generated images (no photos given: pass --check DIR)"
 
 
+def _outputs(predictor: Predictor, images: list) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(calibrated probabilities, in_distribution or None), in batches (exercises the batch axis)."""
+    parts = [predictor.outputs(torch.stack([predictor.transform(im) for im in images[i:i + CHECK_BATCH]]))
+             for i in range(0, len(images), CHECK_BATCH)]
+    probs = torch.cat([p for p, _ in parts])
+    return probs, None if parts[0][1] is None else torch.cat([d for _, d in parts])
+
+
 def compare(reference: Predictor, candidate: Predictor, images: list) -> dict:
-    """Top-1 agreement and largest probability difference, in batches (exercises the batch axis)."""
-    ref = torch.cat([reference.probabilities(images[i:i + CHECK_BATCH]) for i in range(0, len(images), CHECK_BATCH)])
-    got = torch.cat([candidate.probabilities(images[i:i + CHECK_BATCH]) for i in range(0, len(images), CHECK_BATCH)])
+    """Top-1 agreement, largest probability difference and, with in-distribution statistics,
+    agreement of the unknown verdicts and the largest in_distribution difference."""
+    ref, ref_in = _outputs(reference, images)
+    got, got_in = _outputs(candidate, images)
     agree = int((ref.argmax(1) == got.argmax(1)).sum())
-    return {"n": len(images), "agree": agree, "top1_agreement": agree / len(images),
-            "max_prob_diff": float((ref - got).abs().max())}
+    result = {"n": len(images), "agree": agree, "top1_agreement": agree / len(images),
+              "max_prob_diff": float((ref - got).abs().max())}
+    if ref_in is not None and got_in is not None and reference.threshold is not None:
+        same = int(((ref_in >= reference.threshold) == (got_in >= candidate.threshold)).sum())
+        result.update(verdicts_agree=same, max_in_distribution_diff=float((ref_in - got_in).abs().max()))
+    return result
+
+
+def parity_ok(parity: dict) -> bool:
+    return (parity["agree"] == parity["n"] and parity["max_prob_diff"] <= MAX_PROB_DIFF
+            and parity.get("verdicts_agree", parity["n"]) == parity["n"])
 
 
 def ms_per_image(predictor: Predictor, images: list, batch_size: int = 1, rounds: int = 3) -> float:
@@ -108,6 +155,7 @@ def ms_per_image(predictor: Predictor, images: list, batch_size: int = 1, rounds
 
 def quantize_int8(fp32: Path, out: Path, calibration: list, transform) -> Path:
     """Static int8 quantisation (QDQ, per-channel weights), activations calibrated on `calibration`."""
+    import onnx
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -124,8 +172,10 @@ def quantize_int8(fp32: Path, out: Path, calibration: list, transform) -> Path:
     root.setLevel(logging.ERROR)  # the quantiser logs every shape tensor it leaves alone
     try:
         quant_pre_process(str(fp32), str(pre))
+        # the in-distribution score (distances, a comparison with the validation scores) stays fp32
+        keep = [n.name for n in onnx.load(str(pre)).graph.node if n.name.startswith("/trust/")]
         quantize_static(str(pre), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                        weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8)
+                        weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8, nodes_to_exclude=keep)
     finally:
         root.setLevel(level)
         pre.unlink(missing_ok=True)
@@ -156,9 +206,11 @@ def export_onnx(model_path: str | Path, out: str | Path | None = None, check: li
         f"dynamic batch) in {time.perf_counter() - t:.1f}s")
     onnx_predictor = OnnxPredictor(tmp)  # reads classes and preprocessing back from the file itself
     parity = compare(reference, onnx_predictor, images)
-    ok = parity["agree"] == parity["n"] and parity["max_prob_diff"] <= MAX_PROB_DIFF
+    ok = parity_ok(parity)
+    verdicts = (f", unknown verdicts agree {parity['verdicts_agree']}/{parity['n']}"
+                if "verdicts_agree" in parity else "")
     log(f"parity on {described}: top-1 agreement {parity['top1_agreement']:.1%} ({parity['agree']}/{parity['n']}), "
-        f"largest probability difference {parity['max_prob_diff']:.2e} (limit {MAX_PROB_DIFF:.0e}) "
+        f"largest probability difference {parity['max_prob_diff']:.2e} (limit {MAX_PROB_DIFF:.0e}){verdicts} "
         f"-> {'OK' if ok else 'FAILED'}")
     if not ok:
         rejected = out.with_name(out.name + ".rejected")
@@ -183,7 +235,8 @@ def _int8(fp32: Path, reference: Predictor, onnx_predictor: OnnxPredictor, image
     log(f"int8: {out} ({os.path.getsize(out) / 1e6:.1f} MB) in {time.perf_counter() - t:.1f}s, calibrated on "
         f"{len(calibration)} check images; on the other {parity['n']}: top-1 agreement with PyTorch "
         f"{parity['top1_agreement']:.1%} ({parity['agree']}/{parity['n']}), largest probability difference "
-        f"{parity['max_prob_diff']:.3f}")
+        f"{parity['max_prob_diff']:.3f}"
+        + (f", unknown verdicts agree {parity['verdicts_agree']}/{parity['n']}" if "verdicts_agree" in parity else ""))
     log("forward pass, batch 1, ms/image (median of 3 rounds): " +
         ", ".join(f"{k} {v:.1f}" for k, v in speed.items()) +
         f"; int8 is {speed['onnx'] / speed['onnx_int8']:.1f}x onnx fp32")

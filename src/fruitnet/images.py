@@ -10,6 +10,7 @@ from __future__ import annotations
 import glob
 import os
 import re
+import stat
 import warnings
 from pathlib import Path, PurePath
 
@@ -20,6 +21,14 @@ from fruitnet.errors import ImageError
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 MAX_PIXELS = 64_000_000
+# Longer side over shorter side.  Beyond this a shorter-side resize multiplies the longer side
+# (a 1x65535 GIF would become 256 x 16.8M pixels), so such files are refused, and
+# transforms.py bounds its resize by the same ratio.
+MAX_ASPECT = 50
+# A Huffman-coded JPEG spends at least ~1 bit per 8x8 block (a flat grey 7000x7000 JPEG is
+# 190 kB: 256 pixels per byte).  libjpeg pads missing data with grey instead of failing, so a
+# file claiming 8x more pixels per byte than that is truncated (a 633-byte "7000x7000" JPEG).
+MAX_JPEG_PIXELS_PER_BYTE = 2048
 
 # Pillow plugins we let parse a file at all. MPO (multi-picture JPEG from phones) needs no
 # entry: the JPEG plugin opens it (as format "MPO"), and "MPO" is not a registered opener.
@@ -49,12 +58,50 @@ def is_hidden(path) -> bool:
     return any(p.startswith(".") and p not in (".", "..") for p in PurePath(path).parts)
 
 
+def special_file_kind(path) -> str | None:
+    """'named pipe', 'character device', ... if ``path`` (followed through symlinks) exists and is
+    not a regular file; None for a regular file or a missing one."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None
+    return _kind(mode)
+
+
+def _kind(mode: int) -> str | None:
+    if stat.S_ISREG(mode):
+        return None
+    for test, name in ((stat.S_ISFIFO, "named pipe"), (stat.S_ISCHR, "character device"),
+                       (stat.S_ISBLK, "block device"), (stat.S_ISSOCK, "socket"), (stat.S_ISDIR, "folder")):
+        if test(mode):
+            return name
+    return "special file"
+
+
+def open_regular(path):
+    """Open ``path`` for reading in binary, only if it is a regular file (else ImageError).
+
+    Opened non-blocking and checked on the open descriptor, so a named pipe cannot block the
+    open and a symlink to /dev/urandom is refused before a byte is read, even if the path is
+    swapped between a check and the open.  OSError if it cannot be opened at all.
+    """
+    kind = special_file_kind(path)  # sockets cannot be opened at all: name them first
+    if kind:
+        raise ImageError(path, f"not a regular file ({kind})")
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    kind = _kind(os.fstat(fd).st_mode)
+    if kind:
+        os.close(fd)
+        raise ImageError(path, f"not a regular file ({kind})")
+    return os.fdopen(fd, "rb")
+
+
 def sniff_format(path) -> str | None:
     """The accepted format ('JPEG', 'PNG', ...) that the file's first bytes announce, else None."""
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
             head = f.read(16)
-    except OSError:
+    except (OSError, ImageError):
         return None
     if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
         return "WEBP"
@@ -69,18 +116,21 @@ def looks_like_image(path) -> bool:
 def load_image(path, max_pixels: int = MAX_PIXELS, draft_size: int | None = None) -> Image.Image:
     """Open, fully decode, EXIF-orient and convert ``path`` to an 8-bit RGB image.
 
-    Raises ImageError (never anything else for bad data) when the file is empty,
-    not an image, an unsupported format, truncated/corrupt, or larger than
-    ``max_pixels`` (checked from the header, before any pixel is decoded).
+    Raises ImageError (never anything else for bad data) when the file is not a regular file,
+    empty, not an image, an unsupported format, truncated/corrupt, larger than ``max_pixels``,
+    more than MAX_ASPECT times longer than wide (or the reverse), or a JPEG with far too few
+    bytes for its declared size; all but the truncation inside the pixel data are decided from
+    the header, before any pixel is decoded.
     ``draft_size`` lets the JPEG decoder downscale by a power of two while
     keeping both sides >= draft_size: much faster for big photos.
     """
     try:
-        if os.path.getsize(path) == 0:
-            raise ImageError(path, "empty file")
         # Warnings (bomb, odd EXIF, ...) become errors or are dropped: a data loader must not spam.
-        with warnings.catch_warnings(), open(path, "rb") as f:
+        with warnings.catch_warnings(), open_regular(path) as f:
             warnings.simplefilter("ignore")
+            nbytes = os.fstat(f.fileno()).st_size
+            if nbytes == 0:
+                raise ImageError(path, "empty file")
             try:
                 img = Image.open(f, formats=_PIL_FORMATS)
             except UnidentifiedImageError:
@@ -89,12 +139,18 @@ def load_image(path, max_pixels: int = MAX_PIXELS, draft_size: int | None = None
                 w, h = img.size
                 if w * h > max_pixels:
                     raise ImageError(path, _bomb_reason(f"{w}x{h}", max_pixels))
+                if max(w, h) > MAX_ASPECT * min(w, h):
+                    raise ImageError(path, f"extreme aspect ratio: {w}x{h} pixels is more than {MAX_ASPECT}:1")
+                if img.format in ("JPEG", "MPO") and w * h > MAX_JPEG_PIXELS_PER_BYTE * nbytes:
+                    raise ImageError(path, f"truncated image data: {nbytes:,} bytes cannot hold a {w}x{h} JPEG")
                 if draft_size and img.format in ("JPEG", "MPO"):
                     img.draft("RGB", (draft_size, draft_size))
                 img.load()  # decode everything now: truncated data raises here, not later
                 img = _upright(img)  # a new image, independent of the file we are about to close
     except ImageError:
         raise
+    except MemoryError:
+        raise ImageError(path, "not enough memory to decode it") from None
     except Image.DecompressionBombError as e:  # Pillow's own (2x MAX_IMAGE_PIXELS) check in open()
         m = re.search(r"\((\d+) pixels\)", str(e))
         raise ImageError(path, _bomb_reason(f"{int(m[1]):,}" if m else "too many", max_pixels)) from None
@@ -108,6 +164,8 @@ def load_image(path, max_pixels: int = MAX_PIXELS, draft_size: int | None = None
         return _to_rgb(img)
     except ValueError:
         raise ImageError(path, f"unsupported colour mode {img.mode}") from None
+    except MemoryError:
+        raise ImageError(path, "not enough memory to convert it to RGB") from None
 
 
 def _bomb_reason(size: str, max_pixels: int) -> str:

@@ -1,7 +1,8 @@
 """Classification metrics: confusion matrix, per-class report, CSV and text output.
 
-Pure numpy; no torch. Every ratio that would be undefined (a class with no
-images, or no predictions) is reported as 0.0 so that reports stay valid JSON.
+Precision, recall and F1 come from scikit-learn (imported when a report is made); no torch.
+Every ratio that would be undefined (a class with no images, or no predictions) is reported
+as 0.0 so that reports stay valid JSON.
 """
 
 from __future__ import annotations
@@ -72,17 +73,19 @@ def classification_report(y_true: Sequence[int], y_pred: Sequence[int], classes:
     Per-class "accuracy" is the fraction of that class's images predicted correctly
     (i.e. equal to recall). All values are plain Python types (JSON-serialisable).
     """
+    from sklearn.metrics import precision_recall_fscore_support
+
     classes = [str(c) for c in classes]
     k = len(classes)
-    cm = confusion_matrix(y_true, y_pred, k)
+    cm = confusion_matrix(y_true, y_pred, k)  # validates the labels
     n = int(cm.sum())
-    tp = np.diag(cm).astype(np.float64)
-    support = cm.sum(axis=1)
-    predicted = cm.sum(axis=0)
-    recall = _safe_div(tp, support)
-    precision = _safe_div(tp, predicted)
-    f1 = _safe_div(2 * precision * recall, precision + recall)
-    accuracy = float(tp.sum() / n) if n else 0.0
+    if n:
+        precision, recall, f1, support = precision_recall_fscore_support(
+            _as_labels(y_true, "y_true"), _as_labels(y_pred, "y_pred"), labels=list(range(k)), zero_division=0.0)
+    else:
+        precision = recall = f1 = np.zeros(k)
+        support = np.zeros(k, dtype=np.int64)
+    accuracy = float(np.trace(cm) / n) if n else 0.0
 
     per_class = {
         cls: {

@@ -1,7 +1,8 @@
 """Classifier = backbone body + new linear head; the freeze policy; the model file.
 
 The model file is a safetensors file: tensors plus a JSON metadata block (classes, backbone,
-preprocessing, training summary).  Loading it never runs code from the file.  The original
+preprocessing, training summary).  Loading it never runs code from the file, and its metadata
+is checked against a schema (ModelMeta) and the head's shape before any tensor is read.  The original
 project's `model.pth` (a plain torchvision resnet18 state dict) is read through
 `torch.load(weights_only=True)`, which refuses anything but tensors and plain containers.
 """
@@ -12,21 +13,107 @@ import json
 import pickle
 import warnings
 from pathlib import Path
+from typing import Annotated, Literal
 
 import torch
-from safetensors import SafetensorError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from fruitnet.backbones import create_body, get_backbone
+from fruitnet.backbones import BACKBONES, create_body, get_backbone
 from fruitnet.errors import ModelFileError
 from fruitnet.modelpath import check_model_argument
+from fruitnet.ood import TRUST_PREFIX, TrustHead
 
 FORMAT_VERSION = 1
+DAMAGED = "damaged or incomplete model file (its header or tensors cannot be read); copy it again from the run folder"
+MAX_CLASSES = 10_000
 # The original project: resnet18, 3 classes, 300x300 squashed, mean/std 0.5 per channel.
 LEGACY_CLASSES = ["cherry", "strawberry", "tomato"]
 LEGACY_PREPROCESSING = {"input_size": 300, "resize": "squash", "crop_pct": 1.0,
                         "interpolation": "bilinear", "mean": [0.5] * 3, "std": [0.5] * 3}
+
+
+# --- the metadata schema: checked whenever a model file (or an exported ONNX file) is opened ------
+
+_Unit = Annotated[float, Field(ge=0, le=1)]  # mean: a colour value, images are scaled to 0..1
+_Spread = Annotated[float, Field(gt=0, le=1)]  # std: divided by, so never 0
+_ClassName = Annotated[str, Field(min_length=1, max_length=255)]
+
+
+class Preprocessing(BaseModel):
+    """What transforms.eval_transform needs; ranges wide enough for any real backbone."""
+
+    model_config = ConfigDict(strict=True, extra="allow")
+    input_size: int = Field(ge=32, le=1024)
+    resize: Literal["crop", "squash"]
+    crop_pct: float = Field(default=1.0, ge=0.25, le=1.0)
+    interpolation: Literal["bilinear", "bicubic", "nearest"]
+    mean: list[_Unit] = Field(min_length=3, max_length=3)
+    std: list[_Spread] = Field(min_length=3, max_length=3)
+
+
+class Trust(BaseModel):
+    """Calibration and the unknown verdict (ood.fit_trust); files made before them have none."""
+
+    model_config = ConfigDict(strict=True, extra="allow")
+    temperature: float = Field(gt=0, le=1000)
+    threshold: float = Field(ge=0, le=1)
+
+
+class ModelMeta(BaseModel):
+    """The metadata every fruitnet model file carries; other keys (training, ...) pass through."""
+
+    model_config = ConfigDict(strict=True, extra="allow")
+    format: Literal["fruitnet"]
+    format_version: int = Field(ge=1, le=FORMAT_VERSION)
+    classes: list[_ClassName] = Field(min_length=2, max_length=MAX_CLASSES)
+    backbone: str
+    preprocessing: Preprocessing
+    trust: Trust | None = None
+
+    @field_validator("classes")
+    @classmethod
+    def _unique(cls, classes: list[str]) -> list[str]:
+        seen, twice = set(), []
+        for c in classes:
+            if c in seen and c not in twice:
+                twice.append(c)
+            seen.add(c)
+        if twice:
+            raise ValueError(f"class names must be unique; repeated: {', '.join(map(repr, twice[:5]))}")
+        return classes
+
+    @field_validator("backbone")
+    @classmethod
+    def _known(cls, name: str) -> str:
+        if name not in BACKBONES:
+            raise ValueError(f"unknown backbone {name[:60]!r}; known: {', '.join(BACKBONES)}")
+        return name
+
+
+def validate_meta(meta, path) -> dict:
+    """``meta`` if it satisfies ModelMeta, else ModelFileError naming the file and the first problems."""
+    if not isinstance(meta, dict):
+        raise ModelFileError(f"{path}: model metadata is not a JSON object")
+    try:
+        ModelMeta.model_validate(meta)
+    except ValidationError as exc:
+        problems = [_describe(e) for e in exc.errors()[:3]]
+        more = f" (and {exc.error_count() - 3} more)" if exc.error_count() > 3 else ""
+        raise ModelFileError(f"{path}: bad model metadata: {'; '.join(problems)}{more}") from None
+    return meta
+
+
+def _describe(error: dict) -> str:
+    where = ".".join(str(part) for part in error["loc"]) or "metadata"
+    if error["type"] == "missing":
+        return f"{where}: missing"
+    message = error["msg"].removeprefix("Value error, ")
+    if error["type"] in ("value_error", "too_long", "too_short"):  # the message says it all; the input may be huge
+        return f"{where}: {message.split(' after validation')[0]}"
+    return f"{where}: {message} (got {repr(error.get('input'))[:40]})"
 
 
 class Classifier(nn.Module):
@@ -34,6 +121,7 @@ class Classifier(nn.Module):
         super().__init__()
         self.body = body
         self.head = nn.Linear(feature_dim, num_classes)
+        self.trust: TrustHead | None = None  # set at the end of training (ood.fit_trust); old files have none
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.body(x))
@@ -65,10 +153,7 @@ def create_classifier(backbone: str, num_classes: int, weights: str = "imagenet"
 def save_model(path: str | Path, model: Classifier, meta: dict) -> Path:
     """Write weights and metadata to one safetensors file (written to a temp name, then renamed)."""
     path = Path(path)
-    meta = {"format": "fruitnet", "format_version": FORMAT_VERSION, **meta}
-    for key in ("classes", "backbone", "preprocessing"):
-        if key not in meta:
-            raise ValueError(f"model metadata needs {key!r}")
+    meta = validate_meta({"format": "fruitnet", "format_version": FORMAT_VERSION, **meta}, path)  # never write what load refuses
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     tmp = path.with_name(path.name + ".tmp")
     save_file(state, str(tmp), metadata={"fruitnet": json.dumps(meta)})
@@ -94,17 +179,28 @@ def load_model(path: str | Path, legacy: bool | None = None) -> tuple[Classifier
     if legacy:
         return _load_legacy(path)
     try:
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
+        with safe_open(str(path), framework="pt") as f:  # reads the header only
             meta = json.loads((f.metadata() or {}).get("fruitnet", "null"))
-        state = load_file(str(path))
-    except (SafetensorError, OSError, json.JSONDecodeError):
-        raise ModelFileError(f"{path}: damaged or incomplete model file (its header cannot be read); "
-                             "copy it again from the run folder") from None
+            head = f.get_slice("head.weight").get_shape() if "head.weight" in f.keys() else None
+    except (SafetensorError, OSError, ValueError, RecursionError):  # JSONDecodeError is a ValueError
+        raise ModelFileError(f"{path}: {DAMAGED}") from None
     if not isinstance(meta, dict) or meta.get("format") != "fruitnet":
         raise ModelFileError(f"{path}: safetensors file without fruitnet metadata")
+    validate_meta(meta, path)  # before anything is allocated from what the metadata says
+    expected = [len(meta["classes"]), get_backbone(meta["backbone"]).feature_dim]
+    if head != expected:
+        raise ModelFileError(f"{path}: the head's weights have shape {head}, but {len(meta['classes'])} classes "
+                             f"on {meta['backbone']} need {expected}")
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError):
+        raise ModelFileError(f"{path}: {DAMAGED}") from None
     model, _ = create_classifier(meta["backbone"], len(meta["classes"]), weights="none")
+    trust = {k[len(TRUST_PREFIX):]: state[k] for k in state if k.startswith(TRUST_PREFIX)}
+    if trust:  # the in-distribution statistics (ood.TrustHead), shaped by the file's own tensors
+        if set(trust) != {"val_scores"} or trust["val_scores"].dim() != 1 or "trust" not in meta:
+            raise ModelFileError(f"{path}: unexpected in-distribution statistics ({sorted(trust)})")
+        model.trust = TrustHead(**trust)
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
@@ -128,17 +224,18 @@ def _load_legacy(path: Path) -> tuple[Classifier, dict]:
     if isinstance(state, dict) and {"model", "optimizer", "epoch"} <= set(state):
         raise ModelFileError(f"{path}: a training checkpoint (for fruitnet train --resume), not a model file; "
                              "pass the run's best.safetensors")
-    if not isinstance(state, dict) or "fc.weight" not in state:
-        raise ModelFileError(f"{path}: not a torchvision resnet18 state dict (no 'fc.weight')")
-    n = state["fc.weight"].shape[0]
+    fc = state.get("fc.weight") if isinstance(state, dict) else None
+    if not isinstance(fc, torch.Tensor) or fc.dim() != 2:
+        raise ModelFileError(f"{path}: not a torchvision resnet18 state dict (no 2-d 'fc.weight')")
+    n = fc.shape[0]
     classes = LEGACY_CLASSES if n == len(LEGACY_CLASSES) else [f"class_{i}" for i in range(n)]
+    meta = validate_meta({"format": "fruitnet", "format_version": FORMAT_VERSION, "classes": classes,
+                          "backbone": "resnet18", "preprocessing": dict(LEGACY_PREPROCESSING),
+                          "source": f"legacy model.pth ({path.name})"}, path)
     renamed = {("head." + k[3:] if k.startswith("fc.") else "body." + k): v for k, v in state.items()}
     model, _ = create_classifier("resnet18", n, weights="none")
     try:
         model.load_state_dict(renamed)
     except RuntimeError as exc:
         raise ModelFileError(f"{path}: not a torchvision resnet18 state dict: {exc}") from exc
-    meta = {"format": "fruitnet", "format_version": FORMAT_VERSION, "classes": classes,
-            "backbone": "resnet18", "preprocessing": dict(LEGACY_PREPROCESSING),
-            "source": f"legacy model.pth ({path.name})"}
     return model.eval(), meta

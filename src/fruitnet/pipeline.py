@@ -82,15 +82,19 @@ class Photos(Dataset):
 
 
 def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, workers: int = 0,
-                generator: torch.Generator | None = None, seed: int = 0, drop_last: bool = False) -> DataLoader:
-    """Under torchrun each rank reads its own shard (distributed.sampler).
+                generator: torch.Generator | None = None, seed: int = 0, drop_last: bool = False,
+                weights: list[float] | None = None) -> DataLoader:
+    """Under torchrun each rank reads its own shard (distributed.sampler); with per-photo weights
+    (--balance sampler) photos are drawn with replacement in proportion to them.
 
     Workers are not persistent: each epoch's workers get the dataset as it is then (the
     training resolution changes between epochs)."""
     generator = generator or torch.Generator().manual_seed(seed)
     drop_last = drop_last and len(dataset) > batch_size * distributed.world().size
-    return DataLoader(dataset, batch_size=batch_size, sampler=distributed.sampler(dataset, shuffle, seed, generator),
-                      num_workers=workers, generator=generator, drop_last=drop_last)
+    sampler = (torch.utils.data.WeightedRandomSampler(weights, len(dataset), generator=generator) if weights
+               else distributed.sampler(dataset, shuffle, seed, generator))
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, generator=generator,
+                      drop_last=drop_last)
 
 
 @torch.no_grad()
@@ -127,6 +131,7 @@ class Pipeline:
     generator: torch.Generator  # one for the run: a new shuffle each epoch, restored on --resume
     feature_views: list[TensorDataset] | None = None
     val_features: TensorDataset | None = None
+    sample_weights: list[float] | None = None  # --balance sampler: per training photo
 
     @property
     def image_cache(self) -> bool:
@@ -135,16 +140,21 @@ class Pipeline:
     def train_loader(self, epoch: int) -> DataLoader:
         if self.feature_views is not None:
             view = self.feature_views[(epoch - 1) % len(self.feature_views)]
-            return make_loader(view, self.batch_size, True, 0, self.generator, self.seed)
+            return make_loader(view, self.batch_size, True, 0, self.generator, self.seed, weights=self.sample_weights)
         low = epoch <= self.recipe.low_res_epochs(self.epochs)
         self.train.transform.size = self.recipe.low_res_size if low else self.train.transform.input_size
         return make_loader(self.train, self.batch_size, True, self.workers, self.generator, self.seed,
-                           self.recipe.drop_last)
+                           self.recipe.drop_last, self.sample_weights)
 
     def val_loader(self) -> DataLoader:
         if self.val_features is not None:
             return make_loader(self.val_features, FEATURE_BATCH, False)
         return make_loader(self.val, self.batch_size, False, self.workers)
+
+
+def use_image_cache(config: TrainConfig, pre: dict, n_images: int) -> bool:
+    """--no-image-cache, or a folder whose decoded images would not fit in MAX_CACHE_BYTES: decode per access."""
+    return config.image_cache and estimated_bytes(n_images, pre) <= MAX_CACHE_BYTES
 
 
 def build_pipeline(config: TrainConfig, recipe: Recipe, pre: dict, classes: list[str], train_items: list[Item],
@@ -153,7 +163,7 @@ def build_pipeline(config: TrainConfig, recipe: Recipe, pre: dict, classes: list
     """Decode (or plan to decode) the photos; with a frozen body and the feature cache, run the
     body once over them (1 plain + feature_views - 1 augmented views of the training photos)."""
     progress = distributed.is_main()
-    cache = config.image_cache and estimated_bytes(len(train_items) + len(val_items), pre) <= MAX_CACHE_BYTES
+    cache = use_image_cache(config, pre, len(train_items) + len(val_items))
     train = Photos(train_items, classes, pre, TensorTransform(pre, recipe.augment, recipe.crop_scale), cache,
                    progress, "decoding (train)")
     val = Photos(val_items, classes, pre, TensorTransform(pre), cache, progress, "decoding (val)")

@@ -19,7 +19,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-__all__ = ["plot_curves", "plot_confusion", "plot_prediction_grid", "plot_mistakes"]
+__all__ = ["plot_curves", "plot_confusion", "plot_prediction_grid", "plot_mistakes", "plot_reliability"]
 
 THUMB_PX = 256
 MAX_COLS = 6
@@ -303,3 +303,41 @@ def plot_mistakes(
         images[:n], titles, path, None, ["red"] * n,
         suptitle=f"Most confident mistakes ({shown})",
     )
+
+
+# --------------------------------------------------------------------------- calibration
+
+
+def plot_reliability(
+    before: list[dict],
+    after: list[dict],
+    path: str | PathLike[str],
+    ece_before: float,
+    ece_after: float,
+    temperature: float,
+) -> Path:
+    """Reliability diagram: accuracy against confidence per bin (calibration.reliability rows),
+    before and after temperature scaling, with the share of photos per bin beneath."""
+    fig, (ax, ax_n) = plt.subplots(2, 1, figsize=(5.5, 6.5), sharex=True,
+                                   gridspec_kw={"height_ratios": [3, 1]})
+    ax.plot([0, 1], [0, 1], linestyle="--", color="grey", linewidth=1, label="perfectly calibrated")
+    width = before[0]["hi"] - before[0]["lo"] if before else 1 / 15
+    total = max(1, sum(r["n"] for r in after))
+    for rows, name, color, ece, shift in ((before, "before", "tab:grey", ece_before, -0.2),
+                                          (after, f"after (T = {temperature:.3g})", "tab:blue", ece_after, 0.2)):
+        full = [r for r in rows if r["n"]]
+        ax.plot([r["confidence"] for r in full], [r["accuracy"] for r in full], marker="o", color=color,
+                label=f"{name}: ECE {ece:.3f}")
+        ax_n.bar([(r["lo"] + r["hi"]) / 2 + shift * width for r in rows], [r["n"] / total for r in rows],
+                 width=width * 0.4, color=color)
+    ax.set_ylabel("accuracy")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.grid(True, alpha=0.35)
+    ax.legend(loc="upper left", fontsize=9)
+    ax.set_title("Reliability (15 bins): is a 90% answer right 90% of the time?", fontsize=10)
+    ax_n.set_xlabel("confidence (probability of the predicted class)")
+    ax_n.set_ylabel("share of photos")
+    ax_n.grid(True, alpha=0.35)
+    fig.tight_layout()
+    return _save(fig, path)

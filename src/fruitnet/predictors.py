@@ -3,8 +3,12 @@
 Every consumer (predict, evaluate, serve, export's parity check) talks to a Predictor:
 - `classes`, `meta` (the model file's metadata) and `preprocessing` (from that metadata);
 - `transform(image)`: PIL RGB -> normalised tensor, built from the metadata, never re-typed;
-- `logits(batch)`: the forward pass, the one thing each runtime does its own way;
-- `probabilities(images)`, `predict_paths(paths)`, `describe(row)`: shared, built on the above.
+- `forward(batch)`: logits, and where the model file has them the in-distribution score and
+  share (ood.TrustHead); the one thing each runtime does its own way;
+- `outputs(batch)`, `probabilities(images)`, `predict_paths(paths)`, `describe(row)`: shared,
+  built on the above. Probabilities are calibrated (the logits divided by the model file's
+  temperature, 1 for files made before calibration), and a photo whose in_distribution is below
+  the file's threshold is labelled "unknown", its best class kept as `best_guess`.
 
 `TorchPredictor` runs a .safetensors file (or the original project's model.pth) with PyTorch,
 `OnnxPredictor` an exported .onnx file with onnxruntime; `load_predictor` picks one.
@@ -22,7 +26,7 @@ from PIL import Image
 from fruitnet.arithmetic import choose, resolve_device
 from fruitnet.errors import ModelFileError
 from fruitnet.images import expand_paths  # noqa: F401  (here for the callers that import it from here)
-from fruitnet.model import load_model
+from fruitnet.model import load_model, validate_meta
 from fruitnet.preprocess import DecodeAhead, load, small_image_warning
 from fruitnet.transforms import TensorTransform, eval_transform, hwc_to_tensor
 
@@ -31,6 +35,7 @@ from fruitnet.transforms import TensorTransform, eval_transform, hwc_to_tensor
 # flipped had bf16 margins up to 0.027; twice that is re-checked.
 NEAR_TIE = 0.05
 ONNX_META_KEY = "fruitnet"  # the ONNX metadata_props key that carries the model file's metadata
+UNKNOWN = "unknown"  # the label of a photo that looks like none of the classes
 
 
 class Predictor:
@@ -41,16 +46,31 @@ class Predictor:
 
     meta: dict
 
-    def __init__(self, meta: dict):
+    explain_unavailable: str | None = None  # why this runtime cannot draw heat maps (None: it can)
+
+    def __init__(self, meta: dict, unknown: bool = True):
         self.meta = meta
         self.classes: list[str] = meta["classes"]
         self.preprocessing: dict = meta["preprocessing"]
         self.transform = eval_transform(self.preprocessing)  # PIL image -> model input
         self.finish = TensorTransform(self.preprocessing)  # uint8 model input (DecodeAhead) -> model input
+        trust = meta.get("trust") or {}
+        self.temperature = float(trust.get("temperature", 1.0))  # files made before calibration: 1
+        self.threshold: float | None = trust.get("threshold")  # None: no in-distribution statistics
+        self.unknown = unknown and self.threshold is not None  # False: never answer "unknown" (--no-unknown)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """A normalised image batch -> (logits, score, in_distribution), float32 on the CPU; the
+        last two are None for a model file without in-distribution statistics."""
+        raise NotImplementedError
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """A normalised image batch -> logits (float32, on the CPU)."""
-        raise NotImplementedError
+        return self.forward(x)[0]
+
+    def outputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(calibrated probabilities, in_distribution or None) for a normalised image batch."""
+        logits, _, in_dist = self.forward(x)
+        return (logits / self.temperature).softmax(1), in_dist
 
     def runtime(self) -> dict:
         """What runs the forward pass, for reports: {"runtime", "arithmetic"}."""
@@ -62,13 +82,20 @@ class Predictor:
         return load(path, self.preprocessing)
 
     def probabilities(self, images: list) -> torch.Tensor:
-        """PIL RGB images -> (n, classes) softmax probabilities."""
-        return self.logits(torch.stack([self.transform(im) for im in images])).softmax(1)
+        """PIL RGB images -> (n, classes) calibrated probabilities."""
+        return self.outputs(torch.stack([self.transform(im) for im in images]))[0]
 
-    def predict_paths(self, paths: list[str], batch_size: int = 32, progress=None,
+    def heat_maps(self, x: torch.Tensor, targets: list[int]):
+        """(n, H, W) Grad-CAM heat maps in [0, 1] for a normalised batch and the target classes."""
+        from fruitnet.explain import ExplainUnavailable
+
+        raise ExplainUnavailable(self.explain_unavailable or "this runtime cannot draw heat maps")
+
+    def predict_paths(self, paths: list[str], batch_size: int = 32, progress=None, raw: bool = False,
                       decoded: DecodeAhead | None = None) -> list[dict]:
-        """[{path, label, probabilities[, warning]}] or [{path, error}] per path, in order; never
-        raises for a bad file.  `warning` flags a photo much smaller than the model's input.
+        """[{path, label, probabilities, ...}] (see describe) or [{path, error}] per path, in order;
+        never raises for a bad file. raw=True adds each photo's uncalibrated "logits" and raw "score".
+        `warning` flags a photo much smaller than the model's input.
 
         Files are decoded by threads ahead of the model (a bounded window: memory stays flat
         however many paths there are); `decoded` is such a decoder started earlier, over the same
@@ -87,8 +114,13 @@ class Predictor:
                 good = [i for i, d in enumerate(prepared) if not isinstance(d, str)]
                 if good:
                     x = torch.stack(list(finishing.map(self._to_input, [prepared[i][0] for i in good])))
-                    for i, row in zip(good, self.logits(x).softmax(1)):
-                        out[i].update(self.describe(row))
+                    logits, score, in_dist = self.forward(x)
+                    probs = (logits / self.temperature).softmax(1)
+                    for k, i in enumerate(good):
+                        out[i].update(self.describe(probs[k], None if in_dist is None else in_dist[k]))
+                        if raw:
+                            out[i].update(logits=logits[k].tolist(),
+                                          score=None if score is None else float(score[k]))
                         warning = small_image_warning(prepared[i][1], self.preprocessing)
                         if warning:
                             out[i]["warning"] = warning
@@ -100,9 +132,22 @@ class Predictor:
     def _to_input(self, array) -> torch.Tensor:
         return self.finish(hwc_to_tensor(array))
 
-    def describe(self, probs: torch.Tensor) -> dict:
-        return {"label": self.classes[int(probs.argmax())],
-                "probabilities": {c: float(p) for c, p in zip(self.classes, probs)}}
+    def describe(self, probs: torch.Tensor, in_dist: torch.Tensor | None = None) -> dict:
+        """{label, probabilities} and, where the model file has in-distribution statistics,
+        best_guess and in_distribution; label is "unknown" when in_distribution is below the threshold."""
+        best = self.classes[int(probs.argmax())]
+        result = {"label": best, "probabilities": {c: float(p) for c, p in zip(self.classes, probs)}}
+        if in_dist is not None:
+            in_dist = float(in_dist)
+            known = not self.unknown or in_dist >= self.threshold
+            result.update(label=best if known else UNKNOWN, best_guess=best, in_distribution=round(in_dist, 4))
+        return result
+
+    def trust_info(self) -> dict:
+        """For reports: temperature, threshold and whether the unknown verdict is on."""
+        trust = self.meta.get("trust") or {}
+        return {"temperature": self.temperature, "unknown_verdict": self.unknown, "threshold": self.threshold,
+                "score": trust.get("score"), "recall": trust.get("recall")}
 
 
 class TorchPredictor(Predictor):
@@ -113,16 +158,17 @@ class TorchPredictor(Predictor):
     (recheck_near_ties), so labels agree with fp32 and ONNX."""
 
     def __init__(self, model_path: str | Path, device: str = "auto", legacy: bool | None = None,
-                 precision: str = "fp32", recheck_near_ties: bool = True):
+                 precision: str = "fp32", unknown: bool = True, recheck_near_ties: bool = True):
         self.model, meta = load_model(model_path, legacy=legacy)
-        super().__init__(meta)
+        super().__init__(meta, unknown)
         self.device = resolve_device(device)
         self.arith = choose(precision, self.device)
         self.arith.prepare_model(self.model.to(self.device).eval())
-        self.recheck_near_ties = recheck_near_ties  # bf16 only: see logits
+        self.recheck_near_ties = recheck_near_ties  # bf16 only: see forward
+        self._gradcam = None
 
     @torch.inference_mode()
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor):
         x = self.arith.prepare_input(x.to(self.device))
         with self.arith.autocast(self.device):
             logits = self.model(x).float()
@@ -133,7 +179,17 @@ class TorchPredictor(Predictor):
             close = (top2[:, 0] - top2[:, -1]) < NEAR_TIE
             if close.any():
                 logits[close] = self.model(x[close]).float()
-        return logits.cpu()
+        if self.model.trust is None:
+            return logits.cpu(), None, None
+        score, in_dist = self.model.trust(logits)  # fp32, outside autocast
+        return logits.cpu(), score.cpu(), in_dist.cpu()
+
+    def heat_maps(self, x: torch.Tensor, targets: list[int]):
+        from fruitnet.explain import GradCam
+
+        if self._gradcam is None:
+            self._gradcam = GradCam(self.model, self.preprocessing)
+        return self._gradcam.heat(x, targets)
 
     def runtime(self) -> dict:
         near_ties = {"near_ties": f"run again in fp32 (top two within {NEAR_TIE})"} \
@@ -144,7 +200,10 @@ class TorchPredictor(Predictor):
 class OnnxPredictor(Predictor):
     """An exported .onnx file run by onnxruntime; metadata and preprocessing read from the file."""
 
-    def __init__(self, onnx_path: str | Path, threads: int = 0):
+    explain_unavailable = ("heat maps need the PyTorch model file (.safetensors): Grad-CAM needs gradients, "
+                           "which an exported ONNX file does not give")
+
+    def __init__(self, onnx_path: str | Path, threads: int = 0, unknown: bool = True):
         import onnxruntime as ort
 
         path = Path(onnx_path)
@@ -155,24 +214,47 @@ class OnnxPredictor(Predictor):
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")  # leave idle cores to decoding
         try:
             self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-            meta = json.loads(self.session.get_modelmeta().custom_metadata_map[ONNX_META_KEY])
-        except KeyError:
-            raise ModelFileError(f"{path}: ONNX file without fruitnet metadata (not made by fruitnet export)") from None
         except Exception as exc:  # onnxruntime raises its own types for unreadable files
-            raise ModelFileError(f"{path}: not a readable ONNX file ({exc.__class__.__name__}: {exc})") from exc
-        super().__init__(meta)
+            raise ModelFileError(f"{path}: not a readable ONNX file ({exc.__class__.__name__}: {exc})") from None
+        text = self.session.get_modelmeta().custom_metadata_map.get(ONNX_META_KEY)
+        if text is None:
+            raise ModelFileError(f"{path}: ONNX file without fruitnet metadata (not made by fruitnet export)")
+        try:
+            meta = json.loads(text)
+        except (ValueError, RecursionError) as exc:
+            raise ModelFileError(f"{path}: unreadable fruitnet metadata ({exc.__class__.__name__}: {exc})") from None
+        validate_meta(meta, path)
+        self._check_shapes(path, meta)
+        super().__init__(meta, unknown)
         self.input_name = self.session.get_inputs()[0].name
+        names = {o.name for o in self.session.get_outputs()}
+        # files exported before calibration have only "logits"
+        self.output_names = ["logits"] + (["score", "in_distribution"] if {"score", "in_distribution"} <= names else [])
 
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(self.session.run(None, {self.input_name: x.numpy()})[0]).float()
+    def _check_shapes(self, path: Path, meta: dict) -> None:
+        """The graph's input and output must be what the metadata says (named axes such as 'batch' match anything)."""
+        inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
+        size = meta["preprocessing"]["input_size"]
+        want_in, want_out = [None, 3, size, size], [None, len(meta["classes"])]
+        for what, got, want in (("input", inputs[0].shape if inputs else None, want_in),
+                                ("output", outputs[0].shape if outputs else None, want_out)):
+            if got is None or len(got) != len(want) or any(
+                    isinstance(g, int) and w is not None and g != w for g, w in zip(got, want)):
+                raise ModelFileError(f"{path}: the graph's {what} has shape {got}, but the metadata "
+                                     f"({len(meta['classes'])} classes, input_size {size}) needs {want}")
+
+    def forward(self, x: torch.Tensor):
+        out = [torch.from_numpy(a).float() for a in self.session.run(self.output_names, {self.input_name: x.numpy()})]
+        return (out[0], out[1], out[2]) if len(out) == 3 else (out[0], None, None)
 
     def runtime(self) -> dict:
         return {"runtime": "onnxruntime", "arithmetic": "fp32 (onnxruntime, CPU)"}
 
 
 def load_predictor(path: str | Path, runtime: str = "auto", legacy: bool | None = None,
-                   precision: str = "fp32", device: str = "auto") -> Predictor:
-    """runtime 'torch', 'onnx', or 'auto' (onnx for a .onnx file); precision and device apply to torch."""
+                   precision: str = "fp32", device: str = "auto", unknown: bool = True) -> Predictor:
+    """runtime 'torch', 'onnx', or 'auto' (onnx for a .onnx file); precision and device apply to torch;
+    unknown=False never answers "unknown" (the in_distribution share is still given)."""
     if runtime == "onnx" or (runtime == "auto" and str(path).lower().endswith(".onnx")):
-        return OnnxPredictor(path)
-    return TorchPredictor(path, device=device, legacy=legacy, precision=precision)
+        return OnnxPredictor(path, unknown=unknown)
+    return TorchPredictor(path, device=device, legacy=legacy, precision=precision, unknown=unknown)

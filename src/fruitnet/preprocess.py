@@ -27,7 +27,7 @@ import numpy as np
 from PIL import Image
 
 from fruitnet.errors import ImageError
-from fruitnet.images import load_image
+from fruitnet.images import MAX_ASPECT, load_image
 
 _RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC,
              "nearest": Image.Resampling.NEAREST}
@@ -48,10 +48,26 @@ def load(path, pre: dict) -> Image.Image:
     return load_image(path, draft_size=draft_size(pre))
 
 
+def _limit_aspect(image: Image.Image) -> Image.Image:
+    """Centre-crop the longer side to MAX_ASPECT x the shorter one, so the shorter-side resize
+    after it allocates at most MAX_ASPECT x side^2 pixels, whatever the image (a 1x65535 GIF
+    would otherwise become 256 x 16.8M).  load_image refuses such images, so for the images it
+    returns this never changes a result; it only bounds what a library caller can pass in."""
+    w, h = image.size
+    if max(w, h) <= MAX_ASPECT * min(w, h):
+        return image
+    cw, ch = min(w, MAX_ASPECT * h), min(h, MAX_ASPECT * w)
+    top, left = int(round((h - ch) / 2.0)), int(round((w - cw) / 2.0))  # torchvision's centre crop
+    return image.crop((left, top, left + cw, top + ch))
+
+
 def fit(image: Image.Image, pre: dict) -> Image.Image:
-    """The resize step: torchvision's Resize(side) or Resize((side, side)) on a PIL image, exactly."""
+    """The resize step: torchvision's Resize(side) or Resize((side, side)) on a PIL image, exactly
+    (for 'crop', after the aspect bound above)."""
     if pre["resize"] not in ("crop", "squash"):
         raise ValueError(f"unknown resize policy {pre['resize']!r}")
+    if pre["resize"] == "crop":
+        image = _limit_aspect(image)
     side, (w, h) = resize_size(pre), image.size
     if pre["resize"] == "squash":
         size = (side, side)
@@ -106,6 +122,10 @@ def _decode(path, pre: dict) -> tuple[np.ndarray, tuple[int, int]] | str:
         return exc.reason
     except OSError as exc:
         return f"cannot read file ({exc.strerror or exc})"
+    except MemoryError:
+        return "not enough memory to process it"
+    except Exception as exc:  # whatever goes wrong with one file is that file's error, not the batch's
+        return f"cannot be processed ({exc.__class__.__name__}: {exc})"
 
 
 class DecodeAhead:

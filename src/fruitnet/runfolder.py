@@ -19,12 +19,11 @@ from pathlib import Path
 
 import torch
 
-from fruitnet.dataset import Item, read_split, write_report, write_split
+from fruitnet.dataset import RUN_MARKER, Item, read_split, write_report, write_split
 from fruitnet.errors import UsageError
 from fruitnet.model import save_model
 
 METRIC_COLUMNS = ["epoch", "seconds", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr"]
-RUN_FILES = ("config.json", "metrics.csv")  # a folder holding both is a fruitnet run (scan skips it)
 
 
 def check_output_path(out: Path, inside: list[str | Path] = (), kind: str = "output folder") -> Path:
@@ -44,7 +43,9 @@ def check_output_path(out: Path, inside: list[str | Path] = (), kind: str = "out
 
 def new_output_folder(out: str | Path | None, prefix: str, inside: list[str | Path] = (),
                       kind: str = "output folder") -> Path:
-    """Create `out` (checked as above), or runs/<prefix><timestamp>[-n] when None."""
+    """Create `out` (checked as above), or runs/<prefix><timestamp>[-n] when None, with a marker
+    file: should the folder ever be moved into a photo folder, scan skips it instead of reading
+    its pictures as photos."""
     if out is None:
         base = Path("runs") / f"{prefix}{datetime.now().strftime('%Y%m%d-%H%M%S')}"
         out, n = base, 1
@@ -53,6 +54,7 @@ def new_output_folder(out: str | Path | None, prefix: str, inside: list[str | Pa
             out = base.with_name(f"{base.name}-{n}")
     path = check_output_path(Path(out), inside, kind)
     path.mkdir(parents=True, exist_ok=True)
+    (path / RUN_MARKER).write_text(json.dumps({"fruitnet": kind, "created": datetime.now().isoformat(timespec="seconds")}))
     return path
 
 
@@ -144,6 +146,13 @@ class RunFolder:
                               ("lr", "lr")):
                 self.writer.add_scalar(name, row[key], row["epoch"])
             self.writer.flush()
+
+    def add_trust(self, best_epoch: int, last_epoch: int, val_set, recall: float, device, log=print) -> None:
+        """Fit calibration and the unknown verdict (ood.py) into best.safetensors and last.safetensors."""
+        if self.active:
+            from fruitnet.ood import fit_model_files
+
+            fit_model_files(self.path, best_epoch, last_epoch, val_set, recall, device, log)
 
     def finish(self, summary: dict, images: dict | None = None) -> None:
         """summary.json; in TensorBoard, the given end-of-run pictures ({tag: PNG path})."""

@@ -1,9 +1,13 @@
 """HTTP API and web page for a model file: create_app(model_path, max_upload_mb) and serve().
 
 GET /          the web page (src/fruitnet/web/index.html: no external assets, works offline)
-POST /predict  multipart form field `files` (repeatable) -> [{filename, label, probabilities}]
+POST /predict  multipart form field `files` (repeatable) -> [{filename, label, probabilities}, ...]; with a
+               model file that has in-distribution statistics also best_guess and in_distribution, and
+               label "unknown" for a photo that looks like none of the classes
+POST /explain  multipart form field `file` (one photo) -> PNG: the model's view with its Grad-CAM heat map
+               for the best class (501 with the reason for an ONNX model: no gradients there)
 GET /health    {"status": "ok", "images": classified so far, "forward_passes": ...}
-GET /model     classes, backbone, preprocessing, validation accuracy, limits
+GET /model     classes, backbone, preprocessing, validation accuracy, limits, calibration and verdict, explain
 
 Bad files are judged one by one.  A request with at least one usable photo answers 200 with a
 list in upload order where each unusable file has an entry {filename, error}.  A request with no
@@ -12,13 +16,21 @@ one, else 400): 413 larger than --max-upload-mb, 415 not an image (content is no
 BMP, TIFF or WebP), 400 an image that cannot be decoded (truncated, corrupt, decompression bomb);
 422 when no file was sent at all.  Every error body is JSON {"error": "..."}.
 
+Refused before a request reaches the model (guard.py): unknown Host names when bound to loopback
+(400), POSTs from pages on other origins (403), more than --limit-concurrency requests in progress
+(503), requests that stall for --timeout-request seconds (408, connection closed).
+
 One thread owns the model (so concurrent requests are safe); photos that arrive while it is busy
-go through together in the next forward pass (up to MAX_BATCH images).
+go through together in the next forward pass (up to MAX_BATCH images). A heat map holds the same
+lock as a forward pass (Grad-CAM hooks a layer of the model while it runs).
 """
 
 from __future__ import annotations
 
 import asyncio
+import io
+import logging
+import os
 import queue
 import tempfile
 import threading
@@ -26,15 +38,18 @@ from contextlib import asynccontextmanager
 from importlib import resources
 from pathlib import Path
 
+import anyio
 import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse
-from starlette.concurrency import run_in_threadpool
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
-from fruitnet.errors import ImageError
+from fruitnet.errors import ImageError, ModelFileError
+from fruitnet.guard import (LIMIT_CONCURRENCY, LOOPBACK_NAMES, TIMEOUT_KEEP_ALIVE, TIMEOUT_REQUEST, Guard,
+                            guarded_protocol, host_name, page_csp)
 from fruitnet.images import sniff_format
 from fruitnet.predictors import load_predictor
 
@@ -42,15 +57,19 @@ MAX_FILES = 32  # per request
 MAX_BATCH = 32  # images per forward pass
 MB = 1024 * 1024
 
+log = logging.getLogger("uvicorn.error")
+
 
 class Batcher:
     """Runs every forward pass on one thread; jobs waiting together share one pass.
 
     A job is a list of preprocessed image tensors (decoding and preprocessing run in the request
-    threads, in parallel); its answer is their (n, classes) probabilities."""
+    threads, in parallel); its answer is their (n, classes) calibrated probabilities and their
+    in_distribution (None for a model file without in-distribution statistics)."""
 
     def __init__(self, predictor, max_batch: int = MAX_BATCH):
         self.predictor, self.max_batch = predictor, max_batch
+        self.lock = threading.Lock()  # the model runs one thing at a time: a forward pass or a heat map
         self.jobs: queue.Queue = queue.Queue()
         self.passes = self.images = 0  # forward passes run, images classified
         self.thread = threading.Thread(target=self._run, name="fruitnet-model", daemon=True)
@@ -80,12 +99,14 @@ class Batcher:
                 batch.append(more)
             try:
                 x = torch.stack([t for tensors, _, _ in batch for t in tensors])
-                probs = self.predictor.logits(x).softmax(1)
+                with self.lock:
+                    probs, in_dist = self.predictor.outputs(x)
                 self.passes, self.images = self.passes + 1, self.images + len(probs)
                 start, outcomes = 0, []
                 for tensors, _, _ in batch:
-                    outcomes.append((probs[start:start + len(tensors)], None))
-                    start += len(tensors)
+                    end = start + len(tensors)
+                    outcomes.append(((probs[start:end], None if in_dist is None else in_dist[start:end]), None))
+                    start = end
             except Exception as exc:  # reported to each waiting request, the thread lives on
                 outcomes = [(None, exc)] * len(batch)
             for (_, loop, future), (result, error) in zip(batch, outcomes):
@@ -142,23 +163,69 @@ class Unusable(Exception):
         self.status, self.reason = status, reason
 
 
-def preprocess(predictor, data: bytes) -> torch.Tensor:
-    """Bytes of one upload -> model input, by the same loader and transform as the command line."""
+def decode(predictor, data: bytes):
+    """Bytes of one upload -> RGB image, by the same loader as the command line.
+
+    Raises Unusable, never anything else: whatever goes wrong with one file is that file's error."""
     with tempfile.NamedTemporaryFile(prefix="fruitnet-upload-") as f:
         f.write(data)
         f.flush()
         try:
-            image = predictor.load(f.name)
+            return predictor.load(f.name)
         except ImageError as exc:
             # The content announces no accepted format: 415; an accepted format that fails to decode: 400.
             raise Unusable(415 if sniff_format(f.name) is None else 400, exc.reason) from None
-    return predictor.transform(image)
+        except MemoryError:
+            raise Unusable(500, "not enough memory to process it") from None
+        except Exception as exc:
+            log.exception("decoding an upload failed")
+            raise Unusable(500, f"cannot be processed ({exc.__class__.__name__})") from None
+
+
+def preprocess(predictor, data: bytes) -> torch.Tensor:
+    """Bytes of one upload -> model input, by the same loader and transform as the command line.
+
+    Raises Unusable, never anything else: whatever goes wrong with one file is that file's error."""
+    image = decode(predictor, data)
+    try:
+        return predictor.transform(image)
+    except MemoryError:
+        raise Unusable(500, "not enough memory to process it") from None
+    except Exception as exc:
+        log.exception("preprocessing an upload failed")
+        raise Unusable(500, f"cannot be processed ({exc.__class__.__name__})") from None
+
+
+def explain_png(predictor, image, lock: threading.Lock) -> bytes:
+    """The model's view of one photo with the heat map of its best class, as PNG bytes."""
+    from fruitnet.explain import model_view, overlay
+
+    tensor = predictor.transform(image)[None]
+    with lock:
+        probs, _ = predictor.outputs(tensor)
+        heat = predictor.heat_maps(tensor, [int(probs[0].argmax())])[0]
+    buffer = io.BytesIO()
+    overlay(model_view(image, predictor.preprocessing), heat).save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def create_app(model_path: str | Path, max_upload_mb: int = 10, runtime: str = "auto",
-               precision: str = "fp32") -> FastAPI:
-    predictor = load_predictor(model_path, runtime, precision=precision)
+               precision: str = "fp32", limit_concurrency: int | None = None,
+               allowed_hosts: set[str] | None = None, unknown: bool = True) -> FastAPI:
+    """The service for one model file.  ModelFileError if the file is unusable or its model does not
+    run: the service never starts on a model that would fail every request.
+
+    limit_concurrency: requests in progress beyond it are answered 503; allowed_hosts: Host names
+    answered (None: any, for a service reachable under names we cannot know); unknown=False never
+    answers "unknown" (--no-unknown)."""
+    predictor = load_predictor(model_path, runtime, precision=precision, unknown=unknown)
+    size = predictor.preprocessing["input_size"]
+    try:
+        predictor.logits(torch.zeros(1, 3, size, size))
+    except Exception as exc:
+        raise ModelFileError(f"{model_path}: the model does not run ({exc.__class__.__name__}: {exc})") from None
     batcher = Batcher(predictor)
+    decoding = anyio.CapacityLimiter(max(2, os.cpu_count() or 2))  # more decodes than cores: only more memory
     limit = max_upload_mb * MB
     page = (resources.files("fruitnet") / "web" / "index.html").read_text(encoding="utf-8")
     training = predictor.meta.get("training") or {}
@@ -172,6 +239,8 @@ def create_app(model_path: str | Path, max_upload_mb: int = 10, runtime: str = "
         "training": training or None,
         "max_upload_mb": max_upload_mb,
         "max_files": MAX_FILES,
+        "trust": predictor.trust_info(),
+        "explain": {"available": predictor.explain_unavailable is None, "reason": predictor.explain_unavailable},
     }
 
     @asynccontextmanager
@@ -181,6 +250,7 @@ def create_app(model_path: str | Path, max_upload_mb: int = 10, runtime: str = "
 
     app = FastAPI(title="fruitnet", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.add_middleware(BodyLimit, limit=MAX_FILES * limit + MB)
+    app.add_middleware(Guard, csp=page_csp(page), limit=limit_concurrency, allowed_hosts=allowed_hosts)
 
     @app.exception_handler(HTTPException)
     async def http_error(request, exc):
@@ -193,6 +263,13 @@ def create_app(model_path: str | Path, max_upload_mb: int = 10, runtime: str = "
     @app.exception_handler(BodyTooLarge)
     async def too_large(request, exc):
         return _error(413, str(exc))
+
+    @app.exception_handler(ClientDisconnect)
+    async def client_gone(request, exc):
+        stalled = request.scope.get("fruitnet.stalled")
+        log.info("%s: %s", "%s:%d" % tuple(request.client) if request.client else "a client",
+                 f"request body stalled for {stalled:g}s: closed" if stalled else "disconnected before the upload ended")
+        return _error(400, "client disconnected")  # nobody is listening; this only ends the request
 
     @app.exception_handler(Exception)
     async def internal_error(request, exc):
@@ -227,13 +304,13 @@ def create_app(model_path: str | Path, max_upload_mb: int = 10, runtime: str = "
                     data = await upload.read(limit + 1)
                     if len(data) > limit:
                         raise Unusable(413, f"file larger than the {max_upload_mb} MB limit")
-                    images.append((i, await run_in_threadpool(preprocess, predictor, data)))
+                    images.append((i, await anyio.to_thread.run_sync(preprocess, predictor, data, limiter=decoding)))
                 except Unusable as exc:
                     results[i].update(error=exc.reason, status=exc.status)
         if images:
-            probs = await batcher.probabilities([im for _, im in images])
-            for (i, _), row in zip(images, probs):
-                results[i].update(predictor.describe(row))
+            probs, in_dist = await batcher.probabilities([im for _, im in images])
+            for k, (i, _) in enumerate(images):
+                results[i].update(predictor.describe(probs[k], None if in_dist is None else in_dist[k]))
         statuses = {r.pop("status") for r in results if "status" in r}
         if not images:
             status = statuses.pop() if len(statuses) == 1 else 400
@@ -241,20 +318,56 @@ def create_app(model_path: str | Path, max_upload_mb: int = 10, runtime: str = "
             return _error(status, message, results=results)
         return results
 
+    @app.post("/explain")
+    async def explain(request: Request):
+        if predictor.explain_unavailable:
+            return _error(501, predictor.explain_unavailable)
+        async with request.form(max_files=1, max_fields=1) as form:
+            upload = form.get("file")
+            if not isinstance(upload, UploadFile) or not (upload.filename or upload.size):
+                return _error(422, "no file: send one image in the multipart form field 'file'")
+            data = await upload.read(limit + 1)
+        if len(data) > limit:
+            return _error(413, f"file larger than the {max_upload_mb} MB limit")
+        try:
+            image = await anyio.to_thread.run_sync(decode, predictor, data, limiter=decoding)
+        except Unusable as exc:
+            return _error(exc.status, exc.reason)
+        png = await anyio.to_thread.run_sync(explain_png, predictor, image, batcher.lock)
+        return Response(png, media_type="image/png")
+
     return app
 
 
 def serve(model_path: str | Path, host: str = "127.0.0.1", port: int = 8000, max_upload_mb: int = 10,
-          runtime: str = "auto", precision: str = "fp32") -> int:
-    """Run the service until Ctrl+C (0); 1 if it could not start (e.g. the port is in use)."""
+          runtime: str = "auto", precision: str = "fp32", timeout_keep_alive: float = TIMEOUT_KEEP_ALIVE,
+          timeout_request: float = TIMEOUT_REQUEST, limit_concurrency: int = LIMIT_CONCURRENCY,
+          unknown: bool = True) -> int:
+    """Run the service until Ctrl+C (0); 1 if it could not start (e.g. the port is in use).
+
+    timeout_keep_alive: an idle connection is closed after it; timeout_request: a request whose
+    headers take longer, or whose body stops arriving for longer, is answered 408 and closed;
+    limit_concurrency: requests in progress beyond it are answered 503.  Bound to loopback, only
+    Host names of this machine are answered (DNS rebinding)."""
+    import resource
+
     import uvicorn
 
-    app = create_app(model_path, max_upload_mb, runtime, precision)
-    if host not in ("127.0.0.1", "localhost", "::1"):
+    loopback = host_name(host) in LOOPBACK_NAMES or host.startswith("127.")
+    app = create_app(model_path, max_upload_mb, runtime, precision, limit_concurrency,
+                     allowed_hosts={*LOOPBACK_NAMES, host_name(host)} if loopback else None, unknown=unknown)
+    if not loopback:
         print(f"warning: listening on {host}: anyone who can reach this machine can use the service "
               "(there is no authentication)", flush=True)
+    files = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    files = 1 << 20 if files == resource.RLIM_INFINITY else files
+    # Half the file descriptors for connections (beyond that the idlest is closed), the rest for
+    # uploads' temporary files and the model.  The event loop accepts up to `backlog` connections
+    # before any is seen by the protocol, so that is kept to a quarter.
+    max_connections, backlog = max(16, files // 2), max(16, min(2048, files // 4))
     try:
-        uvicorn.run(app, host=host, port=port, log_level="info")
+        uvicorn.run(app, host=host, port=port, log_level="info", http=guarded_protocol(timeout_request, max_connections),
+                    timeout_keep_alive=timeout_keep_alive, backlog=backlog)
     except SystemExit as exc:  # uvicorn logged why it could not start; exit 1 (the job failed), not its 3
         return 0 if exc.code in (0, None) else 1
     return 0

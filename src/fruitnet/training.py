@@ -27,11 +27,13 @@ from torch import nn
 from fruitnet import __version__, distributed
 from fruitnet.arithmetic import Arithmetic, choose, resolve_device
 from fruitnet.backbones import get_backbone
+from fruitnet.balance import Balance, resolve_balance, sample_weights
 from fruitnet.config import Recipe, TrainConfig, recipe_for, resolve, resume_config
-from fruitnet.dataset import Item, format_report, scan, split, split_warnings
+from fruitnet.dataset import Item, apply_exclude, format_report, scan, split, split_warnings
 from fruitnet.errors import DataError, UsageError
 from fruitnet.model import Classifier, create_classifier
-from fruitnet.pipeline import FEATURE_BATCH, Pipeline, build_pipeline, extract_features, make_loader
+from fruitnet.pipeline import Pipeline, build_pipeline, extract_features, make_loader, use_image_cache
+from fruitnet.predictors import UNKNOWN
 from fruitnet.progress import bar as progress_bar
 from fruitnet.runfolder import RunFolder, SavedRun, new_output_folder, read_run
 
@@ -74,14 +76,22 @@ def machine_info() -> dict:
 # --- the steps ------------------------------------------------------------------------------
 
 def read_data(config: TrainConfig, log=print) -> Data:
-    """Scan and split (or scan --val); the data report carries the warnings the split deserves."""
+    """Scan and split (or scan --val); the data report carries the warnings the split deserves.
+    --exclude FILE leaves the listed photos out of both sides; near-duplicate groups (identical
+    files and perceptual-hash copies, dataset.py) stay on one side of the split."""
     catalog = scan(config.data)
-    report = catalog.report()
-    if config.val_dir:
-        val_catalog = scan(config.val_dir)
-        if val_catalog.classes != catalog.classes:
-            raise DataError(f"{config.val_dir}: classes {val_catalog.classes} differ from "
-                            f"{config.data}'s {catalog.classes}")
+    if UNKNOWN in catalog.classes:
+        raise DataError(f"{config.data}: a class folder named {UNKNOWN!r} would be confused with the answer "
+                        f"{UNKNOWN!r} that fruitnet gives for photos of none of the classes; rename it "
+                        "(e.g. 'other')")
+    val_catalog = scan(config.val_dir) if config.val_dir else None
+    if val_catalog and val_catalog.classes != catalog.classes:
+        raise DataError(f"{config.val_dir}: classes {val_catalog.classes} differ from "
+                        f"{config.data}'s {catalog.classes}")
+    catalogs, excluded = apply_exclude([c for c in (catalog, val_catalog) if c], config.exclude)
+    catalog, val_catalog = catalogs[0], (catalogs[1] if val_catalog else None)
+    report = {**catalog.report(), **excluded}
+    if val_catalog:
         train_items, val_items = catalog.usable, val_catalog.usable
         report["validation"] = val_catalog.report()
     else:
@@ -165,21 +175,36 @@ def evaluate_epoch(net: nn.Module, loader, device, arith: Arithmetic, desc: str 
     return EpochResult(loss, int((logits.argmax(1) == targets).sum()) / len(targets), logits, targets)
 
 
+def balance_for(config: TrainConfig, data: Data, log=print) -> Balance:
+    """--balance for the training photos' counts (balance.py), said in words."""
+    balance = resolve_balance(config.balance, {c: sum(it.label == c for it in data.train) for c in data.classes})
+    log(f"balance: {balance.reason}")
+    return balance
+
+
+def make_loss(recipe: Recipe, balance: Balance, device, label_smoothing: float | None = None) -> nn.Module:
+    """Cross-entropy, weighted per class when the balance says so."""
+    weight = torch.tensor(balance.class_weights, device=device) if balance.mode == "weights" else None
+    return nn.CrossEntropyLoss(weight=weight, label_smoothing=recipe.label_smoothing if label_smoothing is None
+                               else label_smoothing)
+
+
 def warm_up_head(model: Classifier, pipeline: Pipeline, recipe: Recipe, config: TrainConfig, device,
-                 arith: Arithmetic, log=print) -> None:
+                 arith: Arithmetic, log=print, balance: Balance | None = None) -> None:
     """LP-FT: train the new head on cached features of the unaugmented training photos first, so
     that fine-tuning starts from a sensible head instead of random gradients through the body."""
     t0 = time.perf_counter()
     features = extract_features(model.body, pipeline.plain_train, pipeline.batch_size, device, pipeline.workers,
                                 arith, "features (head warm-up)")
-    loader = make_loader(features, pipeline.batch_size, True, 0, seed=config.seed)
+    loader = make_loader(features, pipeline.batch_size, True, 0, seed=config.seed, weights=pipeline.sample_weights)
+    loss_fn = make_loss(recipe, balance, device, label_smoothing=0.0) if balance else nn.CrossEntropyLoss()
     optimizer = make_optimizer(model.head.parameters(), recipe, config.lr * recipe.head_warmup_lr_factor,
                                config.weight_decay)
     scheduler = make_scheduler(optimizer, recipe, recipe.head_warmup_epochs, len(loader))
     head = distributed.wrap(model.head)
     for epoch in range(recipe.head_warmup_epochs):
         distributed.set_epoch(loader, epoch)
-        result = fit_epoch(head, loader, device, optimizer, nn.CrossEntropyLoss(), choose("fp32", device), scheduler)
+        result = fit_epoch(head, loader, device, optimizer, loss_fn, choose("fp32", device), scheduler)
     log(f"head warm-up on cached features: {recipe.head_warmup_epochs} epochs, train accuracy "
         f"{result.accuracy:.4f}, {time.perf_counter() - t0:.1f}s")
 
@@ -218,6 +243,9 @@ def _fit(config: TrainConfig, saved: SavedRun | None, log) -> dict:
     log(f"split: {len(data.train)} train, {len(data.val)} validation")
     for warning in data.report.get("warnings", []):
         log(f"warning: {warning}")
+    if config.balance == "sampler" and world.distributed:
+        raise UsageError("--balance sampler is not supported under torchrun; use --balance weights")
+    balance = balance_for(config, data, log)
     model, weights_source = build_model(config, len(data.classes), device, arith)
 
     if saved is None:
@@ -228,8 +256,12 @@ def _fit(config: TrainConfig, saved: SavedRun | None, log) -> dict:
     if saved is None:
         run.start({"train": asdict(config), "recipe": asdict(recipe), "classes": data.classes,
                    "preprocessing": pre, "weights_source": weights_source, "device": str(device),
-                   "arithmetic": arith.as_dict(), "machine": machine_info(),
-                   "distributed": world.describe(config.batch_size), "command": sys.argv,
+                   "arithmetic": arith.as_dict(),
+                   "image_cache": use_image_cache(config, pre, len(data.train) + len(data.val)),
+                   "machine": machine_info(),
+                   "distributed": world.describe(config.batch_size), "balance": balance.as_dict(),
+                   "kept_together": None if config.val_dir else data.report.get("kept_together"),
+                   "excluded": len(data.report.get("excluded", [])), "command": sys.argv,
                    "started": datetime.now().isoformat(timespec="seconds")},
                   data.report, data.train, data.val)
 
@@ -237,6 +269,9 @@ def _fit(config: TrainConfig, saved: SavedRun | None, log) -> dict:
     torch.manual_seed(config.seed + world.rank)  # own augmentations per rank
     pipeline = build_pipeline(config, recipe, pre, data.classes, data.train, data.val, model.body, device, arith,
                               batch_size, log)
+    if balance.mode == "sampler":
+        pipeline.sample_weights = sample_weights([data.classes.index(it.label) for it in data.train],
+                                                 {c: sum(it.label == c for it in data.train) for c in data.classes})
     log(f"arithmetic: {arith.dtype}{', channels-last' if arith.channels_last else ''} ({arith.reason}); "
         f"decoded-image cache: {'on' if pipeline.image_cache else 'off'}")
     if world.distributed:
@@ -247,13 +282,13 @@ def _fit(config: TrainConfig, saved: SavedRun | None, log) -> dict:
             "(the frozen backbone runs once, not every epoch)")
     checkpoint = saved.checkpoint if saved else None
     if config.mode == "unfreeze" and recipe.head_warmup_epochs and checkpoint is None:
-        warm_up_head(model, pipeline, recipe, config, device, arith, log)
+        warm_up_head(model, pipeline, recipe, config, device, arith, log, balance)
 
     net = model.head if pipeline.feature_views is not None else model  # what the epochs run
     optimizer = make_optimizer(net.parameters() if net is model.head else model.trainable_parameters(),
                                recipe, config.lr, config.weight_decay)
     scheduler = make_scheduler(optimizer, recipe, config.epochs, len(pipeline.train_loader(1)))
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
+    loss_fn = make_loss(recipe, balance, device)
     progress = Progress()
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
@@ -304,6 +339,9 @@ def _fit(config: TrainConfig, saved: SavedRun | None, log) -> dict:
         log(f"\n{why}: {kept}; continue with: fruitnet train --resume {run.path}")
         raise
 
+    if progress.rows:  # the temperature and the unknown verdict's threshold, into best and last
+        run.add_trust(progress.best["epoch"], progress.rows[-1]["epoch"], pipeline.val, config.unknown_recall,
+                      device, log)
     summary = {"best_val_accuracy": progress.best["val_accuracy"], "best_epoch": progress.best["epoch"],
                "epochs": len(progress.rows), "seconds": round(progress.elapsed, 2),
                "model": str(run.path / "best.safetensors"), "last_model": str(run.path / "last.safetensors"),

