@@ -3,6 +3,7 @@
     .venv/bin/python bench/bench_train.py              # all four parts, ~30-40 min on 2 CPU cores
     .venv/bin/python bench/bench_train.py --repeats 3  # parts 1-3 over seeds 0, 1, 2: mean ± spread
     .venv/bin/python bench/bench_train.py --parts 1 4
+    .venv/bin/python bench/bench_train.py --parts 4 --baseline main --repeats 3  # predict: this commit vs main
     .venv/bin/python bench/bench_train.py --quick      # about a minute, bundled demo photos only
 
 Prints markdown tables and writes them to bench/results/train.md.  Everything in one run, on
@@ -11,7 +12,8 @@ one machine, side by side: quote the ratios, not the absolute seconds (shared ma
    `fruitnet train`, ResNet18 (random weights: timing only), webfruit 3:1 split, both modes;
 2. validation accuracy against wall-clock time, efficientnet_lite0, seed recipe vs fast recipe;
 3. both recipes trained on fruits360 (studio shots), evaluated on all of webfruit (real photos);
-4. `fruitnet predict` end-to-end images per second on webfruit, and peak memory.
+4. `fruitnet predict` end-to-end images per second on webfruit, and peak memory (with --baseline REF,
+   also REF's code, interleaved run by run: compare like with like on a loaded machine).
 """
 
 from __future__ import annotations
@@ -176,28 +178,55 @@ print(json.dumps({"ok": sum("label" in r for r in results), "steady": t2 - t1, "
 """
 
 
-def part4(tmp: Path, setup: Setup) -> str:
-    from fruitnet.backbones import get_backbone
-    from fruitnet.model import create_classifier, save_model
+def baseline_tree(tmp: Path, ref: str) -> Path:
+    """The src/ folder of git ref `ref`, exported (git archive) into tmp: no worktree is touched."""
+    dest = tmp / "baseline"
+    dest.mkdir()
+    archive = subprocess.run(["git", "archive", ref, "src"], cwd=REPO, capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+    return dest / "src"
 
-    model, _ = create_classifier("efficientnet_lite0", 3, "imagenet")
-    path = save_model(tmp / "lite0.safetensors", model, {"classes": ["cherry", "strawberry", "tomato"],
-                      "backbone": "efficientnet_lite0", "preprocessing": get_backbone("efficientnet_lite0").preprocessing})
+
+def part4(tmp: Path, setup: Setup, baseline: str | None = None) -> str:
+    """`fruitnet predict` as a user runs it; with a baseline ref, that ref's code too, the runs
+    interleaved (round-robin, --repeats rounds) so both see the same machine load."""
+    import os
+
+    # A trained model, not an untrained head: under bf16 fruitnet runs near-ties again in fp32, and
+    # an untrained head makes nearly every photo a near-tie.
+    print("part 4: training the model to predict with (frozen efficientnet_lite0) ...", flush=True)
+    summary, _, _ = run_train(tmp, "p4-model", data=str(setup.inside), backbone="efficientnet_lite0", mode="freeze",
+                              recipe="seed", lr=0.01, epochs=5)
+    path = Path(summary["model"])
+    trees = [("this commit", REPO / "src")] + ([(f"baseline {baseline}", baseline_tree(tmp, baseline))] if baseline else [])
+    walls: dict[tuple, list[float]] = {}
+    counts: dict[tuple, int] = {}
+    for round_ in range(len(setup.seeds)):
+        for precision in ("fp32", "auto"):
+            for name, src in trees:
+                print(f"part 4 (round {round_ + 1}): fruitnet predict, {name}, precision {precision} ...", flush=True)
+                env = {**os.environ, "PYTHONPATH": str(src)}
+                t0 = time.perf_counter()
+                proc = subprocess.run([sys.executable, "-m", "fruitnet", "predict", str(path), str(setup.real), "--json",
+                                       "--precision", precision], capture_output=True, text=True, env=env)
+                walls.setdefault((precision, name), []).append(time.perf_counter() - t0)
+                counts[(precision, name)] = sum("label" in r for r in json.loads(proc.stdout))
     rows = []
-    for precision in ("fp32", "auto"):
-        print(f"part 4: fruitnet predict, precision {precision} ...", flush=True)
-        t0 = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-m", "fruitnet", "predict", str(path), str(setup.real), "--json",
-                               "--precision", precision], capture_output=True, text=True)
-        wall = time.perf_counter() - t0
-        ok = sum("label" in r for r in json.loads(proc.stdout))
+    for (precision, name), wall in walls.items():
+        env = {**os.environ, "PYTHONPATH": str(dict(trees)[name])}
         child = json.loads(subprocess.run([sys.executable, "-c", PREDICT_CHILD, str(path), str(setup.real), precision],
-                                          capture_output=True, text=True, check=True).stdout)
-        rows.append([precision, ok, f"{wall:.1f} s", f"{ok / wall:.0f} img/s", f"{child['ok'] / child['steady']:.0f} img/s",
-                     f"{child['peak_mib']:.0f} MiB"])
-    return table([f"`fruitnet predict` on all of {setup.real.name}", "images", "whole command (Python start-up included)",
-                  "whole command", "steady state (decode included, start-up and warm-up excluded)",
-                  "peak memory (RSS)"], rows)
+                                          capture_output=True, text=True, check=True, env=env).stdout)
+        ok, best = counts[(precision, name)], min(wall)
+        rows.append([precision, name, ok, f"{best:.1f} s", f"{ok / best:.0f} img/s",
+                     f"{child['ok'] / child['steady']:.0f} img/s", f"{child['peak_mib']:.0f} MiB"])
+    text = table([f"`fruitnet predict` on all of {setup.real.name}", "code", "images",
+                  f"whole command (Python start-up included; best of {len(setup.seeds)})", "whole command",
+                  "steady state (decode included, start-up and warm-up excluded)", "peak memory (RSS)"], rows)
+    if baseline:
+        ratios = [f"{precision}: {min(walls[(precision, trees[1][0])]) / min(walls[(precision, trees[0][0])]):.2f}x"
+                  for precision in ("fp32", "auto")]
+        text += f"\n\nWhole-command speed-up of this commit over {baseline}, side by side: " + ", ".join(ratios)
+    return text
 
 
 def main() -> None:
@@ -208,6 +237,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true",
                     help="about a minute on the bundled demo photos (checks the script, not the claims)")
     ap.add_argument("--out", help="default bench/results/train.md (train-quick.md with --quick)")
+    ap.add_argument("--baseline", metavar="REF",
+                    help="part 4: also run `fruitnet predict` from git ref REF (e.g. main), interleaved with this commit")
     args = ap.parse_args()
     if args.quick:
         setup = Setup(DEMO_DATA / "train", DEMO_DATA / "train", DEMO_DATA / "test", 2, 2, 2, list(range(args.repeats)))
@@ -224,7 +255,8 @@ def main() -> None:
         parts = {1: part1, 2: part2, 3: part3, 4: part4}
         for p in args.parts:
             t0 = time.perf_counter()
-            sections.append(f"## Part {p}\n\n{parts[p](tmp, setup)}\n\n(part took {time.perf_counter() - t0:.0f} s)\n")
+            result = part4(tmp, setup, args.baseline) if p == 4 else parts[p](tmp, setup)
+            sections.append(f"## Part {p}\n\n{result}\n\n(part took {time.perf_counter() - t0:.0f} s)\n")
             print(sections[-1], flush=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(sections))

@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -56,7 +57,7 @@ def test_awkward_folder_trains_predicts_and_evaluates(awkward, tmp_path):
     run = tmp_path / "run"
     result = run_cli("train", root, "--backbone", "efficientnet_lite0", "--mode", "freeze", "--epochs", "2",
                      "--lr", "0.01", "--out", run)
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == 1, result.stderr  # the run is complete; some image files could not be used
     assert RUN_FILES <= {p.name for p in run.iterdir()}
     for rel in info["unusable"]:
         assert str(root / rel) in result.stdout
@@ -265,3 +266,204 @@ def test_a_class_named_unknown_is_refused_before_training(tmp_path, demo_data):
     result = run_cli("train", tmp_path / "data", "--backbone", "efficientnet_lite0", "--out", tmp_path / "run")
     assert result.returncode == 2 and "named 'unknown'" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+# --- the first hour (issue 13): no dead ends, numbers that warn, exit codes that agree ----------
+
+
+def _copy_photos(demo_data, dest: Path, per_class: dict[str, int], split: str = "test") -> Path:
+    for cls, n in per_class.items():
+        (dest / cls).mkdir(parents=True, exist_ok=True)
+        for src in sorted((demo_data / split / cls).glob("*.jpg"))[:n]:
+            (dest / cls / src.name).write_bytes(src.read_bytes())
+    return dest
+
+
+def test_model_argument_mistakes_say_what_was_given_and_what_to_pass(trained_model, tmp_path, demo_data):
+    run, photos = trained_model.parent, demo_data / "test"
+    photo = sorted((photos / "cherry").glob("*.jpg"))[0]
+    cases = [
+        (["predict", run, photo], f"{run} is a run folder; pass {run / 'best.safetensors'}"),
+        (["evaluate", run, photos], f"{run} is a run folder; pass {run / 'best.safetensors'}"),
+        (["export", run], f"{run} is a run folder; pass {run / 'best.safetensors'}"),
+        (["evaluate", photos, trained_model],
+         f"{photos} is a folder and {trained_model} a model file: the model comes first: "
+         f"fruitnet evaluate {trained_model} {photos}"),
+        (["predict", photos, trained_model], f"the model comes first: fruitnet predict {trained_model} {photos}"),
+        (["predict", photos, photo], f"{photos} is a folder, not a model file"),
+        (["predict", run / "checkpoint.pt", photo],
+         f"is a training checkpoint (for fruitnet train --resume), not a model file; pass {run / 'best.safetensors'}"),
+        (["predict", photo, photo], f"{photo} is an image, not a model file"),
+    ]
+    for args, message in cases:
+        result = run_cli(*args, "--out", tmp_path / "never") if args[0] == "evaluate" else run_cli(*args)
+        assert result.returncode == 2, (args, result.stderr)
+        assert message in result.stderr and "Traceback" not in result.stderr, (args, result.stderr)
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert not (tmp_path / "never").exists()
+
+
+def test_unreadable_model_files_are_described_in_words(trained_model, tmp_path, demo_data, capsys):
+    import pickle
+
+    from fruitnet.cli import main
+
+    photo = sorted((demo_data / "test" / "cherry").glob("*.jpg"))[0]
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(trained_model.read_bytes()[:5000])
+    text = tmp_path / "model.pth"
+    text.write_text("hello\n")
+    objects = tmp_path / "objects.pth"
+    objects.write_bytes(pickle.dumps({"fc.weight": object}))
+    renamed = tmp_path / "model2.pth"  # a checkpoint under another name: told by its content
+    renamed.write_bytes((trained_model.parent / "checkpoint.pt").read_bytes())
+    for path, words in ((truncated, "damaged or incomplete model file"),
+                        (text, "neither a fruitnet model file (.safetensors) nor the original project's model.pth"),
+                        (objects, "holds Python objects, not only tensors"),
+                        (renamed, "a training checkpoint (for fruitnet train --resume)")):
+        assert main(["predict", str(path), str(photo)]) == 2
+        err = capsys.readouterr().err
+        assert f"{path}: {words}" in err, err
+        assert not any(name in err for name in ("SafetensorError", "UnpicklingError", "KeyError")), err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU: --device cuda is usable here")
+def test_device_that_is_not_there_is_an_argument_error(demo_data, tmp_path):
+    for device, message in (("cuda", "--device cuda: no CUDA device here; use --device cpu"),
+                            ("gpu", "--device gpu: not a device; use auto, cpu, cuda or cuda:N")):
+        result = run_cli("train", demo_data / "test", "--device", device, "--out", tmp_path / device)
+        assert result.returncode == 2 and message in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr and not (tmp_path / device).exists()
+
+
+def test_one_folder_gets_one_exit_code_from_check_train_and_evaluate(trained_model, tmp_path, demo_data):
+    """The rule: files that are not images are ignored (not a failure); image files that cannot be
+    used are skipped and make the exit code 1, in check, train and evaluate alike.  A class with one
+    photo trains, and the run says its numbers cannot be trusted."""
+    data = _copy_photos(demo_data, tmp_path / "photos", {"cherry": 4, "strawberry": 4, "tomato": 1})
+    (data / "cherry" / "notes.txt").write_text("taken in June\n")
+    train_args = ["--backbone", "efficientnet_lite0", "--mode", "freeze", "--recipe", "seed", "--epochs", "1"]
+    for broken, code in ((False, 0), (True, 1)):
+        if broken:
+            (data / "strawberry" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 cut short")
+        check = run_cli("check", data)
+        run = tmp_path / f"run-{code}"
+        train = run_cli("train", data, *train_args, "--out", run)
+        evaluate = run_cli("evaluate", trained_model, data, "--out", tmp_path / f"eval-{code}")
+        assert (check.returncode, train.returncode, evaluate.returncode) == (code, code, code), \
+            (check.stderr, train.stderr, evaluate.stderr)
+        assert f"{data / 'cherry' / 'notes.txt'}: not an image file" in check.stdout  # named, not just counted
+        summary = json.loads((run / "summary.json").read_text())
+        assert summary["skipped"] == code
+        warnings = [w for w in summary["warnings"] if "'tomato'" in w]
+        assert any("only 1 photo" in w for w in warnings) and any("no validation photo" in w for w in warnings)
+        assert json.loads((run / "data_report.json").read_text())["warnings"] == summary["warnings"]
+        assert "warning: class 'tomato' has only 1 photo(s)" in (run / "data_report.txt").read_text()
+        assert "warning: class 'tomato' has only 1 photo(s)" in train.stdout
+    assert "broken.jpg: truncated or corrupt" in check.stdout and "broken.jpg" in train.stdout
+
+
+def test_check_names_ignored_files_and_duplicate_groups_then_counts_the_rest(tmp_path, demo_data):
+    data = _copy_photos(demo_data, tmp_path / "photos", {"cherry": 7, "strawberry": 2})
+    for i, src in enumerate(sorted((data / "cherry").glob("*.jpg"))):
+        (data / "strawberry" / f"copy{i}.jpg").write_bytes(src.read_bytes())
+        (data / "cherry" / f"note{i}.txt").write_text("x")
+    result = run_cli("check", data)
+    assert result.returncode == 0, result.stderr
+    assert "7 group(s) of exact duplicates (14 files)" in result.stdout
+    groups = [line for line in result.stdout.splitlines() if " = " in line]
+    assert len(groups) == 5 and all("copy" in g for g in groups)
+    assert "and 2 more groups (--json lists them all)" in result.stdout
+    assert "7 other file(s) ignored (not a failure):" in result.stdout
+    assert sum("note" in line and "not an image file" in line for line in result.stdout.splitlines()) == 5
+    assert "and 2 more files" in result.stdout
+
+    loose = tmp_path / "loose"
+    loose.mkdir()
+    for src in sorted((demo_data / "test" / "cherry").glob("*.jpg"))[:3]:
+        (loose / src.name).write_bytes(src.read_bytes())
+    result = run_cli("check", loose)
+    assert result.returncode == 2
+    assert (f"found 3 image(s) directly in {loose}; put them in one folder per class: {loose}/<class>/<image>"
+            in result.stderr)
+
+
+def _tiny_photos(folder: Path) -> list[Path]:
+    from PIL import Image
+
+    paths = []
+    for cls, (w, h) in (("cherry", (16, 16)), ("tomato", (29, 17))):
+        (folder / cls).mkdir(parents=True, exist_ok=True)
+        path = folder / cls / f"tiny_{w}x{h}.png"
+        Image.new("RGB", (w, h), (200, 30, 40)).save(path)
+        paths.append(path)
+    return paths
+
+
+def test_evaluate_warns_about_training_photos_and_small_images(trained_model, tmp_path, demo_data):
+    data = tmp_path / "photos"
+    shutil.copytree(demo_data / "train", data)  # the folder the model was trained on ...
+    tiny = _tiny_photos(data)  # ... and two thumbnails
+    trained_on = sum(row["split"] == "train" for row in csv.DictReader(open(trained_model.parent / "split.csv")))
+    result = run_cli("evaluate", trained_model, data, "--out", tmp_path / "eval")
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "eval" / "report.json").read_text())
+    assert report["n"] == 97 and len(report["warnings"]) == 2
+    seen, small = report["warnings"]
+    assert seen.startswith(f"{trained_on} of 97 photos were used to train this model")
+    assert small.startswith("2 of 97 photos are much smaller than the model's 224-pixel input") and \
+        all(str(p) in small for p in tiny)
+    text = (tmp_path / "eval" / "report.txt").read_text()
+    assert f"warning: {seen}" in text and f"warning: {small}" in text and f"warning: {seen}" in result.stdout
+    rows = {Path(r["path"]).name: r for r in csv.DictReader(open(tmp_path / "eval" / "predictions.csv"))}
+    assert "16x16 pixels" in rows["tiny_16x16.png"]["warning"] and not rows["25_100.jpg"]["warning"]
+    held_out = run_cli("evaluate", trained_model, demo_data / "test", "--json", "--out", tmp_path / "eval2")
+    assert held_out.returncode == 0 and json.loads(held_out.stdout)["warnings"] == []
+
+
+def test_predict_flags_small_photos_says_its_arithmetic_and_writes_lines_to_a_pipe(trained_model, tmp_path,
+                                                                                    demo_data):
+    import os
+
+    photos = tmp_path / "photos"
+    shutil.copytree(demo_data / "test", photos)
+    tiny = {p.name for p in _tiny_photos(photos)}
+    env = {**os.environ, "FRUITNET_PROGRESS_SECONDS": "0"}  # a line per batch, to see them in a short run
+    result = subprocess.run([sys.executable, "-m", "fruitnet", "predict", str(trained_model), str(photos),
+                             "--csv", str(tmp_path / "p.csv"), "--batch-size", "8"],
+                            capture_output=True, text=True, env=env)  # stdout and stderr are pipes
+    assert result.returncode == 0, result.stderr
+    assert "\r" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("predicting:")]
+    assert len(lines) >= 4 and lines[-1].startswith("predicting: 100% 32/32"), result.stderr
+    assert "fruitnet predict: arithmetic: pytorch, " in result.stderr
+    flagged = [line for line in result.stdout.splitlines() if "warning: small image" in line]
+    assert {Path(line.split()[0]).name for line in flagged} == tiny
+    rows = list(csv.DictReader(open(tmp_path / "p.csv")))
+    assert {Path(r["path"]).name for r in rows if r["warning"]} == tiny
+    as_json = run_cli("predict", trained_model, photos, "--json")
+    assert "arithmetic" not in as_json.stdout and "arithmetic: pytorch" in as_json.stderr
+    results = json.loads(as_json.stdout)
+    assert {Path(r["path"]).name for r in results if "warning" in r} == tiny
+    assert all(r["warning"].startswith("small image: ") for r in results if "warning" in r)
+
+
+def test_help_argument_errors_and_check_do_not_import_torch(demo_data, tmp_path):
+    script = f"""
+import sys
+import fruitnet.cli
+for argv in (["--help"], ["predict", "--help"], ["train", "x", "--epochs", "2.5"],
+             ["evaluate", {str(demo_data / 'test')!r}, {str(demo_data / 'test')!r}],
+             ["check", {str(demo_data / 'train')!r}]):
+    try:
+        code = fruitnet.cli.main(argv)
+    except SystemExit as exc:
+        code = exc.code
+    print(argv[0], code, file=sys.stderr)
+    assert "torch" not in sys.modules, argv
+print("no torch")
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == 0 and "no torch" in result.stdout, result.stderr
+    assert [line.split()[-1] for line in result.stderr.splitlines() if line.split()[0] in
+            ("--help", "predict", "train", "evaluate", "check")] == ["0", "0", "2", "2", "0"]

@@ -167,9 +167,9 @@ def test_save_model_refuses_metadata_that_load_would_refuse(tmp_path):
 def test_any_failure_on_one_file_is_that_files_error(good_model, demo_data, monkeypatch):
     """Fault injection: decoding one file runs out of memory, another hits an unexpected bug; the
     others in the same batch keep their answers (it used to lose the whole batch)."""
-    import fruitnet.predictors as predictors
+    import fruitnet.preprocess as preprocess  # where predictors (and the service) decode a file
 
-    real = predictors.load_image
+    real = preprocess.load_image
     photos = [str(p) for p in sorted((demo_data / "test" / "cherry").glob("*.jpg"))[:4]]
     failures = {photos[1]: MemoryError(), photos[2]: ZeroDivisionError("division by zero")}
 
@@ -178,7 +178,7 @@ def test_any_failure_on_one_file_is_that_files_error(good_model, demo_data, monk
             raise failures[str(path)]
         return real(path, *args, **kwargs)
 
-    monkeypatch.setattr(predictors, "load_image", flaky)
+    monkeypatch.setattr(preprocess, "load_image", flaky)
     rows = TorchPredictor(good_model, device="cpu").predict_paths(photos, batch_size=4)
     assert [r["path"] for r in rows] == photos
     assert rows[1]["error"] == "not enough memory to process it"

@@ -298,17 +298,17 @@ def test_any_failure_on_one_upload_is_that_files_error(model, monkeypatch):
     """Fault injection in the service's own process: one upload's decoding runs out of memory."""
     from fastapi.testclient import TestClient
 
-    import fruitnet.predictors as predictors
+    import fruitnet.preprocess as preprocess  # where predictors (and the service) decode a file
     from fruitnet.server import create_app
 
-    real, poison = predictors.load_image, PHOTOS[1].read_bytes()
+    real, poison = preprocess.load_image, PHOTOS[1].read_bytes()
 
     def flaky(path, *args, **kwargs):
         if Path(path).read_bytes() == poison:
             raise MemoryError()
         return real(path, *args, **kwargs)
 
-    monkeypatch.setattr(predictors, "load_image", flaky)
+    monkeypatch.setattr(preprocess, "load_image", flaky)
     with TestClient(create_app(model, max_upload_mb=LIMIT_MB)) as c:
         r = post(c, photo(0), photo(1), photo(2))
         assert r.status_code == 200

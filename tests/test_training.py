@@ -6,14 +6,13 @@ import json
 import pytest
 import torch
 
-from fruitnet.images import load_image
-
 from fruitnet.backbones import get_backbone
-from fruitnet.dataset import scan
+from fruitnet.dataset import Item, scan
 from fruitnet.pipeline import Photos
 from fruitnet.predictors import TorchPredictor
+from fruitnet.preprocess import DecodeAhead, load
 from fruitnet.training import TrainConfig, train
-from fruitnet.transforms import TensorTransform, eval_transform
+from fruitnet.transforms import TensorTransform, eval_transform, hwc_to_tensor
 
 
 def quiet(*_a, **_k):
@@ -44,13 +43,37 @@ def test_decoded_image_cache_gives_the_evaluation_inputs(demo_data):
         tf = eval_transform(pre)
         for i, item in list(enumerate(catalog.usable))[::7]:
             a, ya = cached[i]
-            b = tf(load_image(item.path))
+            b = tf(load(item.path, pre))  # as the predictors and the server load a file
             assert ya == catalog.classes.index(item.label) and a.shape == b.shape
             assert torch.equal(a, b)
         augmented = cached.with_transform(TensorTransform(pre, "light"))
         augmented.transform.size = 160
         assert augmented[0][0].shape == (3, 160, 160)
         assert cached[0][0].shape == (3, 224, 224)  # the copy shares images, not settings
+
+
+def test_training_cache_and_predictors_decode_big_jpegs_identically(tmp_path):
+    """With the JPEG draft decode (big photos decoded at reduced scale), the cached training path,
+    predict's DecodeAhead and the server's load + transform still give the very same tensors."""
+    import numpy as np
+    from PIL import Image
+
+    pre = get_backbone("efficientnet_lite0").preprocessing
+    items = []
+    for i, (w, h) in enumerate(((2400, 1800), (1800, 2400), (1030, 700), (300, 200))):
+        rng = np.random.default_rng(i)
+        path = tmp_path / f"{w}x{h}.jpg"
+        Image.fromarray(rng.integers(0, 256, (h // 16, w // 16, 3), np.uint8)).resize((w, h)).save(path, quality=92)
+        items.append(Item(str(path), "a"))
+    cached = Photos(items, ["a", "b"], pre, TensorTransform(pre), cache=True, progress=False)
+    uncached = Photos(items, ["a", "b"], pre, TensorTransform(pre), cache=False, progress=False)
+    ahead = list(DecodeAhead([it.path for it in items], pre))
+    for i, item in enumerate(items):
+        a = cached[i][0]
+        assert torch.equal(a, uncached[i][0])
+        assert torch.equal(a, TensorTransform(pre)(hwc_to_tensor(ahead[i][0])))
+        assert torch.equal(a, eval_transform(pre)(load(item.path, pre)))
+    assert cached.images[0].shape[1:] == (256, 341)  # 2400x1800 decoded at 1/4 scale (600x450), then resized
 
 
 def test_feature_cache_matches_the_uncached_path(demo_data, tmp_path):
@@ -65,6 +88,30 @@ def test_feature_cache_matches_the_uncached_path(demo_data, tmp_path):
         assert a["val_accuracy"] == pytest.approx(b["val_accuracy"], abs=1 / 24 + 1e-9)  # at most one image
         assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-3)
         assert a["val_loss"] == pytest.approx(b["val_loss"], abs=1e-3)
+
+
+def test_bf16_near_ties_are_run_again_in_fp32_so_labels_agree(tmp_path, demo_data):
+    """A head that makes cherry and strawberry near-ties: bf16 alone flips some labels; with the
+    fp32 re-check every label is fp32's."""
+    from fruitnet.model import load_model, save_model
+
+    from quick_model import make_quick_model
+
+    path = make_quick_model(tmp_path / "model.safetensors")
+    model, meta = load_model(path)
+    noise = torch.randn(model.head.weight[0].shape, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        model.head.weight[1] = model.head.weight[0] + 1e-5 * noise  # bf16 flips about half of them here
+        model.head.bias[1] = model.head.bias[0]
+        model.head.weight[2] = -model.head.weight[0]
+    save_model(path, model, meta)
+    paths = sorted(str(p) for p in (demo_data / "test").rglob("*.jpg"))
+    fp32 = [r["label"] for r in TorchPredictor(path, precision="fp32").predict_paths(paths)]
+    plain = [r["label"] for r in TorchPredictor(path, precision="bf16", recheck_near_ties=False).predict_paths(paths)]
+    checked = TorchPredictor(path, precision="bf16")
+    assert checked.runtime()["arithmetic"]["near_ties"].startswith("run again in fp32")
+    assert plain != fp32  # what the re-check is for
+    assert [r["label"] for r in checked.predict_paths(paths)] == fp32
 
 
 def test_bf16_predictions_agree_with_fp32(trained_model, demo_data):

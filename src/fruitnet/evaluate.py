@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from fruitnet.calibration import calibration_summary, reliability
 from fruitnet.dataset import scan
@@ -25,12 +24,38 @@ from fruitnet.images import load_image
 from fruitnet.metrics import classification_report, format_report, write_confusion_csv
 from fruitnet.ood import auroc
 from fruitnet.predictors import UNKNOWN, TorchPredictor, expand_paths
+from fruitnet.preprocess import small_side
+from fruitnet.progress import bar as progress_bar
 
 MAX_MISTAKES = 24
 
 
 def _best(r: dict) -> str:
     return r.get("best_guess", r["label"])
+
+
+def _first_few(paths: list[str], n: int = 3) -> str:
+    more = f" and {len(paths) - n} more" if len(paths) > n else ""
+    return ", ".join(paths[:n]) + more
+
+
+def evaluation_warnings(meta: dict, items: list, results: list[dict]) -> list[str]:
+    """What makes these numbers untrustworthy: photos the model was trained on (the model file's
+    `training_photos` fingerprints), photos much smaller than its input."""
+    warnings = []
+    trained_on = set(meta.get("training_photos") or ())
+    seen = [it.path for it in items if it.sha256 and it.sha256[:16] in trained_on]
+    if seen:
+        warnings.append(f"{len(seen)} of {len(items)} photos were used to train this model (same bytes as its "
+                        "training photos): accuracy on them overstates accuracy on new photos; evaluate on photos "
+                        f"it has not seen, such as its run's validation split: {_first_few(seen)}")
+    small = [r["path"] for r in results if "warning" in r]
+    if small:
+        pre = meta["preprocessing"]
+        warnings.append(f"{len(small)} of {len(items)} photos are much smaller than the model's {pre['input_size']}-"
+                        f"pixel input (shorter side under {small_side(pre)} pixels), so their answers rest on "
+                        f"upscaled pixels: {_first_few(small)} (sizes in predictions.csv)")
+    return warnings
 
 
 def evaluate(model_path, data, out: Path, batch_size: int = 32, legacy: bool | None = None,
@@ -54,8 +79,8 @@ def evaluate(model_path, data, out: Path, batch_size: int = 32, legacy: bool | N
         if problems:
             raise DataError(f"--unknown {unknown_dir}: no such folder, or no images there")
         unknown_paths += found
-    with tqdm(total=len(items) + len(unknown_paths), desc="evaluating", unit="img", disable=not progress,
-              leave=False) as bar:
+    with progress_bar(total=len(items) + len(unknown_paths), desc="evaluating", unit="img",
+                      disable=not progress) as bar:
         results = predictor.predict_paths([it.path for it in items], batch_size, progress=bar.update, raw=True)
         unknown_results = predictor.predict_paths(unknown_paths, batch_size, progress=bar.update, raw=True)
     skipped = catalog.skipped + [{"path": r["path"], "reason": r["error"]} for r in results + unknown_results
@@ -67,6 +92,7 @@ def evaluate(model_path, data, out: Path, batch_size: int = 32, legacy: bool | N
     report = classification_report(y_true, y_pred, predictor.classes)
     report.update(_trust_report(predictor, scored, [r for r in unknown_results if "error" not in r], y_true))
     report.update({"skipped": skipped, "model": str(model_path), "data": str(data),
+                   "warnings": evaluation_warnings(predictor.meta, items, results),
                    "seconds": round(time.perf_counter() - t0, 2)})
 
     out.mkdir(parents=True, exist_ok=True)
@@ -84,12 +110,12 @@ def evaluate(model_path, data, out: Path, batch_size: int = 32, legacy: bool | N
                          out / "calibration.png", cal["ece_before"], cal["ece_after"], cal["temperature"])
     with open(out / "predictions.csv", "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["path", "true", "predicted", "confidence", "verdict", "in_distribution"]
+        w.writerow(["path", "true", "predicted", "confidence", "verdict", "in_distribution", "warning"]
                    + [f"p_{c}" for c in predictor.classes])
         for it, r in scored + [(None, r) for r in unknown_results if "error" not in r]:
             probs = r["probabilities"]
             w.writerow([r["path"], it.label if it else UNKNOWN, _best(r), probs[_best(r)], r["label"],
-                        r.get("in_distribution", "")] + [probs[c] for c in predictor.classes])
+                        r.get("in_distribution", ""), r.get("warning", "")] + [probs[c] for c in predictor.classes])
     mistakes = sorted(((r["probabilities"][_best(r)], it, r) for it, r in scored if _best(r) != it.label),
                       key=lambda m: -m[0])[:MAX_MISTAKES]
     _plot_mistakes(predictor, mistakes, out / "mistakes.png", plot_mistakes)

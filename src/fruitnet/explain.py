@@ -17,9 +17,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import nn
-from tqdm import tqdm
 
 from fruitnet.errors import FruitnetError
+from fruitnet.progress import bar as progress_bar
 from fruitnet.transforms import resize_size
 
 OVERLAY_ALPHA = 0.5
@@ -139,8 +139,8 @@ def write_overlays(predictor, results: list[dict], out: Path, batch_size: int = 
 
     out.mkdir(parents=True, exist_ok=True)
     written, used = {}, set()
-    with tqdm(total=len(results), desc="heat maps", unit="img", disable=not progress or len(results) < 2,
-              leave=False) as bar:
+    with progress_bar(total=len(results), desc="heat maps", unit="img",
+                      disable=not progress or len(results) < 2) as bar:
         for i in range(0, len(results), batch_size):
             chunk = results[i:i + batch_size]
             for r, picture in zip(chunk, explain_images(predictor, [load_image(r["path"]) for r in chunk], chunk)):

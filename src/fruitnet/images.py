@@ -7,11 +7,12 @@ comes back as a plain RGB image or raises :class:`ImageError` saying why not.
 
 from __future__ import annotations
 
+import glob
 import os
 import re
 import stat
 import warnings
-from pathlib import PurePath
+from pathlib import Path, PurePath
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -214,3 +215,23 @@ def _scale_to_uint8(img: Image.Image) -> np.ndarray:
         lo, hi = 0.0, 255.0
     # otherwise: an unusual range; stretch what is there
     return np.clip(np.round((a - lo) * (255.0 / max(hi - lo, 1e-12))), 0, 255).astype(np.uint8)
+
+
+def expand_paths(patterns: list[str]) -> tuple[list[str], list[dict]]:
+    """Files, folders (recursively, skipping hidden entries and non-images) and globs.
+
+    Returns (paths, problems) where problems are {path, error} for patterns that matched nothing.
+    """
+    paths, problems = [], []
+    for pattern in patterns:
+        if os.path.isdir(pattern):
+            found = sorted(str(p) for p in Path(pattern).rglob("*")
+                           if p.is_file() and not is_hidden(p.relative_to(pattern)) and looks_like_image(p))
+        elif os.path.exists(pattern):
+            found = [pattern]
+        else:
+            found = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
+        if not found:
+            problems.append({"path": pattern, "error": "no such file, or no images there"})
+        paths.extend(found)
+    return paths, problems

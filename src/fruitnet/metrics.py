@@ -174,4 +174,7 @@ def format_report(report: dict) -> str:
         lines.append(f"{label:<{first_w}}  " + "  ".join(f"{c:>{cell_w}}" for c in classes))
         for cls, row in zip(classes, cm):
             lines.append(f"{cls:<{first_w}}  " + "  ".join(f"{v:>{cell_w}d}" for v in row))
+    if report.get("warnings"):
+        lines.append("")
+        lines += [f"warning: {w}" for w in report["warnings"]]
     return "\n".join(lines) + "\n"

@@ -10,6 +10,8 @@ project's `model.pth` (a plain torchvision resnet18 state dict) is read through
 from __future__ import annotations
 
 import json
+import pickle
+import warnings
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -21,9 +23,11 @@ from torch import nn
 
 from fruitnet.backbones import BACKBONES, create_body, get_backbone
 from fruitnet.errors import ModelFileError
+from fruitnet.modelpath import check_model_argument
 from fruitnet.ood import TRUST_PREFIX, TrustHead
 
 FORMAT_VERSION = 1
+DAMAGED = "damaged or incomplete model file (its header or tensors cannot be read); copy it again from the run folder"
 MAX_CLASSES = 10_000
 # The original project: resnet18, 3 classes, 300x300 squashed, mean/std 0.5 per channel.
 LEGACY_CLASSES = ["cherry", "strawberry", "tomato"]
@@ -167,6 +171,7 @@ def _is_safetensors(path: Path) -> bool:
 def load_model(path: str | Path, legacy: bool | None = None) -> tuple[Classifier, dict]:
     """Load a fruitnet model file, or (detected, or legacy=True) the original project's model.pth."""
     path = Path(path)
+    check_model_argument(path)  # a run folder, a checkpoint, a photo: say what to pass instead
     if not path.is_file():
         raise ModelFileError(f"{path}: model file not found")
     if legacy is None:
@@ -177,8 +182,8 @@ def load_model(path: str | Path, legacy: bool | None = None) -> tuple[Classifier
         with safe_open(str(path), framework="pt") as f:  # reads the header only
             meta = json.loads((f.metadata() or {}).get("fruitnet", "null"))
             head = f.get_slice("head.weight").get_shape() if "head.weight" in f.keys() else None
-    except (SafetensorError, OSError, ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
-        raise ModelFileError(f"{path}: not a readable fruitnet model file ({exc.__class__.__name__}: {exc})") from None
+    except (SafetensorError, OSError, ValueError, RecursionError):  # JSONDecodeError is a ValueError
+        raise ModelFileError(f"{path}: {DAMAGED}") from None
     if not isinstance(meta, dict) or meta.get("format") != "fruitnet":
         raise ModelFileError(f"{path}: safetensors file without fruitnet metadata")
     validate_meta(meta, path)  # before anything is allocated from what the metadata says
@@ -188,8 +193,8 @@ def load_model(path: str | Path, legacy: bool | None = None) -> tuple[Classifier
                              f"on {meta['backbone']} need {expected}")
     try:
         state = load_file(str(path))
-    except (SafetensorError, OSError) as exc:
-        raise ModelFileError(f"{path}: not a readable fruitnet model file ({exc})") from None
+    except (SafetensorError, OSError):
+        raise ModelFileError(f"{path}: {DAMAGED}") from None
     model, _ = create_classifier(meta["backbone"], len(meta["classes"]), weights="none")
     trust = {k[len(TRUST_PREFIX):]: state[k] for k in state if k.startswith(TRUST_PREFIX)}
     if trust:  # the in-distribution statistics (ood.TrustHead), shaped by the file's own tensors
@@ -204,10 +209,21 @@ def load_model(path: str | Path, legacy: bool | None = None) -> tuple[Classifier
 
 
 def _load_legacy(path: Path) -> tuple[Classifier, dict]:
+    neither = f"{path}: neither a fruitnet model file (.safetensors) nor the original project's model.pth"
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ModelFileError(f"{path}: not a fruitnet model nor a plain state dict ({exc.__class__.__name__})") from exc
+        with warnings.catch_warnings():  # torch warns about pickle protocols it then reads fine
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "weights only load failed" in str(exc).lower():
+            raise ModelFileError(f"{path}: holds Python objects, not only tensors; fruitnet never loads those "
+                                 "(loading them could run code)") from None
+        raise ModelFileError(neither) from None
+    except Exception:  # torch.load raises many types for files that are not a state dict at all
+        raise ModelFileError(neither) from None
+    if isinstance(state, dict) and {"model", "optimizer", "epoch"} <= set(state):
+        raise ModelFileError(f"{path}: a training checkpoint (for fruitnet train --resume), not a model file; "
+                             "pass the run's best.safetensors")
     fc = state.get("fc.weight") if isinstance(state, dict) else None
     if not isinstance(fc, torch.Tensor) or fc.dim() != 2:
         raise ModelFileError(f"{path}: not a torchvision resnet18 state dict (no 2-d 'fc.weight')")

@@ -25,11 +25,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from fruitnet.calibration import calibration_summary, fit_temperature
 from fruitnet.config import UNKNOWN_RECALL as DEFAULT_RECALL
 from fruitnet.errors import UsageError
+from fruitnet.progress import bar as progress_bar
 
 TRUST_PREFIX = "trust."  # the TrustHead's tensors in the model file's state dict
 
@@ -111,7 +111,7 @@ def body_features(model: nn.Module, dataset, device, batch_size: int = 64,
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
     feats, targets = [], []
     model.eval()
-    for x, y in tqdm(loader, desc=desc, unit="batch", leave=False):
+    for x, y in progress_bar(loader, desc=desc, unit="batch"):
         feats.append(model.body(x.to(device)).float().cpu())
         targets.append(torch.as_tensor(y))
     return torch.cat(feats), torch.cat(targets)

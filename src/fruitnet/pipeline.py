@@ -18,14 +18,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
-from tqdm import tqdm
 
 from fruitnet import distributed
 from fruitnet.arithmetic import Arithmetic, choose
 from fruitnet.config import Recipe, TrainConfig
 from fruitnet.dataset import Item
 from fruitnet.errors import ImageError
-from fruitnet.images import load_image
+from fruitnet.progress import bar as progress_bar
 from fruitnet.transforms import Decode, TensorTransform, resize_size
 
 MAX_CACHE_BYTES = 4 << 30  # above this, decode per access instead (a huge folder must not fill memory)
@@ -53,8 +52,8 @@ class Photos(Dataset):
         self.images = None
         if cache:
             with ThreadPoolExecutor(threads) as pool:
-                decoded = list(tqdm(pool.map(self._try_decode, items), total=len(items), desc=desc, unit="img",
-                                    disable=not progress, leave=False))
+                decoded = list(progress_bar(pool.map(self._try_decode, items), total=len(items), desc=desc,
+                                             unit="img", disable=not progress))
             kept = [(it, img) for it, img in zip(items, decoded) if isinstance(img, torch.Tensor)]
             self.dropped = [{"path": it.path, "reason": img} for it, img in zip(items, decoded)
                             if not isinstance(img, torch.Tensor)]
@@ -64,7 +63,7 @@ class Photos(Dataset):
 
     def _try_decode(self, item: Item) -> torch.Tensor | str:
         try:
-            return self.decode(load_image(item.path))
+            return self.decode.load(item.path)
         except ImageError as exc:
             return exc.reason
 
@@ -78,7 +77,7 @@ class Photos(Dataset):
         return len(self.targets)
 
     def __getitem__(self, i):
-        img = self.images[i] if self.images is not None else self.decode(load_image(self.paths[i]))
+        img = self.images[i] if self.images is not None else self.decode.load(self.paths[i])
         return self.transform(img), self.targets[i]
 
 
@@ -107,7 +106,7 @@ def extract_features(body: nn.Module, dataset: Dataset, batch_size: int, device,
     body.eval()
     feats, targets = [], []
     loader = make_loader(dataset, batch_size, False, workers)
-    for x, y in tqdm(loader, desc=desc, unit="batch", leave=False, disable=not distributed.is_main()):
+    for x, y in progress_bar(loader, desc=desc, unit="batch", disable=not distributed.is_main()):
         with arith.autocast(device):
             feats.append(body(arith.prepare_input(x.to(device))).float().cpu())
         targets.append(y)

@@ -16,9 +16,7 @@ Every consumer (predict, evaluate, serve, export's parity check) talks to a Pred
 
 from __future__ import annotations
 
-import glob
 import json
-import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -26,11 +24,16 @@ import torch
 from PIL import Image
 
 from fruitnet.arithmetic import choose, resolve_device
-from fruitnet.errors import ImageError, ModelFileError
-from fruitnet.images import is_hidden, load_image, looks_like_image
+from fruitnet.errors import ModelFileError
+from fruitnet.images import expand_paths  # noqa: F401  (here for the callers that import it from here)
 from fruitnet.model import load_model, validate_meta
-from fruitnet.transforms import eval_transform
+from fruitnet.preprocess import DecodeAhead, load, small_image_warning
+from fruitnet.transforms import TensorTransform, eval_transform, hwc_to_tensor
 
+# bf16: a photo whose top two probabilities are closer than this is run again in fp32.  Measured on
+# webfruit (README, bf16 and fp32): bf16 moved a probability by at most 0.047, and the labels it
+# flipped had bf16 margins up to 0.027; twice that is re-checked.
+NEAR_TIE = 0.05
 ONNX_META_KEY = "fruitnet"  # the ONNX metadata_props key that carries the model file's metadata
 UNKNOWN = "unknown"  # the label of a photo that looks like none of the classes
 
@@ -49,7 +52,8 @@ class Predictor:
         self.meta = meta
         self.classes: list[str] = meta["classes"]
         self.preprocessing: dict = meta["preprocessing"]
-        self.transform = eval_transform(self.preprocessing)
+        self.transform = eval_transform(self.preprocessing)  # PIL image -> model input
+        self.finish = TensorTransform(self.preprocessing)  # uint8 model input (DecodeAhead) -> model input
         trust = meta.get("trust") or {}
         self.temperature = float(trust.get("temperature", 1.0))  # files made before calibration: 1
         self.threshold: float | None = trust.get("threshold")  # None: no in-distribution statistics
@@ -73,7 +77,9 @@ class Predictor:
         raise NotImplementedError
 
     def load(self, path) -> Image.Image:
-        return load_image(path)  # full decode, exactly as in training (no JPEG draft shortcuts)
+        """A file decoded as in training (preprocess.load: a JPEG draft decode where the model's
+        preprocessing says so); ImageError if it cannot be used."""
+        return load(path, self.preprocessing)
 
     def probabilities(self, images: list) -> torch.Tensor:
         """PIL RGB images -> (n, classes) calibrated probabilities."""
@@ -85,49 +91,46 @@ class Predictor:
 
         raise ExplainUnavailable(self.explain_unavailable or "this runtime cannot draw heat maps")
 
-    def _prepare(self, path) -> torch.Tensor | str:
-        """Decode and transform one file (runs in a thread: PIL works without the GIL); an error is a str."""
-        try:
-            return self.transform(self.load(path))
-        except ImageError as exc:
-            return exc.reason
-        except OSError as exc:
-            return f"cannot read file ({exc.strerror or exc})"
-        except MemoryError:
-            return "not enough memory to process it"
-        except Exception as exc:  # whatever goes wrong with one file is that file's error, not the batch's
-            return f"cannot be processed ({exc.__class__.__name__}: {exc})"
-
-    def predict_paths(self, paths: list[str], batch_size: int = 32, progress=None, raw: bool = False) -> list[dict]:
+    def predict_paths(self, paths: list[str], batch_size: int = 32, progress=None, raw: bool = False,
+                      decoded: DecodeAhead | None = None) -> list[dict]:
         """[{path, label, probabilities, ...}] (see describe) or [{path, error}] per path, in order;
         never raises for a bad file. raw=True adds each photo's uncalibrated "logits" and raw "score".
+        `warning` flags a photo much smaller than the model's input.
 
-        The next batch is decoded by threads while the model runs on this one; at most two
-        batches are in memory, however many paths there are.
+        Files are decoded by threads ahead of the model (a bounded window: memory stays flat
+        however many paths there are); `decoded` is such a decoder started earlier, over the same
+        paths with the same preprocessing (the CLI starts it before the model has loaded).
         """
-        chunks = [paths[i:i + batch_size] for i in range(0, len(paths), batch_size)]
+        decoded = decoded if decoded is not None else DecodeAhead(paths, self.preprocessing)
         results: list[dict] = []
-        with ThreadPoolExecutor(max(2, os.cpu_count() or 2)) as pool:
-            pending = pool.map(self._prepare, chunks[0]) if chunks else None
-            for k, chunk in enumerate(chunks):
-                prepared = list(pending)
-                if k + 1 < len(chunks):
-                    pending = pool.map(self._prepare, chunks[k + 1])
-                out = [{"path": str(p)} if isinstance(t, torch.Tensor) else {"path": str(p), "error": t}
-                       for p, t in zip(chunk, prepared)]
-                good = [i for i, t in enumerate(prepared) if isinstance(t, torch.Tensor)]
+        # The last step (uint8 -> normalised tensor) also runs in threads, one image each: done in
+        # this thread, OpenMP's spin-waiting made the model itself 1.5x slower on a busy machine.
+        with decoded, ThreadPoolExecutor(2) as finishing:
+            for start in range(0, len(paths), batch_size):
+                chunk = paths[start:start + batch_size]
+                prepared = [next(decoded) for _ in chunk]
+                out = [{"path": str(p), "error": d} if isinstance(d, str) else {"path": str(p)}
+                       for p, d in zip(chunk, prepared)]
+                good = [i for i, d in enumerate(prepared) if not isinstance(d, str)]
                 if good:
-                    logits, score, in_dist = self.forward(torch.stack([prepared[i] for i in good]))
+                    x = torch.stack(list(finishing.map(self._to_input, [prepared[i][0] for i in good])))
+                    logits, score, in_dist = self.forward(x)
                     probs = (logits / self.temperature).softmax(1)
                     for k, i in enumerate(good):
                         out[i].update(self.describe(probs[k], None if in_dist is None else in_dist[k]))
                         if raw:
                             out[i].update(logits=logits[k].tolist(),
                                           score=None if score is None else float(score[k]))
+                        warning = small_image_warning(prepared[i][1], self.preprocessing)
+                        if warning:
+                            out[i]["warning"] = warning
                 results.extend(out)
                 if progress is not None:
                     progress(len(chunk))
         return results
+
+    def _to_input(self, array) -> torch.Tensor:
+        return self.finish(hwc_to_tensor(array))
 
     def describe(self, probs: torch.Tensor, in_dist: torch.Tensor | None = None) -> dict:
         """{label, probabilities} and, where the model file has in-distribution statistics,
@@ -150,21 +153,32 @@ class Predictor:
 class TorchPredictor(Predictor):
     """A .safetensors model file (or the original model.pth) run by PyTorch.
 
-    precision 'fp32' (exact, the library default), 'bf16' or 'auto' (bf16 where native: faster)."""
+    precision 'fp32' (exact, the library default), 'bf16' or 'auto' (bf16 where native: faster).
+    Under bf16, photos whose top two probabilities are within NEAR_TIE are run again in fp32
+    (recheck_near_ties), so labels agree with fp32 and ONNX."""
 
     def __init__(self, model_path: str | Path, device: str = "auto", legacy: bool | None = None,
-                 precision: str = "fp32", unknown: bool = True):
+                 precision: str = "fp32", unknown: bool = True, recheck_near_ties: bool = True):
         self.model, meta = load_model(model_path, legacy=legacy)
         super().__init__(meta, unknown)
         self.device = resolve_device(device)
         self.arith = choose(precision, self.device)
         self.arith.prepare_model(self.model.to(self.device).eval())
+        self.recheck_near_ties = recheck_near_ties  # bf16 only: see forward
         self._gradcam = None
 
     @torch.inference_mode()
     def forward(self, x: torch.Tensor):
+        x = self.arith.prepare_input(x.to(self.device))
         with self.arith.autocast(self.device):
-            logits = self.model(self.arith.prepare_input(x.to(self.device))).float()
+            logits = self.model(x).float()
+        if self.arith.dtype == "bf16" and self.recheck_near_ties:
+            # bf16 rounding can flip a near-tie: those few photos are run again in fp32, so labels
+            # agree with fp32 and ONNX.
+            top2 = logits.softmax(1).topk(min(2, logits.shape[1]), dim=1).values
+            close = (top2[:, 0] - top2[:, -1]) < NEAR_TIE
+            if close.any():
+                logits[close] = self.model(x[close]).float()
         if self.model.trust is None:
             return logits.cpu(), None, None
         score, in_dist = self.model.trust(logits)  # fp32, outside autocast
@@ -178,7 +192,9 @@ class TorchPredictor(Predictor):
         return self._gradcam.heat(x, targets)
 
     def runtime(self) -> dict:
-        return {"runtime": "pytorch", "arithmetic": self.arith.as_dict()}
+        near_ties = {"near_ties": f"run again in fp32 (top two within {NEAR_TIE})"} \
+            if self.arith.dtype == "bf16" and self.recheck_near_ties else {}
+        return {"runtime": "pytorch", "arithmetic": {**self.arith.as_dict(), **near_ties}}
 
 
 class OnnxPredictor(Predictor):
@@ -242,23 +258,3 @@ def load_predictor(path: str | Path, runtime: str = "auto", legacy: bool | None 
     if runtime == "onnx" or (runtime == "auto" and str(path).lower().endswith(".onnx")):
         return OnnxPredictor(path, unknown=unknown)
     return TorchPredictor(path, device=device, legacy=legacy, precision=precision, unknown=unknown)
-
-
-def expand_paths(patterns: list[str]) -> tuple[list[str], list[dict]]:
-    """Files, folders (recursively, skipping hidden entries and non-images) and globs.
-
-    Returns (paths, problems) where problems are {path, error} for patterns that matched nothing.
-    """
-    paths, problems = [], []
-    for pattern in patterns:
-        if os.path.isdir(pattern):
-            found = sorted(str(p) for p in Path(pattern).rglob("*")
-                           if p.is_file() and not is_hidden(p.relative_to(pattern)) and looks_like_image(p))
-        elif os.path.exists(pattern):
-            found = [pattern]
-        else:
-            found = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
-        if not found:
-            problems.append({"path": pattern, "error": "no such file, or no images there"})
-        paths.extend(found)
-    return paths, problems

@@ -23,7 +23,6 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from fruitnet import __version__, distributed
 from fruitnet.arithmetic import Arithmetic, choose, resolve_device
@@ -33,8 +32,9 @@ from fruitnet.config import Recipe, TrainConfig, recipe_for, resolve, resume_con
 from fruitnet.dataset import Item, apply_exclude, format_report, scan, split, split_warnings
 from fruitnet.errors import DataError, UsageError
 from fruitnet.model import Classifier, create_classifier
-from fruitnet.predictors import UNKNOWN
 from fruitnet.pipeline import Pipeline, build_pipeline, extract_features, make_loader, use_image_cache
+from fruitnet.predictors import UNKNOWN
+from fruitnet.progress import bar as progress_bar
 from fruitnet.runfolder import RunFolder, SavedRun, new_output_folder, read_run
 
 
@@ -139,7 +139,7 @@ def fit_epoch(net: nn.Module, loader, device, optimizer, loss_fn, arith: Arithme
     """One training pass (a scheduler steps per batch). Mean loss and accuracy over all ranks."""
     net.train()
     total_loss, correct, n = 0.0, 0, 0
-    for x, y in tqdm(loader, desc=desc, unit="batch", leave=False, disable=len(loader) < 2 or not distributed.is_main()):
+    for x, y in progress_bar(loader, desc=desc, unit="batch", disable=len(loader) < 2 or not distributed.is_main()):
         x, y = arith.prepare_input(x.to(device, non_blocking=True)), y.to(device, non_blocking=True)
         with arith.autocast(device):
             logits = net(x).float()
@@ -162,7 +162,7 @@ def evaluate_epoch(net: nn.Module, loader, device, arith: Arithmetic, desc: str 
     once, with the logits of all of them in order (on every rank)."""
     net.eval()
     logits, targets = [], []
-    for x, y in tqdm(loader, desc=desc, unit="batch", leave=False, disable=len(loader) < 2 or not distributed.is_main()):
+    for x, y in progress_bar(loader, desc=desc, unit="batch", disable=len(loader) < 2 or not distributed.is_main()):
         with arith.autocast(device):
             logits.append(net(arith.prepare_input(x.to(device))).float().cpu())
         targets.append(y)
@@ -345,10 +345,14 @@ def _fit(config: TrainConfig, saved: SavedRun | None, log) -> dict:
     summary = {"best_val_accuracy": progress.best["val_accuracy"], "best_epoch": progress.best["epoch"],
                "epochs": len(progress.rows), "seconds": round(progress.elapsed, 2),
                "model": str(run.path / "best.safetensors"), "last_model": str(run.path / "last.safetensors"),
-               "run": str(run.path), "warnings": data.report.get("warnings", [])}
+               "run": str(run.path), "warnings": data.report.get("warnings", []),
+               "skipped": _skipped(data.report) + len(pipeline.train.dropped) + len(pipeline.val.dropped)}
     run.finish(summary, _tensorboard_pictures(data.classes, pipeline.val.paths, val) if run.writer is not None else None)
     log(f"best validation accuracy {progress.best['val_accuracy']:.4f} at epoch {progress.best['epoch']}; "
         f"{progress.elapsed:.1f}s")
+    if summary["skipped"]:
+        log(f"{summary['skipped']} image file(s) could not be used (listed in data_report.txt); the run is "
+            "complete, and the exit code is 1")
     log(f"outputs in {run.path}/: best.safetensors, last.safetensors, metrics.csv, curves.png, split.csv, "
         "data_report.txt, config.json, summary.json" + (", tensorboard/" if config.tensorboard else ""))
     distributed.barrier()  # every rank returns once rank 0 has written everything
@@ -363,8 +367,16 @@ def _saved_data(saved: SavedRun, log) -> Data:
         for it in missing:
             log(f"skipped {it.path}: file no longer exists")
         lists.append([it for it in items if os.path.isfile(it.path)])
-    report = {"warnings": split_warnings(saved.config["classes"], *lists)}
+    report = {"warnings": split_warnings(saved.config["classes"], *lists),
+              "skipped": [{"path": it.path, "reason": "file no longer exists"}
+                          for items in (saved.train_items, saved.val_items) for it in items
+                          if not os.path.isfile(it.path)]}
     return Data(saved.config["classes"], report, *lists)
+
+
+def _skipped(report: dict) -> int:
+    """Image files the scans (of DATA and of --val) found unusable."""
+    return len(report.get("skipped", [])) + len(report.get("validation", {}).get("skipped", []))
 
 
 def _require_tensorboard() -> None:

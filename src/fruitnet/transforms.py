@@ -1,13 +1,9 @@
 """One transform path, built from a model's preprocessing metadata (never re-typed elsewhere).
 
-preprocessing = {input_size, resize: 'crop'|'squash', crop_pct, interpolation, mean, std}
-- 'crop': resize the shorter side to input_size / crop_pct, then centre-crop input_size
-  (timm's and torchvision's ImageNet evaluation);
-- 'squash': resize to input_size x input_size regardless of aspect (the original project).
-
 Every image goes through two steps, whoever uses it:
-1. `Decode(pre)`: PIL RGB -> the resized uint8 tensor (the only step that touches PIL; the
-   decoded-image cache stores its output);
+1. `Decode(pre)`: a file (`load`) or a PIL RGB image -> the resized uint8 tensor: the PIL half,
+   preprocess.py (the resize policies, the JPEG draft decode), then a tensor.  The decoded-image
+   cache stores its output;
 2. `TensorTransform(pre, ...)`: uint8 tensor -> normalised float tensor: a centre crop for
    evaluation, or a random-resized crop and flip for training, at `size` (progressive resizing
    changes it between epochs).
@@ -17,29 +13,15 @@ export all see exactly the same inputs.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torchvision.transforms import v2 as T
 
-from fruitnet.images import MAX_ASPECT
+from fruitnet.preprocess import fit, load, resize_size  # noqa: F401  (resize_size: part of this module's API)
 
 _INTERPOLATION = {"bilinear": T.InterpolationMode.BILINEAR, "bicubic": T.InterpolationMode.BICUBIC,
                   "nearest": T.InterpolationMode.NEAREST}
 AUGMENTS = ("none", "light")
-
-
-def resize_size(pre: dict) -> int:
-    return round(pre["input_size"] / pre.get("crop_pct", 1.0)) if pre["resize"] == "crop" else pre["input_size"]
-
-
-def _limit_aspect(img):
-    """Centre-crop the longer side to MAX_ASPECT x the shorter one, so the shorter-side resize
-    after it allocates at most MAX_ASPECT x side^2 pixels, whatever the image (a 1x65535 GIF
-    would otherwise become 256 x 16.8M).  load_image refuses such images, so for the images it
-    returns this never changes a result; it only bounds what a library caller can pass in."""
-    h, w = T.functional.get_size(img)
-    if max(w, h) <= MAX_ASPECT * min(w, h):
-        return img
-    return T.functional.center_crop(img, [min(h, MAX_ASPECT * w), min(w, MAX_ASPECT * h)])
 
 
 class Decode:
@@ -47,26 +29,32 @@ class Decode:
     slow every later op down)."""
 
     def __init__(self, pre: dict):
-        interp = _INTERPOLATION[pre["interpolation"]]
-        side = resize_size(pre)
-        if pre["resize"] == "squash":
-            self.resize = T.Resize((side, side), interpolation=interp, antialias=True)
-        elif pre["resize"] == "crop":
-            self.resize = T.Compose([_limit_aspect, T.Resize(side, interpolation=interp, antialias=True)])
-        else:
+        if pre["resize"] not in ("crop", "squash"):
             raise ValueError(f"unknown resize policy {pre['resize']!r}")
+        self.pre = pre
+
+    def load(self, path) -> torch.Tensor:
+        """A file, decoded as the preprocessing says (preprocess.load), then resized."""
+        return self(load(path, self.pre))
 
     def __call__(self, image) -> torch.Tensor:
-        return T.functional.pil_to_tensor(self.resize(image)).contiguous()
+        return hwc_to_tensor(np.array(fit(image, self.pre)))
 
     def __repr__(self) -> str:
-        return f"Decode({self.resize})"
+        return (f"Decode(resize={self.pre['resize']!r}, side={resize_size(self.pre)}, "
+                f"interpolation={self.pre['interpolation']!r}, jpeg_draft={bool(self.pre.get('jpeg_draft'))})")
+
+
+def hwc_to_tensor(array: np.ndarray) -> torch.Tensor:
+    """uint8 ([n,] height, width, 3) array -> contiguous uint8 ([n,] 3, height, width) tensor."""
+    return torch.from_numpy(array).movedim(-1, -3).contiguous()
 
 
 class TensorTransform:
     """uint8 tensor from Decode -> normalised float tensor.
 
     augment 'none': centre crop at input_size (evaluation, and the original recipe's training);
+    it also takes a batch (n, 3, h, w), with the same result per image as one at a time;
     'light': random-resized crop (crop_scale of the area) at `size`, and a horizontal flip.
     """
 
