@@ -10,7 +10,7 @@ from PIL import Image
 
 from fruitnet.backbones import get_backbone
 from fruitnet.model import create_classifier
-from fruitnet.robust import (AUGMENTATION_PIECES, TTA, _white_background, augmentation, batch_mix, body_layers, ema,
+from fruitnet.robust import (AUGMENTATION_PIECES, TTA, Mosaic, _white_background, augmentation, batch_mix, body_layers, ema,
                              interpolate, param_groups)
 from fruitnet.transforms import eval_transform
 
@@ -166,5 +166,22 @@ def test_mixup_and_cutmix_give_soft_labels():
         assert torch.allclose(soft.sum(1), torch.ones(8))
         assert (soft.max(1).values < 1).any()  # some labels really are mixed
     assert batch_mix("none", 3) is None
-    with pytest.raises(ValueError, match="batch mix"):
-        batch_mix("blend", 3)
+    for bad in ("blend", "mosaic+blend", "mosaics"):
+        with pytest.raises(ValueError, match="batch mix"):
+            batch_mix(bad, 3)
+    mx, soft = batch_mix("mosaic+mixup", 3)(x, y)
+    assert soft.shape == (8, 3)
+
+
+def test_mosaic_tiles_photos_of_the_same_class_and_keeps_labels():
+    # each image a flat colour: its class and its own index, so the tiles can be traced back
+    y = torch.tensor([0, 0, 0, 1, 1, 1])
+    x = torch.stack([torch.full((3, 12, 12), float(10 * c + i)) for i, c in enumerate(y.tolist())])
+    torch.manual_seed(0)
+    out, labels = Mosaic(p=1.0, grids=(2,))(x, y)
+    assert torch.equal(labels, y) and out.shape == x.shape
+    for i, c in enumerate(y.tolist()):
+        quadrants = {out[i, 0, r, q].item() for r in (1, 10) for q in (1, 10)}
+        own_class = {float(10 * c + j) for j in range(6) if y[j] == c}
+        assert quadrants <= own_class  # every tile is a photo of the same class
+    assert torch.equal(Mosaic(p=0.0)(x, y)[0], x)

@@ -190,15 +190,44 @@ def augmentation(name: str, pre: dict, size: int | None = None, scale: tuple[flo
     return T.Compose(front + steps)
 
 
+class Mosaic:
+    """Same-class mosaics: with probability p an image of the batch becomes a k x k grid (k drawn
+    from `grids`) of photos of its own class from the same batch, label unchanged.  Many small
+    fruit, as in a heap or a cluster: a model should not tell the fruit by how many there are."""
+
+    def __init__(self, p: float = 0.3, grids: tuple[int, ...] = (2, 3)):
+        self.p, self.grids = p, grids
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        n, c, h, w = x.shape
+        out = x.clone()
+        for i in torch.nonzero(torch.rand(n) < self.p).flatten().tolist():
+            k = self.grids[int(torch.randint(len(self.grids), ()))]
+            same = torch.nonzero(y == y[i]).flatten()
+            picks = same[torch.randint(len(same), (k * k,))]
+            tiles = F.interpolate(x[picks], size=(h // k, w // k), mode="bilinear", antialias=True, align_corners=False)
+            grid = tiles.reshape(k, k, c, h // k, w // k).permute(2, 0, 3, 1, 4).reshape(1, c, k * (h // k), k * (w // k))
+            out[i] = F.interpolate(grid, size=(h, w), mode="bilinear", align_corners=False)[0]
+        return out, y
+
+
 def batch_mix(name: str, num_classes: int):
-    """'mixup', 'cutmix' or 'mixup/cutmix' (one of the two per batch): (images, labels) -> (images,
-    soft labels); 'none' returns None."""
-    choices = {"mixup": lambda: T.MixUp(alpha=0.2, num_classes=num_classes),
-               "cutmix": lambda: T.CutMix(alpha=1.0, num_classes=num_classes)}
+    """Batch augmentations, (images, class indices) -> (images, labels): 'mosaic' (labels kept),
+    'mixup', 'cutmix', 'mixup/cutmix' (one of the two per batch; soft labels), or 'mosaic+mixup'
+    etc. (mosaic first).  'none' returns None."""
     if name == "none":
         return None
-    names = name.split("/")
+    mosaic, _, rest = name.partition("+") if name.startswith("mosaic") else ("", "", name)
+    if mosaic and mosaic != "mosaic":
+        raise ValueError(f"batch mix {name!r}: choose none, mosaic, mixup, cutmix, mixup/cutmix or mosaic+...")
+    choices = {"mixup": lambda: T.MixUp(alpha=0.2, num_classes=num_classes),
+               "cutmix": lambda: T.CutMix(alpha=1.0, num_classes=num_classes)}
+    names = rest.split("/") if rest else []
     if any(n not in choices for n in names):
-        raise ValueError(f"batch mix {name!r}: choose none, mixup, cutmix or mixup/cutmix")
+        raise ValueError(f"batch mix {name!r}: choose none, mosaic, mixup, cutmix, mixup/cutmix or mosaic+...")
     made = [choices[n]() for n in names]
-    return made[0] if len(made) == 1 else T.RandomChoice(made)
+    mixer = None if not made else made[0] if len(made) == 1 else T.RandomChoice(made)
+    if not mosaic:
+        return mixer
+    tiles = Mosaic()
+    return tiles if mixer is None else (lambda x, y: mixer(*tiles(x, y)))
