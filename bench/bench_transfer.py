@@ -125,12 +125,12 @@ def flipped(pre: dict):
 
 
 @torch.no_grad()
-def run_body(body: nn.Module, dataset: Dataset, desc: str = "") -> torch.Tensor:
+def run_body(body: nn.Module, dataset: Dataset, dtype=torch.float32) -> torch.Tensor:
     body.eval()
     out = []
     for x, _ in DataLoader(dataset, batch_size=64):
         with ARITH.autocast(DEVICE):
-            out.append(body(ARITH.prepare_input(x)).float())
+            out.append(body(ARITH.prepare_input(x)).to(dtype).contiguous())
     return torch.cat(out)
 
 
@@ -144,33 +144,80 @@ def pretrained_body(backbone: str) -> nn.Module:
     return _bodies[backbone]
 
 
-def frozen_features(backbone: str, source: Source, view: str) -> torch.Tensor:
-    """Pretrained-body features of every photo of a source: view 'plain', 'flip' or 'AUGMENT@k'
-    (the k-th seeded draw of a robust.augmentation)."""
-    path = CACHE / "features" / f"{backbone}-{source.name}-{view}.pt"
+CUT = 4  # activations are cached where the last CUT body layers begin (EfficientNet: the last two stages)
+
+
+def view_fn(pre: dict, view: str):
+    """'plain' (the evaluation crop), 'flip' (its mirror) or 'AUGMENT@k' (the k-th draw of a
+    robust.augmentation, seeded per image so that a view is the same whatever else ran)."""
+    if view == "plain":
+        return center(pre)
+    if view == "flip":
+        return flipped(pre)
+    from fruitnet.robust import augmentation
+
+    name, k = view.split("@")
+    aug = augmentation(name, pre)
+    counter = iter(range(10**9))
+
+    def fn(img):
+        torch.manual_seed(1000003 * int(k) + next(counter))
+        return aug(img)
+
+    return fn
+
+
+def activations(backbone: str, source: Source, view: str) -> torch.Tensor:
+    """The pretrained body's activations where its last CUT layers begin (bf16), every photo of a
+    source: the frozen part runs once per view, and fine-tuning the rest only runs the rest."""
+    from fruitnet.robust import split_body
+
+    path = CACHE / "acts" / f"{backbone}-cut{CUT}-{source.name}-{view}.pt"
     if path.is_file():
         return torch.load(path, weights_only=True)
     pre = get_backbone(backbone).preprocessing
-    images = decoded(source, pre)
-    if view == "plain":
-        fn = center(pre)
-    elif view == "flip":
-        fn = flipped(pre)
-    else:
-        from fruitnet.robust import augmentation
-
-        name, k = view.split("@")
-        torch.manual_seed(int(k))
-        fn = augmentation(name, pre)
+    prefix, _ = split_body(pretrained_body(backbone), CUT)
     t = time.perf_counter()
-    feats = run_body(pretrained_body(backbone), Views(images, None, fn, pre))
+    acts = run_body(prefix, Views(decoded(source, pre), None, view_fn(pre, view), pre), dtype=torch.bfloat16)
     seconds = time.perf_counter() - t
-    log(f"  features {backbone} {source.name} {view}: {len(feats)} in {seconds:.0f}s")
+    log(f"  activations {backbone} {source.name} {view}: {len(acts)} in {seconds:.0f}s")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(acts, path)
+    path.with_suffix(".seconds").write_text(f"{seconds:.2f}")
+    return acts
+
+
+@torch.no_grad()
+def run_suffix(suffix: nn.Module, acts: torch.Tensor, batch_size: int = 128) -> torch.Tensor:
+    suffix.eval()
+    out = []
+    for i in range(0, len(acts), batch_size):
+        with ARITH.autocast(DEVICE):
+            out.append(suffix(ARITH.prepare_input(acts[i:i + batch_size].float())).float())
+    return torch.cat(out)
+
+
+def frozen_features(backbone: str, source: Source, view: str) -> torch.Tensor:
+    """Pretrained-body features of every photo of a source (see view_fn for the views)."""
+    from fruitnet.robust import split_body
+
+    path = CACHE / "features" / f"{backbone}-{source.name}-{view}.pt"
+    if path.is_file():
+        return torch.load(path, weights_only=True)
+    _, suffix = split_body(pretrained_body(backbone), CUT)
+    feats = run_suffix(suffix, activations(backbone, source, view))
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(feats, path)
-    if view == "plain":
-        path.with_suffix(".seconds").write_text(f"{seconds:.2f}")
     return feats
+
+
+def feature_seconds(backbone: str, source: Source) -> float:
+    """Wall-clock of the frozen body over a whole source, as measured when it was cached."""
+    for path in (CACHE / "acts" / f"{backbone}-cut{CUT}-{source.name}-plain.seconds",
+                 CACHE / "features" / f"{backbone}-{source.name}-plain.seconds"):
+        if path.is_file():
+            return float(path.read_text())
+    return 0.0
 
 
 # --- the frozen body + logistic regression (the reference probe) ------------------------------
@@ -280,19 +327,100 @@ def finetune(backbone: str, images: DecodedImages, train_idx: list[int], head: n
     return out
 
 
+@dataclass(frozen=True)
+class Partial:
+    """LP-FT of the last `tuned` body layers (<= CUT) and the head, on cached activations of the
+    frozen rest: epoch e trains on view e % n of each photo (the plain crop, then augmented views)."""
+    tuned: int = 3
+    epochs: int = 8
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    body_lr_scale: float = 1.0
+    label_smoothing: float = 0.1
+    augment: str = "light"
+    views: int = 4
+    ema: float | None = None
+    batch_size: int = 32
+
+
+def finetune_partial(backbone: str, src: Source, train_idx: list[int], head: nn.Linear, recipe: Partial,
+                     seed: int) -> dict[str, dict]:
+    from fruitnet.model import Classifier
+    from fruitnet.robust import body_layers, ema, param_groups, split_body
+    from fruitnet.training import make_scheduler
+
+    torch.manual_seed(seed)
+    model = Classifier(copy_body(backbone), 1280, len(CLASSES))
+    model.head.load_state_dict(head.state_dict())
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    layers = body_layers(model.body)
+    frozen = layers[: len(layers) - recipe.tuned]
+    for layer in frozen:
+        layer.requires_grad_(False)
+    _, suffix = split_body(model.body, CUT)
+    net = nn.Sequential(suffix, model.head)
+    ARITH.prepare_model(net)
+    views = [activations(backbone, src, "plain")[train_idx]]
+    views += [activations(backbone, src, f"{recipe.augment}@{k}")[train_idx] for k in range(recipe.views)]
+    y = src.targets[train_idx]
+    opt = torch.optim.AdamW(param_groups(model, recipe.lr, recipe.body_lr_scale), weight_decay=recipe.weight_decay)
+    steps = len(train_idx) // recipe.batch_size
+    sched = make_scheduler(opt, {"schedule": "cosine", "warmup_epochs": 0.5}, recipe.epochs, steps)
+    averaged = ema(model, recipe.ema) if recipe.ema else None
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
+    g = torch.Generator().manual_seed(seed)
+    for epoch in range(recipe.epochs):
+        x_all = views[epoch % len(views)]
+        net.train()
+        for layer in frozen:
+            layer.eval()
+        order = torch.randperm(len(y), generator=g)
+        for i in range(steps):
+            batch = order[i * recipe.batch_size:(i + 1) * recipe.batch_size]
+            with ARITH.autocast(DEVICE):
+                logits = net(ARITH.prepare_input(x_all[batch].float())).float()
+            loss = loss_fn(logits, y[batch])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            if averaged is not None:
+                averaged.update_parameters(model)
+    out = {"probe": start, "ft": model.state_dict()}
+    if averaged is not None:
+        out["ema"] = averaged.module.state_dict()
+    return out
+
+
+@torch.no_grad()
+def cached_logits(backbone: str, state: dict, source: Source, indices: list[int] | None,
+                  tta: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Logits of a model whose frozen part is the pretrained one, from the cached activations."""
+    from fruitnet.model import Classifier
+    from fruitnet.robust import split_body
+
+    model = Classifier(copy_body(backbone), 1280, len(CLASSES))
+    model.load_state_dict(state)
+    _, suffix = split_body(model.body, CUT)
+    net = ARITH.prepare_model(nn.Sequential(suffix, model.head))
+    sel = slice(None) if indices is None else indices
+    plain = run_suffix(net, activations(backbone, source, "plain")[sel])
+    flip = run_suffix(net, activations(backbone, source, "flip")[sel]) if tta else None
+    return plain, flip
+
+
 @torch.no_grad()
 def model_logits(backbone: str, state: dict, images: DecodedImages, indices: list[int] | None,
-                 tta: bool) -> torch.Tensor:
+                 tta: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Logits of the plain view and, with tta, of the mirrored one."""
     from fruitnet.model import Classifier
 
     pre = get_backbone(backbone).preprocessing
     model = Classifier(copy_body(backbone), 1280, len(CLASSES))
     model.load_state_dict(state)
-    feats = run_body(model.body, Views(images, indices, center(pre), pre))
-    logits = model.head(feats)
-    if tta:
-        logits = (logits + model.head(run_body(model.body, Views(images, indices, flipped(pre), pre)))) / 2
-    return logits
+    plain = model.head(run_body(model.body, Views(images, indices, center(pre), pre)))
+    flip = model.head(run_body(model.body, Views(images, indices, flipped(pre), pre))) if tta else None
+    return plain, flip
 
 
 def copy_body(backbone: str) -> nn.Module:
@@ -303,7 +431,7 @@ def copy_body(backbone: str) -> nn.Module:
 
 # --- variants, tasks, readouts --------------------------------------------------------------
 
-VARIANTS: dict[str, Recipe | Probe | str] = {
+VARIANTS: dict[str, Recipe | Probe | Partial | str] = {
     "probe": Probe(),  # frozen body + logistic regression
     "probe-views": Probe(views=4),
     "probe-views-color": Probe(views=4, augment="light+color"),
@@ -317,6 +445,10 @@ VARIANTS: dict[str, Recipe | Probe | str] = {
     "background": Recipe(augment="light+background+color"),
     "partial": Recipe(freeze_layers=6),
     "mosaic": Recipe(mix="mosaic"),
+    "last1": Partial(tuned=3),  # the last stage, conv_head, bn2
+    "last2": Partial(tuned=4),  # the last two stages, conv_head, bn2
+    "last2-low": Partial(tuned=4, body_lr_scale=0.1),
+    "last2-ema": Partial(tuned=4, ema=0.99),
     "mosaic-color": Recipe(augment="light+color", mix="mosaic"),
 }
 TASKS = {"webfruit": ["fruits360", "grocery-tomato", "comp309-sample"], "fruits360": ["webfruit"]}
@@ -385,11 +517,17 @@ def run_one(backbone: str, variant: str, task: str, seed: int, sources: dict[str
         out = {}
         for name in names:
             s, idx = eval_sets[name]
-            out[name] = model_logits(backbone, state, decoded(s, pre), idx, tta)
+            out[name] = (cached_logits(backbone, state, s, idx, tta) if isinstance(recipe, Partial)
+                         else model_logits(backbone, state, decoded(s, pre), idx, tta))
         return out
 
     if isinstance(recipe, str):  # the real `fruitnet train`
         states, seconds = fruitnet_train(backbone, recipe, src, seed)
+    elif isinstance(recipe, Partial):
+        t = time.perf_counter()
+        states = finetune_partial(backbone, src, train_idx, head, recipe, seed)
+        views_seconds = recipe.views * feature_seconds(backbone, src) * len(train_idx) / len(src.items)
+        seconds = probe_seconds + views_seconds + time.perf_counter() - t
     else:
         t = time.perf_counter()
         states = finetune(backbone, decoded(src, pre), train_idx, head, recipe, seed)
@@ -409,12 +547,6 @@ def run_one(backbone: str, variant: str, task: str, seed: int, sources: dict[str
         for label, alpha in (("wise0.5", 0.5), ("wise@val", chosen)):
             readout_from_logits(label, evaluate(interpolate(states["probe"], states["ft"], alpha), eval_sets))
     return result
-
-
-def feature_seconds(backbone: str, source: Source) -> float:
-    """The wall-clock the feature pass of a whole source took when it was cached."""
-    path = CACHE / "features" / f"{backbone}-{source.name}-plain.seconds"
-    return float(path.read_text()) if path.is_file() else 0.0
 
 
 def fruitnet_train(backbone: str, recipe: str, src: Source, seed: int) -> tuple[dict, float]:
@@ -548,11 +680,11 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["extract"]:  # fill the feature cache only: extract BACKBONE...
+    if sys.argv[1:2] == ["extract"]:  # fill the activation cache only: extract BACKBONE VIEWS...
         srcs = load_sources()
-        for bb in sys.argv[2:]:
-            for vw in ("plain", "flip"):
-                for so in srcs.values():
-                    frozen_features(bb, so, vw)
+        for vw in sys.argv[3:]:
+            for so in srcs.values():
+                if vw in ("plain", "flip") or so.name in TASKS:  # augmented views: training sources only
+                    activations(sys.argv[2], so, vw)
         sys.exit(0)
     sys.exit(main())

@@ -185,3 +185,23 @@ def test_mosaic_tiles_photos_of_the_same_class_and_keeps_labels():
         own_class = {float(10 * c + j) for j in range(6) if y[j] == c}
         assert quadrants <= own_class  # every tile is a photo of the same class
     assert torch.equal(Mosaic(p=0.0)(x, y)[0], x)
+
+
+@pytest.mark.parametrize("backbone, size", [("resnet18", 64), ("efficientnet_lite0", 96)])
+def test_split_body_prefix_then_suffix_is_the_body(backbone, size):
+    from fruitnet.robust import split_body
+
+    torch.manual_seed(0)
+    model, _ = create_classifier(backbone, 3, "none")
+    body = model.body.eval()
+    x = torch.randn(2, 3, size, size)
+    layers = body_layers(body)
+    for tuned in (1, 3, len(layers)):
+        prefix, suffix = split_body(body, tuned)
+        with torch.no_grad():
+            assert torch.equal(suffix(prefix(x)), body(x))
+        tuned_params = {id(p) for layer in layers[-tuned:] for p in layer.parameters()}
+        assert {id(p) for p in suffix.parameters()} == tuned_params  # the suffix holds exactly the tuned layers
+        assert not any(id(p) in tuned_params for p in prefix.parameters())
+    with pytest.raises(ValueError, match="tuned_layers"):
+        split_body(body, 0)

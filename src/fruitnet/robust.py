@@ -69,6 +69,26 @@ def body_layers(body: nn.Module) -> list[nn.Module]:
     return layers
 
 
+def _forward_children(body: nn.Module) -> list[nn.Module]:
+    """The body's children in forward order, stages (nn.Sequential) opened; ends with its pooling."""
+    out = []
+    for child in body.children():
+        out += list(child.children()) if isinstance(child, nn.Sequential) else [child]
+    return out
+
+
+def split_body(body: nn.Module, tuned_layers: int) -> tuple[nn.Sequential, nn.Sequential]:
+    """(prefix, suffix) with suffix(prefix(x)) == body(x) in eval mode; the suffix holds the last
+    `tuned_layers` of body_layers(body) (plus pooling).  Both share the body's modules, so training
+    the suffix trains the body; the prefix's output can be cached while it stays frozen."""
+    layers = body_layers(body)
+    if not 0 < tuned_layers <= len(layers):
+        raise ValueError(f"tuned_layers must be between 1 and {len(layers)}, not {tuned_layers}")
+    children = _forward_children(body)
+    cut = next(i for i, m in enumerate(children) if m is layers[len(layers) - tuned_layers])
+    return nn.Sequential(*children[:cut]), nn.Sequential(*children[cut:], nn.Flatten(1))
+
+
 def param_groups(model: nn.Module, lr: float, body_lr_scale: float = 1.0,
                  layer_decay: float | None = None) -> list[dict]:
     """Optimizer parameter groups for a classifier (model.body, model.head).
