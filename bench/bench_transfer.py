@@ -252,11 +252,15 @@ def probe(x_train, y_train, x_val, y_val) -> tuple[nn.Linear, float]:
     return best[1], best[2]
 
 
+def draws(augment: str, n: int) -> tuple[str, ...]:
+    """Names of the first n cached draws of an augmentation: ('light@0', 'light@1', ...)."""
+    return tuple(f"{augment}@{k}" for k in range(n))
+
+
 @dataclass(frozen=True)
 class Probe:
-    """The frozen body + logistic regression, on the plain view and `views` augmented views."""
-    views: int = 0
-    augment: str = "light"
+    """The frozen body + logistic regression, on the plain view plus extra (augmented) views."""
+    views: tuple[str, ...] = ()
 
 
 # --- fine-tuning, compact (fruitnet's pieces: DecodedImages, make_scheduler, robust.py) ---------
@@ -337,8 +341,7 @@ class Partial:
     weight_decay: float = 0.05
     body_lr_scale: float = 1.0
     label_smoothing: float = 0.1
-    augment: str = "light"
-    views: int = 4
+    views: tuple[str, ...] = ("plain",) + draws("light", 4)
     ema: float | None = None
     batch_size: int = 32
 
@@ -360,8 +363,7 @@ def finetune_partial(backbone: str, src: Source, train_idx: list[int], head: nn.
     _, suffix = split_body(model.body, CUT)
     net = nn.Sequential(suffix, model.head)
     ARITH.prepare_model(net)
-    views = [activations(backbone, src, "plain")[train_idx]]
-    views += [activations(backbone, src, f"{recipe.augment}@{k}")[train_idx] for k in range(recipe.views)]
+    views = [activations(backbone, src, view)[train_idx] for view in recipe.views]
     y = src.targets[train_idx]
     opt = torch.optim.AdamW(param_groups(model, recipe.lr, recipe.body_lr_scale), weight_decay=recipe.weight_decay)
     steps = len(train_idx) // recipe.batch_size
@@ -433,8 +435,9 @@ def copy_body(backbone: str) -> nn.Module:
 
 VARIANTS: dict[str, Recipe | Probe | Partial | str] = {
     "probe": Probe(),  # frozen body + logistic regression
-    "probe-views": Probe(views=4),
-    "probe-views-color": Probe(views=4, augment="light+color"),
+    "probe-views": Probe(views=draws("light", 4)),
+    "probe-flip": Probe(views=("flip",)),
+    "probe-bgtile": Probe(views=("flip",) + draws("flip+background+tile", 2)),
     "fruitnet": "fast",  # `fruitnet train` itself (training.train), its default recipe: wall-clock included
     "fast": Recipe(),  # the same recipe in the compact loop, for the readouts below
     "lowbody": Recipe(body_lr_scale=0.1),
@@ -449,6 +452,9 @@ VARIANTS: dict[str, Recipe | Probe | Partial | str] = {
     "last2": Partial(tuned=4),  # the last two stages, conv_head, bn2
     "last2-low": Partial(tuned=4, body_lr_scale=0.1),
     "last2-ema": Partial(tuned=4, ema=0.99),
+    "last1-flip": Partial(tuned=3, views=("plain", "flip")),
+    "last2-flip": Partial(tuned=4, views=("plain", "flip")),
+    "last1-bgtile": Partial(tuned=3, views=("plain", "flip") + draws("flip+background+tile", 2)),
     "mosaic-color": Recipe(augment="light+color", mix="mosaic"),
 }
 TASKS = {"webfruit": ["fruits360", "grocery-tomato", "comp309-sample"], "fruits360": ["webfruit"]}
@@ -489,12 +495,13 @@ def run_one(backbone: str, variant: str, task: str, seed: int, sources: dict[str
     t0 = time.perf_counter()
     plain = frozen_features(backbone, src, "plain")
     x_train, y_train = plain[train_idx], src.targets[train_idx]
-    views = recipe.views if isinstance(recipe, Probe) else 0
-    for k in range(views):  # augmented views of the training photos (never of the validation ones)
-        x_train = torch.cat([x_train, frozen_features(backbone, src, f"{recipe.augment}@{k}")[train_idx]])
+    views = recipe.views if isinstance(recipe, Probe) else ()
+    for view in views:  # augmented views of the training photos (never of the validation ones)
+        x_train = torch.cat([x_train, frozen_features(backbone, src, view)[train_idx]])
         y_train = torch.cat([y_train, src.targets[train_idx]])
     head, l2 = probe(x_train, y_train, plain[val_idx], src.targets[val_idx])
-    probe_seconds = time.perf_counter() - t0 + (1 + views) * feature_seconds(backbone, src) * len(train_idx) / len(src.items)
+    probe_seconds = (time.perf_counter() - t0 +
+                     (1 + len(views)) * feature_seconds(backbone, src) * len(train_idx) / len(src.items))
     result = {"l2": l2}
 
     def readout_from_logits(name: str, logits: dict[str, tuple[torch.Tensor, torch.Tensor | None]]):
@@ -526,7 +533,7 @@ def run_one(backbone: str, variant: str, task: str, seed: int, sources: dict[str
     elif isinstance(recipe, Partial):
         t = time.perf_counter()
         states = finetune_partial(backbone, src, train_idx, head, recipe, seed)
-        views_seconds = recipe.views * feature_seconds(backbone, src) * len(train_idx) / len(src.items)
+        views_seconds = (len(recipe.views) - 1) * feature_seconds(backbone, src) * len(train_idx) / len(src.items)
         seconds = probe_seconds + views_seconds + time.perf_counter() - t
     else:
         t = time.perf_counter()

@@ -140,9 +140,23 @@ def test_augmentations_by_name():
         out = augmentation(name, pre)(img)
         assert out.shape == (3, 224, 224) and out.dtype == torch.uint8, name
     assert augmentation("light", pre, size=160)(img).shape == (3, 160, 160)
+    flips = {augmentation("flip", pre)(img)[0, 0, 0].item() for _ in range(40)}  # the centre crop, or its mirror
+    assert flips == {img[0, 16, 38].item(), img[0, 16, 261].item()}
+    assert augmentation("flip+tile", pre)(img).shape == (3, 224, 224)
     for bad in ("heavy", "light+sparkles", "trivial"):
         with pytest.raises(ValueError, match="augmentation"):
             augmentation(bad, pre)
+
+
+def test_tile_piece_repeats_the_image_in_a_grid():
+    from fruitnet.robust import _tile
+
+    img = torch.zeros(3, 60, 60, dtype=torch.uint8)
+    img[:, :, :30] = 200  # left half bright
+    out = _tile(p=1.0, grids=(2,))(img)
+    assert out.shape == img.shape and out.dtype == torch.uint8
+    for row in (5, 35):  # each tile is the image at half size: bright, dark, bright, dark across
+        assert [int(out[0, row, c] > 100) for c in (5, 20, 35, 50)] == [1, 0, 1, 0]
 
 
 def test_background_piece_replaces_only_the_white_surround():

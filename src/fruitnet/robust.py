@@ -176,12 +176,29 @@ def _white_background(p: float = 0.5):
     return apply
 
 
+def _tile(p: float = 0.5, grids: tuple[int, ...] = (2, 3)):
+    """A cluster from one fruit: the image tiled k x k (k drawn from grids), back at its size."""
+
+    def apply(img: torch.Tensor) -> torch.Tensor:
+        if torch.rand(()) >= p:
+            return img
+        k = grids[int(torch.randint(len(grids), ()))]
+        h, w = img.shape[-2:]
+        small = F.interpolate(img[None].float(), size=(h // k, w // k), mode="bilinear", antialias=True,
+                              align_corners=False)
+        grid = small.repeat(1, 1, k, k)
+        return F.interpolate(grid, size=(h, w), mode="bilinear", align_corners=False)[0].round().clamp(0, 255).to(img.dtype)
+
+    return apply
+
+
 AUGMENTATION_PIECES = {
     "color": lambda: T.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4, hue=0.03),
     "trivial": lambda: T.TrivialAugmentWide(),
     "randaug": lambda: T.RandAugment(num_ops=2, magnitude=9),
     "erasing": lambda: T.RandomErasing(p=0.25, value=0),
     "background": _white_background,
+    "tile": _tile,
 }
 
 
@@ -189,25 +206,26 @@ def augmentation(name: str, pre: dict, size: int | None = None, scale: tuple[flo
     """uint8 CHW tensor -> augmented uint8 CHW tensor of size x size (default: the input size).
 
     'none': the centre crop (evaluation); 'light': random-resized crop and mirror (fruitnet's
-    default); 'light+color', 'light+trivial+erasing', ...: light followed by the named pieces
-    (see AUGMENTATION_PIECES), in the order given.
+    default); 'flip': the centre crop, mirrored half of the time; 'light+color',
+    'flip+background+tile', ...: the base followed by the named pieces (AUGMENTATION_PIECES), in
+    the order given ('background' always first: it needs the whole white surround).
     """
     size = size or pre["input_size"]
     first, *pieces = name.split("+")
     if first == "none" and not pieces:
         return T.CenterCrop(size)
-    if first != "light":
-        raise ValueError(f"augmentation {name!r}: starts with 'light' (or is 'none')")
+    if first not in ("light", "flip"):
+        raise ValueError(f"augmentation {name!r}: starts with 'light' or 'flip' (or is 'none')")
     unknown = [p for p in pieces if p not in AUGMENTATION_PIECES]
     if unknown:
         raise ValueError(f"augmentation {name!r}: unknown {unknown}; choose from {sorted(AUGMENTATION_PIECES)}")
     interp = _INTERPOLATION[pre["interpolation"]]
-    steps = [T.RandomResizedCrop(size, scale=scale, interpolation=interp, antialias=True),
-             T.RandomHorizontalFlip()]
-    # background replacement must see the whole white surround, before cropping
+    crop = (T.RandomResizedCrop(size, scale=scale, interpolation=interp, antialias=True) if first == "light"
+            else T.Compose([T.CenterCrop(pre["input_size"])] +
+                           ([T.Resize(size, interpolation=interp, antialias=True)] if size != pre["input_size"] else [])))
     front = [AUGMENTATION_PIECES[p]() for p in pieces if p == "background"]
-    steps += [AUGMENTATION_PIECES[p]() for p in pieces if p != "background"]
-    return T.Compose(front + steps)
+    rest = [AUGMENTATION_PIECES[p]() for p in pieces if p != "background"]
+    return T.Compose(front + [crop, T.RandomHorizontalFlip()] + rest)
 
 
 class Mosaic:
