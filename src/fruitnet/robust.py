@@ -159,6 +159,11 @@ class TTA(nn.Module):
                                                        antialias=s < 1))
         return logits / (len(views) + len(self.scales))
 
+    @property
+    def trust(self):
+        """The wrapped model's unknown verdict, applied to the averaged logits (export reads it)."""
+        return getattr(self.model, "trust", None)
+
 
 # --- training augmentations -------------------------------------------------------------------
 
