@@ -116,13 +116,16 @@ def test_tta_exports_to_onnx_with_parity(tmp_path):
     torch.manual_seed(0)
     model, _ = create_classifier("efficientnet_lite0", 3, "imagenet")
     wrapped = TTA(model.eval(), scales=(1.15,))
-    meta = {"classes": ["cherry", "strawberry", "tomato"], "backbone": "efficientnet_lite0", "preprocessing": pre}
+    from fruitnet.model import FORMAT_VERSION
+
+    meta = {"format": "fruitnet", "format_version": FORMAT_VERSION, "classes": ["cherry", "strawberry", "tomato"],
+            "backbone": "efficientnet_lite0", "preprocessing": pre}
     write_onnx(wrapped, meta, tmp_path / "tta.onnx")
 
     class Reference(Predictor):
-        def logits(self, x):
+        def forward(self, x):
             with torch.no_grad():
-                return wrapped(x)
+                return wrapped(x), None, None
 
     images = [Image.open(p).convert("RGB") for p in sorted((DEMO_DATA / "test").rglob("*.jpg"))[:12]]
     parity = compare(Reference(meta), OnnxPredictor(tmp_path / "tta.onnx"), images)

@@ -231,3 +231,24 @@ def test_tensorboard_event_files_hold_the_curves_and_pictures(demo_data, tmp_pat
     assert val_acc == pytest.approx([r["val_accuracy"] for r in metrics(run)])
     assert {"validation/confusion_matrix", "validation/predictions"} <= set(tags["images"])
     assert events.Images("validation/confusion_matrix")[0].width > 100
+
+
+def test_wise_ft_saves_the_mix_of_head_only_and_fine_tuned_weights(demo_data, tmp_path):
+    """--wise 0.5: what is validated and saved is halfway between the head-only model (the
+    pretrained body, exactly) and the fine-tuned weights training goes on from."""
+    from safetensors.torch import load_file
+
+    from fruitnet.backbones import create_body
+
+    run = tmp_path / "wise"
+    train(TrainConfig(data=str(demo_data / "test"), out=str(run), backbone="efficientnet_lite0", epochs=2,
+                      batch_size=8, wise=0.5), log=quiet)
+    checkpoint = torch.load(run / "checkpoint.pt", weights_only=True)
+    start, tuned, saved = checkpoint["wise_start"], checkpoint["model"], load_file(run / "last.safetensors")
+    pretrained = create_body("efficientnet_lite0")[0].state_dict()
+    name = "body.conv_stem.weight"
+    assert torch.equal(start[name], pretrained["conv_stem.weight"])  # the head-only model's body is untouched
+    assert not torch.equal(tuned[name], start[name])  # fine-tuning moved it
+    for key in (name, "head.weight"):
+        assert torch.allclose(saved[key], torch.lerp(start[key], tuned[key], 0.5), atol=1e-6), key
+    assert json.loads((run / "config.json").read_text())["train"]["wise"] == 0.5

@@ -65,6 +65,13 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _mix(text: str) -> float:
+    value = _number(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1 (inclusive), not {value}")
+    return value
+
+
 def _port(text: str) -> int:
     value = _whole_number(text)
     if not 1 <= value <= 65535:
@@ -73,7 +80,7 @@ def _port(text: str) -> int:
 
 
 _TYPES = {"positive_int": _positive_int, "non_negative_float": _non_negative_float, "fraction": _fraction,
-          int: _whole_number}
+          "mix": _mix, int: _whole_number}
 _CHOICES = {"backbones": lambda: sorted(BACKBONES), "recipes": lambda: list(RECIPES)}
 
 

@@ -55,11 +55,14 @@ class Recipe:
     low_res_size: int | None = None  # progressive resizing: train at this size first ...
     low_res_fraction: float = 0.0  # ... for this share of the epochs, then at the model's input size
     drop_last: bool = False  # one batch shape per resolution: bf16 kernels are compiled per shape
+    wise: float = 1.0  # unfreeze: WiSE-FT, the saved model is (1 - wise) x head-only + wise x fine-tuned
 
     def __post_init__(self):
         _check_literals(self)
         if not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
             raise UsageError(f"crop_scale must be 0 < low <= high <= 1, not {self.crop_scale}")
+        if not 0 <= self.wise <= 1:
+            raise UsageError(f"wise must be between 0 and 1, not {self.wise}")
         if self.feature_views < 1 or self.epochs < 1 or self.batch_size < 1:
             raise UsageError("feature_views, epochs and batch_size must be at least 1")
 
@@ -106,6 +109,8 @@ class TrainConfig:
     batch_size: int | None = _opt(None, "photos per step (the global batch under torchrun)",
                                   type="positive_int", recipe=True)
     lr: float | None = _opt(None, "learning rate", type="non_negative_float", recipe=True)
+    wise: float | None = _opt(None, "unfreeze: WiSE-FT weight mix saved as the model, 0 = the head-only model "
+                                    "(pretrained body), 1 = the fine-tuned one", type="mix", recipe=True)
     weight_decay: float | None = _opt(None, "weight decay", type="non_negative_float", recipe=True)
     val_fraction: float = _opt(0.25, "share of each class held out for validation", type="fraction")
     seed: int = _opt(0, "seed for the split, the initial head and the augmentations", type=int)
@@ -163,7 +168,7 @@ def resume_config(saved: dict, given: dict) -> TrainConfig:
         raise UsageError(f"--resume continues a run as it was configured; {names} cannot change "
                          f"(only {', '.join('--' + k for k in RESUMABLE)} can): start a new run instead")
     known = {f.name for f in fields(TrainConfig)}
-    # a run saved before a setting existed continues as it began: without class balancing
-    values = {"balance": "none", **{k: v for k, v in saved.items() if k in known}}
+    # a run saved before a setting existed continues as it began: without class balancing or WiSE-FT
+    values = {"balance": "none", "wise": 1.0, **{k: v for k, v in saved.items() if k in known}}
     values.update({k: v for k, v in given.items() if v is not None and k in RESUMABLE})
     return TrainConfig(**values)

@@ -35,6 +35,7 @@ from fruitnet.model import Classifier, create_classifier
 from fruitnet.pipeline import Pipeline, build_pipeline, extract_features, make_loader, use_image_cache
 from fruitnet.predictors import UNKNOWN
 from fruitnet.progress import bar as progress_bar
+from fruitnet.robust import interpolate
 from fruitnet.runfolder import RunFolder, SavedRun, new_output_folder, read_run
 
 
@@ -283,6 +284,13 @@ def _fit(config: TrainConfig, saved: SavedRun | None, log) -> dict:
     checkpoint = saved.checkpoint if saved else None
     if config.mode == "unfreeze" and recipe.head_warmup_epochs and checkpoint is None:
         warm_up_head(model, pipeline, recipe, config, device, arith, log, balance)
+    # WiSE-FT: the head-only model (pretrained body, warmed-up head) is kept, and what is
+    # validated and saved each epoch is its weight mix with the fine-tuned model
+    mixing = config.mode == "unfreeze" and config.wise < 1
+    head_only = None
+    if mixing:
+        head_only = checkpoint["wise_start"] if checkpoint is not None else _copy_state(model)
+        log(f"WiSE-FT: the saved model is {1 - config.wise:g} x head-only + {config.wise:g} x fine-tuned")
 
     net = model.head if pipeline.feature_views is not None else model  # what the epochs run
     optimizer = make_optimizer(net.parameters() if net is model.head else model.trainable_parameters(),
@@ -318,6 +326,9 @@ def _fit(config: TrainConfig, saved: SavedRun | None, log) -> dict:
             fit = fit_epoch(parallel_net, loader, device, optimizer, loss_fn, arith, scheduler,
                             desc=f"epoch {epoch}/{config.epochs}")
             distributed.sync_buffers(net)  # every rank validates exactly the model rank 0 saves
+            tuned = _copy_state(model) if mixing else None
+            if mixing:
+                model.load_state_dict(interpolate(head_only, tuned, config.wise))
             val = evaluate_epoch(net, pipeline.val_loader(), device, arith)
             seconds = time.perf_counter() - t + (setup_seconds if epoch == progress.next_epoch else 0.0)
             progress.elapsed += seconds
@@ -328,11 +339,14 @@ def _fit(config: TrainConfig, saved: SavedRun | None, log) -> dict:
             improved = val.accuracy > progress.best["val_accuracy"]
             if improved:
                 progress.best = {"val_accuracy": val.accuracy, "epoch": epoch}
-            run.end_epoch({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            run.end_epoch({"model": tuned if mixing else model.state_dict(), "wise_start": head_only,
+                           "optimizer": optimizer.state_dict(),
                            "scheduler": scheduler.state_dict(), "epoch": epoch, "best": progress.best,
                            "rows": progress.rows, "elapsed": progress.elapsed, "rng": torch.get_rng_state(),
                            "loader_rng": pipeline.generator.get_state()},
                           model, {**meta, "training": {"epoch": epoch, "val_accuracy": val.accuracy}}, improved, note)
+            if mixing:  # training goes on from the fine-tuned weights
+                model.load_state_dict(tuned)
     except BaseException as exc:  # Ctrl-C; under torchrun also another rank failing (torchrun stops the rest)
         why = "interrupted" if isinstance(exc, KeyboardInterrupt) else f"stopped ({type(exc).__name__})"
         kept = "the last finished epoch is saved" if run.has_checkpoint else "no epoch finished yet"
@@ -357,6 +371,10 @@ def _fit(config: TrainConfig, saved: SavedRun | None, log) -> dict:
         "data_report.txt, config.json, summary.json" + (", tensorboard/" if config.tensorboard else ""))
     distributed.barrier()  # every rank returns once rank 0 has written everything
     return summary
+
+
+def _copy_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 def _saved_data(saved: SavedRun, log) -> Data:
