@@ -250,13 +250,14 @@ def cmd_predict(args) -> int:
                             r.get("in_distribution", ""), r.get("error", ""), r.get("warning", "")]
                            + [probs.get(c, "") for c in predictor.classes])
     if args.grid:
-        from fruitnet.explain import caption
         from fruitnet.images import load_image
-        from fruitnet.plots import plot_prediction_grid
+        from fruitnet.plots import plot_prediction_grid, prediction_caption
 
         shown = good[:64]  # with --explain the grid shows the overlays
+        captions = [prediction_caption(r) for r in shown]
         plot_prediction_grid([overlays[r["path"]] if r["path"] in overlays else load_image(r["path"]) for r in shown],
-                             [caption(r, wrap=True) for r in shown], args.grid)
+                             [text for text, _ in captions], args.grid, colors=[color for _, color in captions],
+                             names=[r["path"] for r in shown])
     if not args.json and (args.csv or args.grid or args.explain):
         print("wrote " + ", ".join(str(p) for p in (args.csv, args.grid) if p)
               + (", " if (args.csv or args.grid) and args.explain else "")
