@@ -258,7 +258,7 @@ def _grid(
         color = colors[idx] if colors is not None and idx < len(colors) and colors[idx] else "black"
         ax.set_title(str(titles[idx]) if idx < len(titles) else "", fontsize=fontsize, color=color)
         if names is not None:
-            ax.set_xlabel(_short_name(names[idx], 34 if tile_in >= 2.5 else 30), fontsize=fontsize - 1, color="0.3")
+            ax.set_xlabel(_short_name(names[idx]), fontsize=fontsize - 1, color="0.3")
     if suptitle:
         fig.suptitle(suptitle, fontsize=fontsize + 3)
     fig.tight_layout()
