@@ -400,7 +400,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print a JSON list of {path, label, best_guess, probabilities, in_distribution}")
     p.add_argument("--csv", metavar="FILE", help="also write the predictions as CSV")
     p.add_argument("--grid", metavar="FILE.png",
-                   help="draw the photos titled with prediction and confidence (with --explain: the heat maps)")
+                   help="draw the photos (up to 64), each titled with its answer and confidence and its file name "
+                        "beneath; low-confidence answers in orange with a '?', 'none of these (closest: ...)' in "
+                        "purple (with --explain: the heat maps)")
     p.add_argument("--explain", metavar="DIR",
                    help="write one Grad-CAM overlay per photo into DIR: where the network looked (PyTorch models)")
     _add_batch_size(p)
