@@ -17,8 +17,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -31,28 +29,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "webfruit"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(model: Path, log) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "fruitnet", "serve", str(model), "--port", str(port)],
-                            stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            time.sleep(0.3)
-    proc.kill()
-    sys.exit(f"fruitnet serve {model} did not start; see its log")
+sys.path.insert(0, str(ROOT / "tests"))
+from quick_model import make_quick_model, serving  # noqa: E402 (the helpers the tests use)
 
 
 def load_test(url: str, photos: list[tuple[str, bytes]], n: int, clients: int) -> dict:
@@ -91,13 +69,9 @@ def load_test(url: str, photos: list[tuple[str, bytes]], n: int, clients: int) -
             "mean_batch": (after["images"] - before["images"]) / max(passes, 1)}
 
 
-def serve_row(label: str, model: Path, photos, args, log) -> tuple[str, dict]:
-    proc, url = start_server(model, log)
-    try:
-        result = load_test(url, photos, args.requests, args.clients)
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+def serve_row(label: str, model: Path, photos, args, log_path: Path) -> tuple[str, dict]:
+    with serving(model, log_path=log_path) as served:
+        result = load_test(served.url, photos, args.requests, args.clients)
     lat, ok = result["latencies"], sum(s == 200 for s in result["statuses"])
     if ok != args.requests:
         sys.exit(f"{label}: only {ok} of {args.requests} requests answered 200: {sorted(set(result['statuses']))}")
@@ -132,30 +106,21 @@ def main() -> int:
     if args.model:
         model = Path(args.model)
     else:
-        import torch
-
-        from fruitnet.backbones import get_backbone
-        from fruitnet.model import create_classifier, save_model
-
-        torch.manual_seed(0)
-        net, _ = create_classifier("efficientnet_lite0", 3, "imagenet")
-        model = save_model(work / "lite0.safetensors", net, {
-            "classes": ["cherry", "strawberry", "tomato"], "backbone": "efficientnet_lite0",
-            "preprocessing": get_backbone("efficientnet_lite0").preprocessing})
+        model = make_quick_model(work / "lite0.safetensors")
     load = os.getloadavg()[0]
     header = "| run | requests | answered 200 | wall s | images/s | p50 ms | p95 ms | images per forward pass |"
     rows = [header, "|---|---:|---:|---:|---:|---:|---:|---:|"]
     print("\n".join(rows), flush=True)
-    with open(work / "server.log", "wb") as log:
-        row, _ = serve_row(f"serve, pytorch, {args.clients} clients", model, photos, args, log)
-        rows.append(row)
-        if not args.no_onnx:
-            from fruitnet.export import export_onnx
+    log = work / "server.log"
+    row, _ = serve_row(f"serve, pytorch, {args.clients} clients", model, photos, args, log)
+    rows.append(row)
+    if not args.no_onnx:
+        from fruitnet.export import export_onnx
 
-            onnx_model = work / "model.onnx"
-            export_onnx(model, onnx_model, check=paths[:16], log=lambda *a: None)
-            row, _ = serve_row(f"serve, onnxruntime, {args.clients} clients", onnx_model, photos, args, log)
-            rows.append(row)
+        onnx_model = work / "model.onnx"
+        export_onnx(model, onnx_model, check=paths[:16], log=lambda *a: None)
+        row, _ = serve_row(f"serve, onnxruntime, {args.clients} clients", onnx_model, photos, args, log)
+        rows.append(row)
 
     predictor = TorchPredictor(model, device="cpu", precision="auto")  # as `fruitnet predict` runs by default
     predictor.predict_paths(paths[:4])  # warm-up, as for the server

@@ -1,8 +1,9 @@
-"""Shared fixtures: where the real data lives, a small trained model, a CLI runner."""
+"""Shared fixtures: where the real data lives, a small trained model, a CLI runner, a headless browser."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("FRUITNET_SHARED_DATA", REPO.parent / "shared" / "data"))
 DEMO_DATA = REPO / "src" / "fruitnet" / "demo_data"
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 
 
 def shared_folder(name: str) -> Path:
@@ -53,3 +56,23 @@ def run_cli(*args, timeout=900, cwd=None) -> subprocess.CompletedProcess:
     """Run `python -m fruitnet ARGS` as a user would; returns the completed process (text)."""
     return subprocess.run([sys.executable, "-m", "fruitnet", *map(str, args)], capture_output=True, text=True,
                           timeout=timeout, cwd=cwd)
+
+
+@pytest.fixture
+def browser(tmp_path):
+    """Headless Chromium through selenium, for the web page's tests (skipped where absent)."""
+    if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
+        pytest.skip("chromium or chromedriver is absent: apt-get install -y chromium chromium-driver")
+    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install selenium)")
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # to see Content-Security-Policy reports
+    options.binary_location = CHROMIUM
+    for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                "--disable-component-update", "--disable-sync", "--no-first-run", "--window-size=1200,900",
+                f"--user-data-dir={tmp_path / 'chromium-profile'}"):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(options=options, service=Service(CHROMEDRIVER))
+    yield driver
+    driver.quit()

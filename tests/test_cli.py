@@ -467,3 +467,28 @@ print("no torch")
     assert result.returncode == 0 and "no torch" in result.stdout, result.stderr
     assert [line.split()[-1] for line in result.stderr.splitlines() if line.split()[0] in
             ("--help", "predict", "train", "evaluate", "check")] == ["0", "0", "2", "2", "0"]
+
+
+def test_every_command_argument_and_option_says_what_it_is_and_its_default():
+    import argparse
+
+    from fruitnet.cli import build_parser
+
+    parser = build_parser()
+    assert parser.description.startswith("fruitnet: fine-tune")  # for users, not a note for developers
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    assert {c.dest for c in commands._choices_actions} == set(commands.choices)
+    assert all(c.help and c.help.strip() for c in commands._choices_actions)  # the one-line list in `fruitnet --help`
+    undescribed, no_default = [], []
+    for name, sub in commands.choices.items():
+        assert sub.description, name
+        for action in sub._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            what = f"{name} {action.option_strings[0] if action.option_strings else action.metavar or action.dest}"
+            if not (action.help and action.help.strip()):
+                undescribed.append(what)
+            elif action.option_strings and action.default not in (None, False) \
+                    and f"(default: {action.default}" not in action.help:
+                no_default.append(f"{what}: {action.help}")
+    assert undescribed == [] and no_default == []

@@ -179,3 +179,100 @@ def test_mistakes_max_items(tmp_path):
     _check_png(out)
     with pytest.raises(ValueError):
         plot_mistakes(imgs, ["a"], ["b"], [0.5], tmp_path / "bad.png")
+
+
+# --- pictures you can act on: what is chosen, what is written under each photo -----------------
+
+
+def _drawn_texts(monkeypatch) -> list:
+    """Patches plots._save to record, for each figure saved, its texts and its image cells' frames."""
+    saved, original = [], plots._save
+
+    def record(fig, path, dpi=100):
+        texts = [t.get_text() for t in fig.findobj(matplotlib.text.Text)]
+        frames = [[(ax.axison and s.get_visible(), s.get_linewidth()) for s in ax.spines.values()]
+                  for ax in fig.axes if ax.images]  # a spine is drawn only while the axis is on
+        saved.append({"texts": texts, "frames": frames})
+        return original(fig, path, dpi)
+
+    monkeypatch.setattr(plots, "_save", record)
+    return saved
+
+
+def _mistake(true, predicted, confidence, i):
+    return {"true": true, "predicted": predicted, "confidence": confidence, "path": f"{true}/{true}_{i:04d}.jpg"}
+
+
+def test_spread_mistakes_takes_turns_across_confusion_pairs_and_counts_them_all():
+    # 280 confident cherry-called-tomato frames, 20 less confident tomato-called-cherry, 3 kiwi-called-apple
+    mistakes = ([_mistake("cherry", "tomato", 0.99 - i / 10000, i) for i in range(280)]
+                + [_mistake("tomato", "cherry", 0.90 - i / 1000, i) for i in range(20)]
+                + [_mistake("kiwi", "apple", 0.60 - i / 100, i) for i in range(3)])
+    shown, total = plots.spread_mistakes(mistakes[::-1], 24)  # the order given does not matter
+    assert total == 303
+    assert len(shown) == 24
+    pairs = [(m["true"], m["predicted"]) for m in shown]
+    # round-robin, the pairs ordered by their most confident mistake: each pair's best first
+    assert pairs[:6] == [("cherry", "tomato"), ("tomato", "cherry"), ("kiwi", "apple")] * 2
+    assert pairs.count(("kiwi", "apple")) == 3
+    assert pairs.count(("cherry", "tomato")) == 11 and pairs.count(("tomato", "cherry")) == 10
+    # within a pair, most confident first
+    tomato_cherry = [m["confidence"] for m in shown if m["true"] == "tomato"]
+    assert tomato_cherry == sorted(tomato_cherry, reverse=True) and tomato_cherry[0] == 0.90
+
+
+def test_spread_mistakes_with_few_or_none():
+    assert plots.spread_mistakes([], 24) == ([], 0)
+    few = [_mistake("a", "b", 0.5, 0), _mistake("a", "b", 0.9, 1)]
+    shown, total = plots.spread_mistakes(few, 24)
+    assert total == 2 and [m["confidence"] for m in shown] == [0.9, 0.5]
+
+
+def test_mistakes_gallery_says_how_many_of_all_and_names_every_file(tmp_path, monkeypatch):
+    saved = _drawn_texts(monkeypatch)
+    names = [f"photos/cherry/cherry_{i:04d}.jpg" for i in range(5)]
+    out = plot_mistakes([_photo(i) for i in range(5)], ["cherry"] * 5, ["tomato"] * 5, [0.9] * 5,
+                        tmp_path / "mistakes.png", names=names, total=303)
+    _check_png(out, 300, 200)
+    texts = saved[-1]["texts"]
+    assert any("5 of 303 mistakes" in t for t in texts)
+    for i in range(5):
+        assert f"cherry_{i:04d}.jpg" in texts  # the file name (not its folders) under the photo
+    assert all(visible and width > 0 for frame in saved[-1]["frames"] for visible, width in frame)
+
+
+def test_prediction_caption_marks_low_confidence_near_ties_and_unknown():
+    sure = {"label": "tomato", "probabilities": {"cherry": 0.02, "strawberry": 0.01, "tomato": 0.97}}
+    text, color = plots.prediction_caption(sure)
+    assert text == "tomato 97.0%" and color == plots.COLORS["sure"]
+
+    tie = {"label": "strawberry", "probabilities": {"cherry": 0.481, "strawberry": 0.497, "tomato": 0.022}}
+    text, color = plots.prediction_caption(tie)
+    assert "strawberry 49.7%" in text and "low confidence" in text and "cherry 48.1%" in text
+    assert color == plots.COLORS["low"] != plots.COLORS["sure"]
+
+    near = {"label": "cherry", "probabilities": {"cherry": 0.68, "strawberry": 0.31, "tomato": 0.01}}
+    assert "low confidence" not in plots.prediction_caption(near)[0]  # 0.68, 0.37 ahead: an answer
+    close = {"label": "cherry", "probabilities": {"cherry": 0.62, "strawberry": 0.55, "tomato": 0.01}}
+    assert "low confidence" in plots.prediction_caption(close)[0]  # above 0.6 but the top two within 0.1
+
+    unknown = {"label": "unknown", "best_guess": "tomato", "in_distribution": 0.01,
+               "probabilities": {"cherry": 0.2, "strawberry": 0.19, "tomato": 0.61}}
+    text, color = plots.prediction_caption(unknown)
+    assert text == "none of these\n(closest: tomato 61.0%)"
+    assert color == plots.COLORS["unknown"] not in (plots.COLORS["sure"], plots.COLORS["low"])
+
+
+def test_prediction_grid_frames_every_photo_and_names_its_file(tmp_path, monkeypatch):
+    saved = _drawn_texts(monkeypatch)
+    white = Image.new("RGB", (200, 150), "white")
+    names = ["/data/photos/white_plate.jpg", "/data/photos/a_rather_long_file_name_from_a_phone_2024_0001.jpg"]
+    _check_png(plot_prediction_grid([white, _photo(1)], ["tomato 97.0%", "cherry 51.0% ?\nlow confidence"],
+                                    tmp_path / "grid.png", colors=["black", "darkorange"], names=names))
+    texts, frames = saved[-1]["texts"], saved[-1]["frames"]
+    assert "white_plate.jpg" in texts
+    long_name = next(t for t in texts if t.startswith("a_rather_long"))
+    assert long_name.endswith("0001.jpg") and len(long_name) <= 30  # shortened in the middle, suffix kept
+    assert len(frames) == 2 and all(visible and width > 0 for frame in frames for visible, width in frame)
+    with pytest.raises(ValueError):
+        plot_prediction_grid([white], ["x"], tmp_path / "bad.png", names=["a.jpg", "b.jpg"])

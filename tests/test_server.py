@@ -3,25 +3,19 @@
 import base64
 import hashlib
 import json
-import os
 import re
 import select
-import shutil
 import socket
-import subprocess
 import sys
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
 from awkward import bomb_png_bytes, lying_jpeg_bytes, tall_gif_bytes, wide_png_bytes
 from conftest import DEMO_DATA, run_cli
-from quick_model import CLASSES, make_quick_model, with_metadata
+from quick_model import CLASSES, free_port, make_quick_model, serving, with_metadata
 
 from fruitnet.predictors import TorchPredictor
 
@@ -29,62 +23,14 @@ PHOTOS = sorted((DEMO_DATA / "test").rglob("*.jpg"))  # Fruits-360 (CC BY-SA 4.0
 LIMIT_MB = 1  # the test server's --max-upload-mb
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def model(tmp_path_factory) -> Path:
     return make_quick_model(tmp_path_factory.mktemp("serve") / "model.safetensors", training={"val_accuracy": 0.875})
 
 
-@dataclass
-class Served:
-    url: str
-    port: int
-    proc: subprocess.Popen
-    log_path: Path
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def peak_rss_mb(self) -> float:
-        status = Path(f"/proc/{self.proc.pid}/status").read_text()
-        return int(re.search(r"VmHWM:\s+(\d+) kB", status)[1]) / 1024
-
-
-@contextmanager
 def start_server(model, *options, preexec_fn=None):
     """`fruitnet serve MODEL --max-upload-mb 1 OPTIONS` as a user starts it, on a free loopback port."""
-    port = free_port()
-    with tempfile.TemporaryDirectory() as tmp:
-        log_path = Path(tmp) / "serve.log"
-        with open(log_path, "wb") as log:
-            proc = subprocess.Popen([sys.executable, "-m", "fruitnet", "serve", str(model), "--port", str(port),
-                                     "--max-upload-mb", str(LIMIT_MB), *map(str, options)],
-                                    stdout=log, stderr=subprocess.STDOUT, preexec_fn=preexec_fn)
-        served = Served(f"http://127.0.0.1:{port}", port, proc, log_path)
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(served.url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                pytest.fail("fruitnet serve did not come up:\n" + served.log())
-            time.sleep(0.3)
-        try:
-            yield served
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+    return serving(model, "--max-upload-mb", LIMIT_MB, *options, preexec_fn=preexec_fn)
 
 
 @pytest.fixture(scope="module")
@@ -465,28 +411,6 @@ def test_serve_refuses_to_start_on_a_bad_model(model, tmp_path):
 
 
 # --- the page in a real browser ----------------------------------------------------------------
-
-CHROMIUM, CHROMEDRIVER = shutil.which("chromium") or "/usr/bin/chromium", shutil.which("chromedriver") or "/usr/bin/chromedriver"
-
-
-@pytest.fixture
-def browser(tmp_path):
-    if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
-        pytest.skip("chromium or chromedriver is absent: apt-get install -y chromium chromium-driver")
-    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install selenium)")
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # to see Content-Security-Policy reports
-    options.binary_location = CHROMIUM
-    for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                "--disable-component-update", "--disable-sync", "--no-first-run", "--window-size=1200,900",
-                f"--user-data-dir={tmp_path / 'chromium-profile'}"):
-        options.add_argument(arg)
-    driver = webdriver.Chrome(options=options, service=Service(CHROMEDRIVER))
-    yield driver
-    driver.quit()
-
 
 def test_page_shows_prediction_and_readable_error(browser, server, model, tmp_path):
     from selenium.webdriver.common.by import By

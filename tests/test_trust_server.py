@@ -4,17 +4,13 @@ looked" (a heat map for PyTorch models; the reason it is unavailable for ONNX on
 Real `fruitnet serve` processes on loopback, the page in Debian's Chromium."""
 
 import io
-import subprocess
-import sys
-import tempfile
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 from conftest import DEMO_DATA, shared_folder
 from PIL import Image
-from test_server import browser, free_port  # noqa: F401 (browser is a fixture)
+from quick_model import serving
 
 from fruitnet.export import export_onnx
 from fruitnet.predictors import TorchPredictor, expand_paths
@@ -22,49 +18,18 @@ from fruitnet.predictors import TorchPredictor, expand_paths
 KNOWN = sorted((DEMO_DATA / "test").rglob("*.jpg"))  # Fruits-360, CC BY-SA 4.0
 
 
-def start(model: Path):
-    port = free_port()
-    log = tempfile.TemporaryFile()
-    proc = subprocess.Popen([sys.executable, "-m", "fruitnet", "serve", str(model), "--port", str(port)],
-                            stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return proc, log, url
-        except httpx.TransportError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            log.seek(0)
-            pytest.fail("fruitnet serve did not come up:\n" + log.read().decode(errors="replace"))
-        time.sleep(0.3)
-
-
-def stop(proc, log) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
-
-
 @pytest.fixture(scope="module")
 def server(trained_model):
-    proc, log, url = start(trained_model)
-    yield url
-    stop(proc, log)
+    with serving(trained_model) as s:
+        yield s.url
 
 
 @pytest.fixture(scope="module")
 def onnx_server(trained_model, tmp_path_factory):
     path = tmp_path_factory.mktemp("trust-serve") / "model.onnx"
     export_onnx(trained_model, path, check=[str(DEMO_DATA / "test" / "cherry")], log=lambda *a: None)
-    proc, log, url = start(path)
-    yield url
-    stop(proc, log)
+    with serving(path) as s:
+        yield s.url
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +72,7 @@ def test_onnx_service_gives_the_same_verdicts_and_says_why_no_heat_map(onnx_serv
     assert httpx.get(onnx_server + "/model").json()["explain"]["available"] is False
 
 
-def test_page_says_none_of_these_and_shows_where_it_looked(browser, server, other):  # noqa: F811
+def test_page_says_none_of_these_and_shows_where_it_looked(browser, server, other):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -131,7 +96,7 @@ def test_page_says_none_of_these_and_shows_where_it_looked(browser, server, othe
     assert known.get_attribute("data-looked") == "no" and img.get_attribute("src") == photo
 
 
-def test_page_with_an_onnx_model_says_why_it_cannot_show_where_it_looked(browser, onnx_server):  # noqa: F811
+def test_page_with_an_onnx_model_says_why_it_cannot_show_where_it_looked(browser, onnx_server):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 

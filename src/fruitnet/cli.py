@@ -257,13 +257,14 @@ def cmd_predict(args) -> int:
                             r.get("in_distribution", ""), r.get("error", ""), r.get("warning", "")]
                            + [probs.get(c, "") for c in predictor.classes])
     if args.grid:
-        from fruitnet.explain import caption
         from fruitnet.images import load_image
-        from fruitnet.plots import plot_prediction_grid
+        from fruitnet.plots import plot_prediction_grid, prediction_caption
 
         shown = good[:64]  # with --explain the grid shows the overlays
+        captions = [prediction_caption(r) for r in shown]
         plot_prediction_grid([overlays[r["path"]] if r["path"] in overlays else load_image(r["path"]) for r in shown],
-                             [caption(r, wrap=True) for r in shown], args.grid)
+                             [text for text, _ in captions], args.grid, colors=[color for _, color in captions],
+                             names=[r["path"] for r in shown])
     if not args.json and (args.csv or args.grid or args.explain):
         print("wrote " + ", ".join(str(p) for p in (args.csv, args.grid) if p)
               + (", " if (args.csv or args.grid) and args.explain else "")
@@ -406,7 +407,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print a JSON list of {path, label, best_guess, probabilities, in_distribution}")
     p.add_argument("--csv", metavar="FILE", help="also write the predictions as CSV")
     p.add_argument("--grid", metavar="FILE.png",
-                   help="draw the photos titled with prediction and confidence (with --explain: the heat maps)")
+                   help="draw the photos (up to 64), each titled with its answer and confidence and its file name "
+                        "beneath; low-confidence answers in orange with a '?', 'none of these (closest: ...)' in "
+                        "purple (with --explain: the heat maps)")
     p.add_argument("--explain", metavar="DIR",
                    help="write one Grad-CAM overlay per photo into DIR: where the network looked (PyTorch models)")
     _add_batch_size(p)

@@ -38,7 +38,7 @@ def run_demo(out: Path | None = None) -> dict:
     results = predictor.predict_paths(sample)
     titles = [f"{r['label']} {r['probabilities'][r['label']]:.0%}" for r in results]
     colors = ["green" if r["label"] == Path(r["path"]).parent.name else "red" for r in results]
-    plot_prediction_grid([load_image(p) for p in sample], titles, out / "predictions.png", colors=colors)
+    plot_prediction_grid([load_image(p) for p in sample], titles, out / "predictions.png", colors=colors, names=sample)
     print(f"\ndemo outputs in {out}/:\n"
           f"  run/curves.png             loss and accuracy per epoch\n"
           f"  run/best.safetensors       the model (try: fruitnet predict {summary['model']} PHOTO.jpg)\n"

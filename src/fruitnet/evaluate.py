@@ -96,7 +96,7 @@ def evaluate(model_path, data, out: Path, batch_size: int = 32, legacy: bool | N
                    "seconds": round(time.perf_counter() - t0, 2)})
 
     out.mkdir(parents=True, exist_ok=True)
-    from fruitnet.plots import plot_confusion, plot_mistakes, plot_reliability
+    from fruitnet.plots import plot_confusion, plot_reliability
 
     write_confusion_csv(out / "confusion.csv", report["confusion_matrix"], predictor.classes)
     write_confusion_csv(out / "confusion_normalized.csv", report["confusion_matrix_normalized"],
@@ -116,9 +116,9 @@ def evaluate(model_path, data, out: Path, batch_size: int = 32, legacy: bool | N
             probs = r["probabilities"]
             w.writerow([r["path"], it.label if it else UNKNOWN, _best(r), probs[_best(r)], r["label"],
                         r.get("in_distribution", ""), r.get("warning", "")] + [probs[c] for c in predictor.classes])
-    mistakes = sorted(((r["probabilities"][_best(r)], it, r) for it, r in scored if _best(r) != it.label),
-                      key=lambda m: -m[0])[:MAX_MISTAKES]
-    _plot_mistakes(predictor, mistakes, out / "mistakes.png", plot_mistakes)
+    mistakes = [{"true": it.label, "predicted": _best(r), "confidence": r["probabilities"][_best(r)], "result": r}
+                for it, r in scored if _best(r) != it.label]
+    _plot_mistakes(predictor, mistakes, out / "mistakes.png")
     (out / "report.json").write_text(json.dumps(report, indent=2))
     (out / "report.txt").write_text(format_report(report) + format_trust(report) + "\n")
     return report
@@ -151,16 +151,20 @@ def _trust_report(predictor, scored: list, unknown_results: list, y_true: list[i
     return report
 
 
-def _plot_mistakes(predictor, mistakes: list, path: Path, plot_mistakes) -> None:
-    """The most confident mistakes, each photo beside its heat map (for the predicted class)."""
+def _plot_mistakes(predictor, mistakes: list[dict], path: Path) -> None:
+    """Up to MAX_MISTAKES of the mistakes, spread across the confusion pairs, most confident first,
+    each photo beside its heat map (for the predicted class) and above its file name."""
     from fruitnet.explain import explain_images
+    from fruitnet.plots import plot_mistakes, spread_mistakes
 
-    images = [load_image(it.path) for _, it, _ in mistakes]
+    shown, total = spread_mistakes(mistakes, MAX_MISTAKES)
+    results = [m["result"] for m in shown]
+    images = [load_image(r["path"]) for r in results]
     if images and not predictor.explain_unavailable:
         images = [im for i in range(0, len(images), 8)
-                  for im in explain_images(predictor, images[i:i + 8], [r for _, _, r in mistakes[i:i + 8]])]
-    plot_mistakes(images, [it.label for _, it, _ in mistakes], [_best(r) for _, _, r in mistakes],
-                  [c for c, _, _ in mistakes], path)
+                  for im in explain_images(predictor, images[i:i + 8], results[i:i + 8])]
+    plot_mistakes(images, [m["true"] for m in shown], [m["predicted"] for m in shown],
+                  [m["confidence"] for m in shown], path, names=[r["path"] for r in results], total=total)
 
 
 def format_trust(report: dict) -> str:

@@ -113,13 +113,11 @@ def side_by_side(view: Image.Image, heat_view: Image.Image, caption: str) -> Ima
     return canvas
 
 
-def caption(result: dict, wrap: bool = False) -> str:
+def caption(result: dict) -> str:
     """'tomato 97.1%', or 'none of these (closest: tomato 61.0%)' for an unknown verdict."""
     best = result.get("best_guess", result["label"])
     conf = f"{best} {result['probabilities'][best]:.1%}"
-    if result["label"] != "unknown":
-        return conf
-    return f"none of these\n(closest: {conf})" if wrap else f"none of these (closest: {conf})"
+    return conf if result["label"] != "unknown" else f"none of these (closest: {conf})"
 
 
 def explain_images(predictor, images: list[Image.Image], results: list[dict]) -> list[Image.Image]:

@@ -19,10 +19,15 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-__all__ = ["plot_curves", "plot_confusion", "plot_prediction_grid", "plot_mistakes", "plot_reliability"]
+__all__ = ["plot_curves", "plot_confusion", "plot_prediction_grid", "plot_mistakes", "plot_reliability",
+           "prediction_caption", "spread_mistakes"]
 
 THUMB_PX = 256
 MAX_COLS = 6
+FRAME = "0.55"  # the thin grey frame around every cell: white photos stay visible on the white page
+LOW_CONFIDENCE = 0.6  # a top probability below this, or
+NEAR_TIE = 0.1  # the top two closer than this, is marked "low confidence"
+COLORS = {"sure": "black", "low": "darkorange", "unknown": "tab:purple", "mistake": "red"}
 
 
 def _save(fig: Any, path: str | PathLike[str], dpi: int = 100) -> Path:
@@ -204,6 +209,15 @@ def _thumb(img: Any, max_px: int = THUMB_PX) -> np.ndarray:
     return arr
 
 
+def _short_name(name: str, max_chars: int = 30) -> str:
+    """A file name that fits under its tile: the middle elided, the start and the suffix kept."""
+    name = Path(str(name)).name
+    if len(name) <= max_chars:
+        return name
+    keep = max_chars - 1
+    return name[: keep - keep // 3] + "…" + name[-(keep // 3):]
+
+
 def _grid(
     images: Sequence[Any],
     titles: Sequence[str],
@@ -211,7 +225,9 @@ def _grid(
     ncols: int | None,
     colors: Sequence[str] | None,
     suptitle: str | None = None,
+    names: Sequence[str] | None = None,
 ) -> Path:
+    """Photos in a grid: each in a thin frame, its title above (in its colour), its file name below."""
     n = len(images)
     if ncols is None:
         ncols = min(MAX_COLS, max(1, math.ceil(math.sqrt(n))))
@@ -223,19 +239,26 @@ def _grid(
     tile_in = 3.0 if n <= 4 else (2.5 if n <= 16 else 2.2)
     fontsize = 11 if n <= 4 else (9 if n <= 16 else 8)
     n_lines = max(str(t).count("\n") + 1 for t in titles) if len(titles) else 1
-    title_in = 0.12 + 0.2 * n_lines * fontsize / 10
+    title_in = 0.12 + 0.2 * n_lines * fontsize / 10 + (0.2 * fontsize / 10 if names else 0)
     fig, axes = plt.subplots(
         nrows, ncols,
         figsize=(ncols * tile_in, nrows * (tile_in * aspect + title_in) + (0.4 if suptitle else 0)),
         squeeze=False,
     )
     for idx, ax in enumerate(axes.flat):
-        ax.axis("off")
         if idx >= n:
+            ax.axis("off")
             continue
         ax.imshow(thumbs[idx])
+        ax.set_xticks([])
+        ax.set_yticks([])
+        for spine in ax.spines.values():
+            spine.set_edgecolor(FRAME)
+            spine.set_linewidth(0.8)
         color = colors[idx] if colors is not None and idx < len(colors) and colors[idx] else "black"
         ax.set_title(str(titles[idx]) if idx < len(titles) else "", fontsize=fontsize, color=color)
+        if names is not None:
+            ax.set_xlabel(_short_name(names[idx]), fontsize=fontsize - 1, color="0.3")
     if suptitle:
         fig.suptitle(suptitle, fontsize=fontsize + 3)
     fig.tight_layout()
@@ -254,21 +277,57 @@ def _message_png(text: str, path: str | PathLike[str]) -> Path:
     return path
 
 
+def prediction_caption(result: dict) -> tuple[str, str]:
+    """The grid's title for one prediction and its colour: 'tomato 97.1%' (black); a top probability
+    under LOW_CONFIDENCE or the top two within NEAR_TIE: 'strawberry 49.7% ?' over 'low confidence
+    (cherry 48.1%)' (orange); an unknown verdict: 'none of these' over '(closest: tomato 61.0%)' (purple)."""
+    probs = result["probabilities"]
+    best = result.get("best_guess", result["label"])
+    if result["label"] == "unknown":  # predictors.UNKNOWN (not imported: plots stays free of torch)
+        return f"none of these\n(closest: {best} {probs[best]:.1%})", COLORS["unknown"]
+    ranked = sorted(probs.items(), key=lambda kv: -kv[1])
+    second, p2 = ranked[1] if len(ranked) > 1 else ("", 0.0)
+    if probs[best] < LOW_CONFIDENCE or probs[best] - p2 < NEAR_TIE:
+        return f"{best} {probs[best]:.1%} ?\nlow confidence ({second} {p2:.1%})", COLORS["low"]
+    return f"{best} {probs[best]:.1%}", COLORS["sure"]
+
+
 def plot_prediction_grid(
     images: list[Image.Image],
     titles: list[str],
     path: str | PathLike[str],
     ncols: int | None = None,
     colors: list[str] | None = None,
+    names: list[str] | None = None,
 ) -> Path:
-    """Grid of photos, each titled (e.g. "strawberry 97.3%"), optional per-title colours."""
+    """Grid of photos, each titled (e.g. "strawberry 97.3%", see prediction_caption), optional
+    per-title colours and file names (written under each photo)."""
     if len(titles) != len(images):
         raise ValueError(f"{len(images)} images but {len(titles)} titles")
     if colors is not None and len(colors) != len(images):
         raise ValueError(f"{len(images)} images but {len(colors)} colors")
+    if names is not None and len(names) != len(images):
+        raise ValueError(f"{len(images)} images but {len(names)} names")
     if not images:
         return _message_png("No images", path)
-    return _grid(images, titles, path, ncols, colors)
+    return _grid(images, titles, path, ncols, colors, names=names)
+
+
+def spread_mistakes(mistakes: Sequence[dict], max_items: int = 24) -> tuple[list[dict], int]:
+    """Which mistakes to show, and how many there are: round-robin over the (true, predicted) pairs,
+    each pair's mistakes most confident first, the pairs ordered by their most confident mistake.
+    So one confusion with 200 near-identical frames cannot crowd out every other confusion.
+    Each mistake is a dict with at least "true", "predicted" and "confidence"."""
+    pairs: dict[tuple[str, str], list[dict]] = {}
+    for m in sorted(mistakes, key=lambda m: -float(m["confidence"])):
+        pairs.setdefault((m["true"], m["predicted"]), []).append(m)
+    queues = list(pairs.values())  # dicts keep insertion order: by each pair's most confident mistake
+    chosen: list[dict] = []
+    for depth in range(max((len(q) for q in queues), default=0)):
+        chosen += [q[depth] for q in queues if depth < len(q)]
+        if len(chosen) >= max_items:
+            break
+    return chosen[: max(0, int(max_items))], len(mistakes)
 
 
 def plot_mistakes(
@@ -278,8 +337,12 @@ def plot_mistakes(
     confidences: list[float],
     path: str | PathLike[str],
     max_items: int = 24,
+    names: list[str] | None = None,
+    total: int | None = None,
 ) -> Path:
-    """Gallery of the most confident wrong predictions (caller sorts them, worst first).
+    """Gallery of wrong predictions (the caller chooses them, e.g. with spread_mistakes), each
+    titled true / predicted (confidence) with its file name beneath; the title says how many of
+    `total` mistakes are shown (default: as many as given).
 
     Confidences may be fractions (0..1) or percentages (>1). With no mistakes a
     small PNG saying "No mistakes" is written.
@@ -287,6 +350,9 @@ def plot_mistakes(
     n = len(images)
     if not (len(true_labels) == len(pred_labels) == len(confidences) == n):
         raise ValueError("images, true_labels, pred_labels and confidences must have equal length")
+    if names is not None and len(names) != n:
+        raise ValueError(f"{n} images but {len(names)} names")
+    total = n if total is None else int(total)
     n = min(n, max(0, int(max_items)))
     if n == 0:
         return _message_png("No mistakes", path)
@@ -298,10 +364,10 @@ def plot_mistakes(
         if len(title) > 30:  # keep long titles inside their tile
             title = f"true: {t} /\npred: {p} ({pct:.0f}%)"
         titles.append(title)
-    shown = f"{n} of {len(images)}" if n < len(images) else f"{n}"
     return _grid(
-        images[:n], titles, path, None, ["red"] * n,
-        suptitle=f"Most confident mistakes ({shown})",
+        images[:n], titles, path, None, [COLORS["mistake"]] * n,
+        suptitle=f"{n} of {total} mistakes (most confident first, spread across confusion pairs)",
+        names=None if names is None else names[:n],
     )
 
 
