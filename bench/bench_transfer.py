@@ -36,8 +36,7 @@ VARIANTS = {
     "lite2": {"backbone": "efficientnet_lite2"},
     "lite0-freeze": {"backbone": "efficientnet_lite0", "mode": "freeze"},
     "lite1-freeze": {"backbone": "efficientnet_lite1", "mode": "freeze"},
-    "lite1-nowise": {"backbone": "efficientnet_lite1", "recipe": "fast-nowise"},
-    "best": {"recipe": "best"},
+    "lite1-wise": {"backbone": "efficientnet_lite1", "wise": 0.5},
     "seed-lite0-freeze": {"backbone": "efficientnet_lite0", "recipe": "seed", "mode": "freeze", "epochs": 10},
 }
 
