@@ -12,6 +12,9 @@ Every consumer (predict, evaluate, serve, export's parity check) talks to a Pred
 
 `TorchPredictor` runs a .safetensors file (or the original project's model.pth) with PyTorch,
 `OnnxPredictor` an exported .onnx file with onnxruntime; `load_predictor` picks one.
+With tta (test-time augmentation, `--tta`) each photo's logits are averaged with its mirror
+image's: TorchPredictor wraps its model in robust.TTA; an ONNX file has it in its graph when it
+was exported with `fruitnet export --tta`.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import torch
 from PIL import Image
 
 from fruitnet.arithmetic import choose, resolve_device
-from fruitnet.errors import ModelFileError
+from fruitnet.errors import ModelFileError, UsageError
 from fruitnet.images import expand_paths  # noqa: F401  (here for the callers that import it from here)
 from fruitnet.model import load_model, validate_meta
 from fruitnet.preprocess import DecodeAhead, load, small_image_warning
@@ -45,6 +48,7 @@ class Predictor:
     """
 
     meta: dict
+    tta: bool = False  # each photo's logits averaged with its mirror image's (test-time augmentation)
 
     explain_unavailable: str | None = None  # why this runtime cannot draw heat maps (None: it can)
 
@@ -73,7 +77,7 @@ class Predictor:
         return (logits / self.temperature).softmax(1), in_dist
 
     def runtime(self) -> dict:
-        """What runs the forward pass, for reports: {"runtime", "arithmetic"}."""
+        """What runs the forward pass, for reports: {"runtime", "arithmetic", "tta"}."""
         raise NotImplementedError
 
     def load(self, path) -> Image.Image:
@@ -155,15 +159,24 @@ class TorchPredictor(Predictor):
 
     precision 'fp32' (exact, the library default), 'bf16' or 'auto' (bf16 where native: faster).
     Under bf16, photos whose top two probabilities are within NEAR_TIE are run again in fp32
-    (recheck_near_ties), so labels agree with fp32 and ONNX."""
+    (recheck_near_ties), so labels agree with fp32 and ONNX.
+
+    tta=True: each photo's logits are the average of the photo's and its mirror image's
+    (robust.TTA, mirror only; twice the compute); `net` is what runs, `model` stays the plain
+    classifier (Grad-CAM heat maps are the plain model's)."""
 
     def __init__(self, model_path: str | Path, device: str = "auto", legacy: bool | None = None,
-                 precision: str = "fp32", unknown: bool = True, recheck_near_ties: bool = True):
+                 precision: str = "fp32", unknown: bool = True, recheck_near_ties: bool = True,
+                 tta: bool = False):
         self.model, meta = load_model(model_path, legacy=legacy)
         super().__init__(meta, unknown)
         self.device = resolve_device(device)
         self.arith = choose(precision, self.device)
         self.arith.prepare_model(self.model.to(self.device).eval())
+        self.tta = tta
+        if tta:
+            from fruitnet.robust import TTA  # here: robust imports torchvision's transforms v2
+        self.net = TTA(self.model, flip=True, scales=()).eval() if tta else self.model
         self.recheck_near_ties = recheck_near_ties  # bf16 only: see forward
         self._gradcam = None
 
@@ -171,14 +184,14 @@ class TorchPredictor(Predictor):
     def forward(self, x: torch.Tensor):
         x = self.arith.prepare_input(x.to(self.device))
         with self.arith.autocast(self.device):
-            logits = self.model(x).float()
+            logits = self.net(x).float()
         if self.arith.dtype == "bf16" and self.recheck_near_ties:
             # bf16 rounding can flip a near-tie: those few photos are run again in fp32, so labels
             # agree with fp32 and ONNX.
             top2 = logits.softmax(1).topk(min(2, logits.shape[1]), dim=1).values
             close = (top2[:, 0] - top2[:, -1]) < NEAR_TIE
             if close.any():
-                logits[close] = self.model(x[close]).float()
+                logits[close] = self.net(x[close]).float()
         if self.model.trust is None:
             return logits.cpu(), None, None
         score, in_dist = self.model.trust(logits)  # fp32, outside autocast
@@ -194,16 +207,21 @@ class TorchPredictor(Predictor):
     def runtime(self) -> dict:
         near_ties = {"near_ties": f"run again in fp32 (top two within {NEAR_TIE})"} \
             if self.arith.dtype == "bf16" and self.recheck_near_ties else {}
-        return {"runtime": "pytorch", "arithmetic": {**self.arith.as_dict(), **near_ties}}
+        return {"runtime": "pytorch", "arithmetic": {**self.arith.as_dict(), **near_ties}, "tta": self.tta}
 
 
 class OnnxPredictor(Predictor):
-    """An exported .onnx file run by onnxruntime; metadata and preprocessing read from the file."""
+    """An exported .onnx file run by onnxruntime; metadata and preprocessing read from the file.
+
+    A file exported with `fruitnet export --tta` averages each photo with its mirror inside the
+    graph (its metadata says "tta": true), whether or not tta is asked for here; asking tta=True of
+    a file exported without it is a UsageError (the graph cannot be changed here: re-export it).
+    """
 
     explain_unavailable = ("heat maps need the PyTorch model file (.safetensors): Grad-CAM needs gradients, "
                            "which an exported ONNX file does not give")
 
-    def __init__(self, onnx_path: str | Path, threads: int = 0, unknown: bool = True):
+    def __init__(self, onnx_path: str | Path, threads: int = 0, unknown: bool = True, tta: bool = False):
         import onnxruntime as ort
 
         path = Path(onnx_path)
@@ -225,6 +243,12 @@ class OnnxPredictor(Predictor):
             raise ModelFileError(f"{path}: unreadable fruitnet metadata ({exc.__class__.__name__}: {exc})") from None
         validate_meta(meta, path)
         self._check_shapes(path, meta)
+        self.tta = meta.get("tta") is True  # the averaging is in the graph (exported with --tta)
+        if tta and not self.tta:
+            source = meta.get("exported_from") or "MODEL.safetensors"
+            raise UsageError(f"--tta: {path} was exported without test-time augmentation, and an ONNX file's "
+                             f"graph cannot be changed when it runs; re-export it with: "
+                             f"fruitnet export --tta {source} (or run the .safetensors model file with --tta)")
         super().__init__(meta, unknown)
         self.input_name = self.session.get_inputs()[0].name
         names = {o.name for o in self.session.get_outputs()}
@@ -248,13 +272,15 @@ class OnnxPredictor(Predictor):
         return (out[0], out[1], out[2]) if len(out) == 3 else (out[0], None, None)
 
     def runtime(self) -> dict:
-        return {"runtime": "onnxruntime", "arithmetic": "fp32 (onnxruntime, CPU)"}
+        return {"runtime": "onnxruntime", "arithmetic": "fp32 (onnxruntime, CPU)", "tta": self.tta}
 
 
 def load_predictor(path: str | Path, runtime: str = "auto", legacy: bool | None = None,
-                   precision: str = "fp32", device: str = "auto", unknown: bool = True) -> Predictor:
+                   precision: str = "fp32", device: str = "auto", unknown: bool = True,
+                   tta: bool = False) -> Predictor:
     """runtime 'torch', 'onnx', or 'auto' (onnx for a .onnx file); precision and device apply to torch;
-    unknown=False never answers "unknown" (the in_distribution share is still given)."""
+    unknown=False never answers "unknown" (the in_distribution share is still given); tta=True
+    averages each photo with its mirror image (an ONNX file must have been exported with --tta)."""
     if runtime == "onnx" or (runtime == "auto" and str(path).lower().endswith(".onnx")):
-        return OnnxPredictor(path, unknown=unknown)
-    return TorchPredictor(path, device=device, legacy=legacy, precision=precision, unknown=unknown)
+        return OnnxPredictor(path, unknown=unknown, tta=tta)
+    return TorchPredictor(path, device=device, legacy=legacy, precision=precision, unknown=unknown, tta=tta)
