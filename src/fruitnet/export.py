@@ -9,6 +9,10 @@ The graph itself gives a user of the bare .onnx file everything predict gives (`
 outputs `logits`, `probabilities` (calibrated: the temperature is a constant in the graph) and,
 for model files with in-distribution statistics, `score`, `in_distribution` (the share of
 validation photos scoring no higher) and `known` (in_distribution >= the stored threshold).
+
+With tta=True (`fruitnet export --tta`) the graph is robust.TTA(model): each photo's logits are the
+average of the photo's and its mirror image's, inside the file (twice the compute), and the
+metadata says "tta": true; the parity check compares it with the PyTorch predictor run with tta.
 """
 
 from __future__ import annotations
@@ -183,8 +187,11 @@ def quantize_int8(fp32: Path, out: Path, calibration: list, transform) -> Path:
 
 
 def export_onnx(model_path: str | Path, out: str | Path | None = None, check: list[str] | None = None,
-                int8: bool = False, log=print) -> dict:
+                int8: bool = False, log=print, tta: bool = False) -> dict:
     """Export MODEL to ONNX, verify it against PyTorch on real images, optionally add an int8 copy.
+
+    tta=True exports the model wrapped in robust.TTA (mirror averaged in the graph), checked
+    against the PyTorch predictor with tta, and records "tta": true in the file's metadata.
 
     The file appears at `out` only if it passed the parity check (100% top-1 agreement and largest
     probability difference <= MAX_PROB_DIFF); otherwise ExportError, and it is left at out + '.rejected'.
@@ -195,15 +202,16 @@ def export_onnx(model_path: str | Path, out: str | Path | None = None, check: li
     for path in (out, out.with_suffix(".int8.onnx")) if int8 else (out,):
         if path.exists():
             raise UsageError(f"{path}: already exists; fruitnet export never overwrites: choose another --out")
-    reference = TorchPredictor(model_path, device="cpu")
-    meta = {**reference.meta, "exported_from": model_path.name}
+    reference = TorchPredictor(model_path, device="cpu", tta=tta)
+    meta = {**reference.meta, "exported_from": model_path.name, **({"tta": True} if tta else {})}
     images, described = check_images(check)
 
     tmp = out.with_name(out.name + ".tmp")
     t = time.perf_counter()
-    write_onnx(reference.model, meta, tmp)
+    write_onnx(reference.net, meta, tmp)  # with tta: robust.TTA(model), the mirror averaged in the graph
     log(f"exported {model_path} -> {out} ({os.path.getsize(tmp) / 1e6:.1f} MB, opset {OPSET}, "
-        f"dynamic batch) in {time.perf_counter() - t:.1f}s")
+        f"dynamic batch{', test-time augmentation (mirror) in the graph' if tta else ''}) "
+        f"in {time.perf_counter() - t:.1f}s")
     onnx_predictor = OnnxPredictor(tmp)  # reads classes and preprocessing back from the file itself
     parity = compare(reference, onnx_predictor, images)
     ok = parity_ok(parity)
@@ -217,7 +225,7 @@ def export_onnx(model_path: str | Path, out: str | Path | None = None, check: li
         tmp.replace(rejected)
         raise ExportError(f"the ONNX model disagrees with the PyTorch model; kept for inspection at {rejected}")
     tmp.replace(out)
-    summary = {"onnx": str(out), "check_set": described, "parity": parity}
+    summary = {"onnx": str(out), "check_set": described, "parity": parity, "tta": tta}
     if int8:
         summary["int8"] = _int8(out, reference, onnx_predictor, images, log)
     return summary
