@@ -179,7 +179,7 @@ def cmd_evaluate(args) -> int:
     out = new_output_folder(args.out, "eval-", [args.data], "evaluation folder")
     report = evaluate(args.model, args.data, out, batch_size=args.batch_size, legacy=args.legacy or None,
                       precision=args.precision, unknown_dir=args.unknown, unknown=not args.no_unknown,
-                      progress=not args.json)
+                      progress=not args.json, tta=args.tta)
     if args.json:
         print(json.dumps(report))
         for warning in report["warnings"]:  # also on stderr: a script reading the JSON may not look
@@ -208,10 +208,14 @@ def _decode_early(args, paths: list[str]):
 def _arithmetic(predictor) -> str:
     runtime = predictor.runtime()
     arith = runtime["arithmetic"]
+    tta = ""
+    if runtime.get("tta"):
+        tta = "; test-time augmentation: each photo averaged with its mirror image" + (
+            " (in the ONNX graph: exported with --tta)" if runtime["runtime"] == "onnxruntime" else "")
     if isinstance(arith, str):
-        return f"{runtime['runtime']}, {arith}"
+        return f"{runtime['runtime']}, {arith}{tta}"
     near_ties = f"; near-ties {arith['near_ties']}" if "near_ties" in arith else ""
-    return f"{runtime['runtime']}, {arith['dtype']} ({arith['reason']}){near_ties}"
+    return f"{runtime['runtime']}, {arith['dtype']} ({arith['reason']}){near_ties}{tta}"
 
 
 def cmd_predict(args) -> int:
@@ -225,7 +229,7 @@ def cmd_predict(args) -> int:
         from fruitnet.predictors import load_predictor
 
         predictor = load_predictor(args.model, args.runtime, legacy=args.legacy or None, precision=args.precision,
-                                   unknown=not args.no_unknown)
+                                   unknown=not args.no_unknown, tta=args.tta)
         if args.explain and predictor.explain_unavailable:
             raise UsageError(f"--explain: {predictor.explain_unavailable}")
         if early is not None and early.pre != predictor.preprocessing:  # cannot happen for a file read once
@@ -301,7 +305,7 @@ def cmd_export(args) -> int:
     check_model_argument(args.model, command="export")
     from fruitnet.export import export_onnx
 
-    export_onnx(args.model, args.out, check=args.check, int8=args.int8)
+    export_onnx(args.model, args.out, check=args.check, int8=args.int8, tta=args.tta)
     return 0
 
 
@@ -311,7 +315,7 @@ def cmd_serve(args) -> int:
 
     return serve(args.model, host=args.host, port=args.port, max_upload_mb=args.max_upload_mb, runtime=args.runtime,
                  precision=args.precision, unknown=not args.no_unknown, timeout_keep_alive=args.timeout_keep_alive,
-                 timeout_request=args.timeout_request, limit_concurrency=args.limit_concurrency)
+                 timeout_request=args.timeout_request, limit_concurrency=args.limit_concurrency, tta=args.tta)
 
 
 def cmd_demo(args) -> int:
@@ -345,6 +349,12 @@ def _add_runtime(p: argparse.ArgumentParser) -> None:
 def _add_legacy(p: argparse.ArgumentParser) -> None:
     p.add_argument("--legacy", action="store_true",
                    help="MODEL is the original project's model.pth (detected automatically otherwise)")
+
+
+def _add_tta(p: argparse.ArgumentParser, extra: str = "") -> None:
+    p.add_argument("--tta", action="store_true",
+                   help="average each photo's prediction with its mirror image's (test-time augmentation): "
+                        "twice the compute" + extra)
 
 
 def _add_batch_size(p: argparse.ArgumentParser) -> None:
@@ -397,6 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="photos of none of the classes (default: DATA/unknown/ if present): AUROC, share rejected")
     _add_no_unknown(p)
     _add_precision(p)
+    _add_tta(p)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("predict", help="class and probabilities for images, folders or globs",
@@ -411,12 +422,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "beneath; low-confidence answers in orange with a '?', 'none of these (closest: ...)' in "
                         "purple (with --explain: the heat maps)")
     p.add_argument("--explain", metavar="DIR",
-                   help="write one Grad-CAM overlay per photo into DIR: where the network looked (PyTorch models)")
+                   help="write one Grad-CAM overlay per photo into DIR: where the network looked (PyTorch models; "
+                        "with --tta, the plain model's view of the photo itself)")
     _add_batch_size(p)
     _add_legacy(p)
     _add_no_unknown(p)
     _add_runtime(p)
     _add_precision(p)
+    _add_tta(p, "; an .onnx file must have been exported with --tta (such a file always averages)")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("export", help="ONNX file carrying classes and preprocessing, checked against PyTorch",
@@ -428,6 +441,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="photos (files, folders, globs) for the parity check (default: the bundled demo photos)")
     p.add_argument("--int8", action="store_true",
                    help="also write FILE.int8.onnx (static int8 quantisation); report its agreement and speed")
+    _add_tta(p, "; the averaging is in the exported graph, and the parity check compares it with PyTorch's")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("serve", help="HTTP API and web page for a model file (.safetensors or exported .onnx)",
@@ -446,6 +460,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_no_unknown(p)
     _add_runtime(p)
     _add_precision(p)
+    _add_tta(p, "; an .onnx file must have been exported with --tta (such a file always averages)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("demo", help="train, evaluate and predict on the bundled fruits360 sample",

@@ -6,6 +6,10 @@ the unknown verdict and the mistakes (each beside its Grad-CAM heat map).
 on those. Photos of none of the classes, in DATA/unknown/ or --unknown DIR, give the AUROC of
 the in-distribution score (known against unknown), the share of them rejected and the share of
 known photos accepted.
+
+tta=True (`--tta`) averages each photo's logits with its mirror image's (test-time augmentation);
+the report records it ("tta" in report.json, a line in report.txt).  The mistakes' heat maps are
+the plain model's (for the class the averaged prediction chose).
 """
 
 from __future__ import annotations
@@ -60,12 +64,12 @@ def evaluation_warnings(meta: dict, items: list, results: list[dict]) -> list[st
 
 def evaluate(model_path, data, out: Path, batch_size: int = 32, legacy: bool | None = None,
              progress: bool = True, precision: str = "fp32", unknown_dir: str | Path | None = None,
-             unknown: bool = True) -> dict:
+             unknown: bool = True, tta: bool = False) -> dict:
     """Returns the report dict (accuracy, n, classes, per_class, confusion_matrix, calibration,
     coverage, unknown, skipped, ...) and writes report.json/.txt, confusion.png/.csv,
     calibration.png, mistakes.png and predictions.csv into out."""
     t0 = time.perf_counter()
-    predictor = TorchPredictor(model_path, legacy=legacy, precision=precision, unknown=unknown)
+    predictor = TorchPredictor(model_path, legacy=legacy, precision=precision, unknown=unknown, tta=tta)
     catalog = scan(data, progress=progress)
     # DATA/unknown/ holds photos of none of the classes, unless the model has a class of that name
     unknown_folder = UNKNOWN in catalog.classes and UNKNOWN not in predictor.classes
@@ -91,7 +95,7 @@ def evaluate(model_path, data, out: Path, batch_size: int = 32, legacy: bool | N
     y_pred = [index[_best(r)] for _, r in scored]
     report = classification_report(y_true, y_pred, predictor.classes)
     report.update(_trust_report(predictor, scored, [r for r in unknown_results if "error" not in r], y_true))
-    report.update({"skipped": skipped, "model": str(model_path), "data": str(data),
+    report.update({"skipped": skipped, "model": str(model_path), "data": str(data), "tta": predictor.tta,
                    "warnings": evaluation_warnings(predictor.meta, items, results),
                    "seconds": round(time.perf_counter() - t0, 2)})
 
@@ -168,10 +172,12 @@ def _plot_mistakes(predictor, mistakes: list[dict], path: Path) -> None:
 
 
 def format_trust(report: dict) -> str:
-    """The calibration and unknown-verdict lines of a report, as text."""
+    """The test-time augmentation, calibration and unknown-verdict lines of a report, as text."""
     cal, verdict = report["calibration"], report["unknown_verdict"]
-    lines = [f"Calibration ({cal['bins']} bins): temperature {cal['temperature']:.3f}; "
-             f"ECE {cal['ece_before']:.4f} -> {cal['ece_after']:.4f}; NLL {cal['nll_before']:.4f} -> {cal['nll_after']:.4f}"]
+    lines = [("Test-time augmentation (--tta): each photo's prediction averaged with its mirror image's"
+              if report.get("tta") else "Test-time augmentation: none"),
+             (f"Calibration ({cal['bins']} bins): temperature {cal['temperature']:.3f}; "
+              f"ECE {cal['ece_before']:.4f} -> {cal['ece_after']:.4f}; NLL {cal['nll_before']:.4f} -> {cal['nll_after']:.4f}")]
     if verdict["unknown_verdict"]:
         lines.append(f"Answered (not 'unknown'): {report['coverage']:.2%} of the photos "
                      f"(threshold in_distribution {verdict['threshold']:g}); accuracy on them "

@@ -7,7 +7,9 @@ POST /predict  multipart form field `files` (repeatable) -> [{filename, label, p
 POST /explain  multipart form field `file` (one photo) -> PNG: the model's view with its Grad-CAM heat map
                for the best class (501 with the reason for an ONNX model: no gradients there)
 GET /health    {"status": "ok", "images": classified so far, "forward_passes": ...}
-GET /model     classes, backbone, preprocessing, validation accuracy, limits, calibration and verdict, explain
+GET /model     classes, backbone, preprocessing, validation accuracy, limits, calibration and verdict, explain,
+               runtime and "tta" (whether each photo is averaged with its mirror image: serve --tta, or an
+               ONNX file exported with --tta)
 
 Bad files are judged one by one.  A request with at least one usable photo answers 200 with a
 list in upload order where each unusable file has an entry {filename, error}.  A request with no
@@ -211,14 +213,15 @@ def explain_png(predictor, image, lock: threading.Lock) -> bytes:
 
 def create_app(model_path: str | Path, max_upload_mb: int = 10, runtime: str = "auto",
                precision: str = "fp32", limit_concurrency: int | None = None,
-               allowed_hosts: set[str] | None = None, unknown: bool = True) -> FastAPI:
+               allowed_hosts: set[str] | None = None, unknown: bool = True, tta: bool = False) -> FastAPI:
     """The service for one model file.  ModelFileError if the file is unusable or its model does not
     run: the service never starts on a model that would fail every request.
 
     limit_concurrency: requests in progress beyond it are answered 503; allowed_hosts: Host names
     answered (None: any, for a service reachable under names we cannot know); unknown=False never
-    answers "unknown" (--no-unknown)."""
-    predictor = load_predictor(model_path, runtime, precision=precision, unknown=unknown)
+    answers "unknown" (--no-unknown); tta=True averages each photo with its mirror image (--tta; the
+    /explain heat maps stay the plain model's)."""
+    predictor = load_predictor(model_path, runtime, precision=precision, unknown=unknown, tta=tta)
     size = predictor.preprocessing["input_size"]
     try:
         predictor.logits(torch.zeros(1, 3, size, size))
@@ -342,7 +345,7 @@ def create_app(model_path: str | Path, max_upload_mb: int = 10, runtime: str = "
 def serve(model_path: str | Path, host: str = "127.0.0.1", port: int = 8000, max_upload_mb: int = 10,
           runtime: str = "auto", precision: str = "fp32", timeout_keep_alive: float = TIMEOUT_KEEP_ALIVE,
           timeout_request: float = TIMEOUT_REQUEST, limit_concurrency: int = LIMIT_CONCURRENCY,
-          unknown: bool = True) -> int:
+          unknown: bool = True, tta: bool = False) -> int:
     """Run the service until Ctrl+C (0); 1 if it could not start (e.g. the port is in use).
 
     timeout_keep_alive: an idle connection is closed after it; timeout_request: a request whose
@@ -355,7 +358,8 @@ def serve(model_path: str | Path, host: str = "127.0.0.1", port: int = 8000, max
 
     loopback = host_name(host) in LOOPBACK_NAMES or host.startswith("127.")
     app = create_app(model_path, max_upload_mb, runtime, precision, limit_concurrency,
-                     allowed_hosts={*LOOPBACK_NAMES, host_name(host)} if loopback else None, unknown=unknown)
+                     allowed_hosts={*LOOPBACK_NAMES, host_name(host)} if loopback else None, unknown=unknown,
+                     tta=tta)
     if not loopback:
         print(f"warning: listening on {host}: anyone who can reach this machine can use the service "
               "(there is no authentication)", flush=True)
