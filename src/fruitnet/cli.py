@@ -423,7 +423,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "purple (with --explain: the heat maps)")
     p.add_argument("--explain", metavar="DIR",
                    help="write one Grad-CAM overlay per photo into DIR: where the network looked (PyTorch models; "
-                        "with --tta, the plain model's view of the photo itself)")
+                        "with --tta, the heat maps are still the plain model's, of the photo without its mirror)")
     _add_batch_size(p)
     _add_legacy(p)
     _add_no_unknown(p)
