@@ -11,7 +11,7 @@ from fruitnet.errors import UsageError
 
 def test_recipes_refuse_unknown_values():
     seed = RECIPES["seed"]
-    with pytest.raises(UsageError, match="optimizer must be one of sgd, adamw, not 'adam'"):
+    with pytest.raises(UsageError, match="optimizer must be one of sgd, adamw, lbfgs, not 'adam'"):
         replace(seed, optimizer="adam")  # must not silently become AdamW
     with pytest.raises(UsageError, match="augment must be one of"):
         replace(seed, augment="heavy")
@@ -31,8 +31,16 @@ def test_the_seed_recipe_is_the_original_project():
 
 
 def test_resolve_fills_from_the_recipe_and_keeps_what_was_given():
-    fast = resolve(TrainConfig(data="x"))
-    assert (fast.epochs, fast.lr, fast.weight_decay, fast.batch_size) == (8, 0.001, 0.05, 32)
+    default = resolve(TrainConfig(data="x"))
+    assert (default.recipe, default.mode, default.backbone) == ("probe", "freeze", "efficientnet_lite1")
+    assert (default.epochs, default.lr, default.weight_decay, default.batch_size) == (5, 1.0, 0.001, 32)
+    fast = resolve(TrainConfig(data="x", mode="unfreeze"))  # --mode unfreeze alone: the fine-tuning recipe
+    assert (fast.recipe, fast.epochs, fast.lr, fast.weight_decay, fast.batch_size) == ("fast", 8, 0.001, 0.05, 32)
+    assert resolve(TrainConfig(data="x", recipe="seed")).mode == "unfreeze"
+    with pytest.raises(UsageError, match="needs --mode freeze"):
+        resolve(TrainConfig(data="x", recipe="probe", mode="unfreeze"))
+    with pytest.raises(UsageError, match="feature cache"):
+        resolve(TrainConfig(data="x", feature_cache=False))
     given = resolve(TrainConfig(data="x", recipe="seed", lr=0.01, epochs=3))
     assert (given.lr, given.epochs, given.weight_decay) == (0.01, 3, 0.01)
     assert RECIPES["fast"].low_res_epochs(8) == 4 and RECIPES["seed"].low_res_epochs(30) == 0
@@ -44,7 +52,7 @@ def test_resume_accepts_only_how_to_run_not_what_to_train():
     assert config.epochs == 12 and config.workers == 0 and config.lr == saved["lr"]
     assert resume_config(saved, {"lr": saved["lr"]}).lr == saved["lr"]  # the same value again is harmless
     with pytest.raises(UsageError, match="--lr, --mode cannot change"):
-        resume_config(saved, {"lr": 0.5, "mode": "freeze"})
+        resume_config(saved, {"lr": 0.5, "mode": "unfreeze"})
     assert set(RESUMABLE) == {"epochs", "device", "workers", "precision"}
     older = {k: v for k, v in saved.items() if k != "balance"}  # a run saved before --balance existed
     assert resume_config(older, {}).balance == "none" and resume_config(saved, {}).balance == "auto"
@@ -57,7 +65,7 @@ def test_command_line_options_and_help_come_from_trainconfig_and_the_recipes():
         if f.name != "data":
             assert getattr(args, f.name) is None  # not given: the recipe or TrainConfig decides
     train = next(a for a in parser._subparsers._group_actions[0].choices["train"]._actions if a.dest == "epochs")
-    assert train.help.endswith(f"(default: the recipe's: seed {RECIPES['seed'].epochs}, fast {RECIPES['fast'].epochs})")
+    assert train.help.endswith(f"(default: the recipe's: " + ", ".join(f"{n} {r.epochs}" for n, r in RECIPES.items()) + ")")
     args = parser.parse_args(["train", "photos", "--no-image-cache", "--tensorboard", "--epochs", "3"])
     assert (args.image_cache, args.tensorboard, args.epochs) == (False, True, 3)
 

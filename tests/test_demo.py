@@ -9,7 +9,8 @@ def test_demo_trains_evaluates_and_draws_offline(tmp_path):
     out = tmp_path / "demo"
     result = run_cli("demo", "--out", out)
     assert result.returncode == 0, result.stderr
-    assert "the same as: fruitnet train " in result.stdout and "--mode freeze" in result.stdout
+    assert "the same as: fruitnet train " in result.stdout and "efficientnet_lite1 (ImageNet weights, offline; " \
+        "freeze, recipe probe)" in result.stdout  # the defaults, as `fruitnet train DATA` uses them
     for name in ("run/best.safetensors", "run/curves.png", "evaluation/confusion.png", "evaluation/mistakes.png",
                  "predictions.png"):
         assert (out / name).is_file() and (out / name).stat().st_size > 1000, name

@@ -128,7 +128,7 @@ def test_bf16_predictions_agree_with_fp32(trained_model, demo_data):
 
 def test_fast_recipe_unfrozen_learns_and_records_what_it_did(demo_data, tmp_path):
     run = tmp_path / "fast"
-    summary = train(TrainConfig(data=str(demo_data / "train"), out=str(run), backbone="efficientnet_lite0",
+    summary = train(TrainConfig(mode="unfreeze", data=str(demo_data / "train"), out=str(run), backbone="efficientnet_lite0",
                                 epochs=3, batch_size=16), log=quiet)
     config = json.loads((run / "config.json").read_text())
     assert config["train"]["recipe"] == "fast" and config["recipe"]["optimizer"] == "adamw"
@@ -188,7 +188,7 @@ def test_progressive_resizing_reaches_decoding_workers(demo_data):
 
     catalog = scan(demo_data / "test", progress=False)
     pre = get_backbone("efficientnet_lite0").preprocessing
-    config = resolve(TrainConfig(data=str(demo_data / "test"), image_cache=False, workers=2, epochs=4))
+    config = resolve(TrainConfig(mode="unfreeze", data=str(demo_data / "test"), image_cache=False, workers=2, epochs=4))
     model, _ = create_classifier("efficientnet_lite0", 3, "none")
     pipeline = build_pipeline(config, RECIPES["fast"], pre, catalog.classes, catalog.usable, catalog.usable[:4],
                               model.body, torch.device("cpu"), choose("fp32", torch.device("cpu")), 8, quiet)
@@ -200,7 +200,7 @@ def test_progressive_resizing_reaches_decoding_workers(demo_data):
 def test_the_recipe_trains_the_same_with_or_without_the_image_cache(demo_data, tmp_path):
     runs = {}
     for name, cache in (("cached", True), ("uncached", False)):
-        train(TrainConfig(data=str(demo_data / "test"), out=str(tmp_path / name), backbone="efficientnet_lite0",
+        train(TrainConfig(mode="unfreeze", data=str(demo_data / "test"), out=str(tmp_path / name), backbone="efficientnet_lite0",
                           epochs=2, batch_size=8, precision="fp32", image_cache=cache, workers=0), log=quiet)
         runs[name] = metrics(tmp_path / name)
         assert json.loads((tmp_path / name / "config.json").read_text())["train"]["image_cache"] is cache
@@ -241,7 +241,7 @@ def test_wise_ft_saves_the_mix_of_head_only_and_fine_tuned_weights(demo_data, tm
     from fruitnet.backbones import create_body
 
     run = tmp_path / "wise"
-    train(TrainConfig(data=str(demo_data / "test"), out=str(run), backbone="efficientnet_lite0", epochs=2,
+    train(TrainConfig(mode="unfreeze", data=str(demo_data / "test"), out=str(run), backbone="efficientnet_lite0", epochs=2,
                       batch_size=8, wise=0.5), log=quiet)
     checkpoint = torch.load(run / "checkpoint.pt", weights_only=True)
     start, tuned, saved = checkpoint["wise_start"], checkpoint["model"], load_file(run / "last.safetensors")

@@ -38,10 +38,11 @@ class Recipe:
     that --epochs, --lr, --weight-decay and --batch-size replace."""
 
     description: str
-    optimizer: Literal["sgd", "adamw"]
+    optimizer: Literal["sgd", "adamw", "lbfgs"]  # lbfgs: full batch on cached features (freeze only)
     lr: float
-    weight_decay: float
+    weight_decay: float  # lbfgs: an L2 penalty weight_decay/2 x |W|^2 added to the mean loss
     epochs: int
+    mode: Literal["freeze", "unfreeze"] = "unfreeze"  # what --mode defaults to with this recipe
     batch_size: int = 32
     momentum: float = 0.0
     schedule: Literal["constant", "cosine"] = "constant"
@@ -56,6 +57,7 @@ class Recipe:
     low_res_fraction: float = 0.0  # ... for this share of the epochs, then at the model's input size
     drop_last: bool = False  # one batch shape per resolution: bf16 kernels are compiled per shape
     wise: float = 1.0  # unfreeze: WiSE-FT, the saved model is (1 - wise) x head-only + wise x fine-tuned
+    lbfgs_iterations: int = 25  # per epoch, with optimizer lbfgs
 
     def __post_init__(self):
         _check_literals(self)
@@ -72,6 +74,15 @@ class Recipe:
 
 
 RECIPES: dict[str, Recipe] = {
+    # Chosen by measurement (bench/bench_transfer.py): on photos from other sources the pretrained
+    # features with a fully fitted linear head beat every fine-tuned variant, in seconds.
+    "probe": Recipe(
+        description="frozen body: logistic regression on the pretrained features, fitted to convergence "
+                    "(full-batch L-BFGS on cached features)",
+        optimizer="lbfgs", lr=1.0, weight_decay=0.001, epochs=5, mode="freeze"),
+    "probe-aug": Recipe(
+        description="probe, with 3 augmented feature views besides the plain one",
+        optimizer="lbfgs", lr=1.0, weight_decay=0.001, epochs=10, mode="freeze", augment="light", feature_views=4),
     "seed": Recipe(
         description="the original project exactly: plain SGD, constant lr, no augmentation",
         optimizer="sgd", lr=0.001, weight_decay=0.01, epochs=30),
@@ -83,7 +94,9 @@ RECIPES: dict[str, Recipe] = {
         label_smoothing=0.1, augment="light", feature_views=4, head_warmup_epochs=40,
         low_res_size=160, low_res_fraction=0.5, drop_last=True),
 }
-DEFAULT_RECIPE = "fast"
+DEFAULT_RECIPE = "probe"
+UNFREEZE_RECIPE = "fast"  # the recipe when only --mode unfreeze is given
+DEFAULT_BACKBONE = "efficientnet_lite1"  # the best offline backbone by bench/bench_transfer.py
 
 
 def _opt(default, help: str, **argparse):
@@ -99,12 +112,13 @@ class TrainConfig:
     val_dir: str | None = _opt(None, "a separate labelled folder for validation (instead of splitting DATA)",
                                flag="--val", metavar="DIR")
     out: str | None = _opt(None, "run folder (default runs/<timestamp>); never overwritten", metavar="RUN")
-    backbone: str = _opt("resnet18", "pretrained network to fine-tune", choices="backbones")
+    backbone: str = _opt(DEFAULT_BACKBONE, "pretrained network to fine-tune (resnet18, the original project's, "
+                                           "needs its weights downloadable or --weights FILE)", choices="backbones")
     weights: str = _opt("imagenet", "imagenet | none | FILE (a state dict)")
-    mode: Literal["freeze", "unfreeze"] = _opt(
-        "unfreeze", "freeze: only the new last layer learns; unfreeze: every layer learns")
-    recipe: str = _opt(DEFAULT_RECIPE, "training recipe ('seed' is the original project's exactly)",
-                       choices="recipes")
+    mode: Literal["freeze", "unfreeze"] | None = _opt(
+        None, "freeze: only the new last layer learns; unfreeze: every layer learns", recipe=True)
+    recipe: str | None = _opt(None, f"training recipe (default: {DEFAULT_RECIPE}, or {UNFREEZE_RECIPE} with --mode "
+                                    "unfreeze; 'seed' is the original project's exactly)", choices="recipes")
     epochs: int | None = _opt(None, "passes over the training photos", type="positive_int", recipe=True)
     batch_size: int | None = _opt(None, "photos per step (the global batch under torchrun)",
                                   type="positive_int", recipe=True)
@@ -144,9 +158,15 @@ class TrainConfig:
 RESUMABLE = ("epochs", "device", "workers", "precision")
 
 
+def recipe_name(config: TrainConfig) -> str:
+    if config.recipe is not None:
+        return config.recipe
+    return UNFREEZE_RECIPE if config.mode == "unfreeze" else DEFAULT_RECIPE
+
+
 def recipe_for(config: TrainConfig) -> Recipe:
     try:
-        return RECIPES[config.recipe]
+        return RECIPES[recipe_name(config)]
     except KeyError:
         raise UsageError(f"unknown recipe {config.recipe!r}; choose one of: {', '.join(RECIPES)}") from None
 
@@ -154,8 +174,13 @@ def recipe_for(config: TrainConfig) -> Recipe:
 def resolve(config: TrainConfig) -> TrainConfig:
     """Fill what the user left to the recipe; what the user gave is kept exactly."""
     recipe = recipe_for(config)
-    return replace(config, **{f.name: getattr(recipe, f.name) for f in fields(config)
-                              if f.metadata.get("recipe") and getattr(config, f.name) is None})
+    config = replace(config, recipe=recipe_name(config), **{
+        f.name: getattr(recipe, f.name) for f in fields(config)
+        if f.metadata.get("recipe") and getattr(config, f.name) is None})
+    if recipe.optimizer == "lbfgs" and (config.mode != "freeze" or not config.feature_cache):
+        raise UsageError(f"the {config.recipe} recipe fits the last layer on cached features: it needs --mode freeze "
+                         "and the feature cache (for fine-tuning every layer use --recipe fast)")
+    return config
 
 
 def resume_config(saved: dict, given: dict) -> TrainConfig:

@@ -11,23 +11,20 @@ from fruitnet.images import load_image
 from fruitnet.metrics import format_report
 from fruitnet.plots import plot_prediction_grid
 from fruitnet.predictors import TorchPredictor, expand_paths
-from fruitnet.config import TrainConfig
+from fruitnet.config import TrainConfig, resolve
 from fruitnet.training import train
 
 DEMO_DATA = Path(str(files("fruitnet") / "demo_data"))
 
 
-# 90 studio shots: a frozen body with a head trained at a higher rate is enough, and takes seconds
-DEMO_SETTINGS = {"backbone": "efficientnet_lite0", "mode": "freeze", "epochs": 10, "lr": 0.01, "batch_size": 16}
-
-
 def run_demo(out: Path | None = None) -> dict:
+    """The default training (no options: what `fruitnet train DATA` does), on the bundled sample."""
     out = out or Path("runs") / f"demo-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
-    config = TrainConfig(data=str(DEMO_DATA / "train"), out=str(out / "run"), **DEMO_SETTINGS)
-    flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in DEMO_SETTINGS.items())
-    print(f"fruitnet demo: EfficientNet-Lite0 (ImageNet weights, offline) on {DEMO_DATA}\n"
+    config = resolve(TrainConfig(data=str(DEMO_DATA / "train"), out=str(out / "run")))
+    print(f"fruitnet demo: {config.backbone} (ImageNet weights, offline; {config.mode}, recipe {config.recipe}) "
+          f"on {DEMO_DATA}\n"
           "  (90 Fruits-360 studio shots, CC BY-SA 4.0; see ATTRIBUTION.md there)\n"
-          f"  the same as: fruitnet train {config.data} {flags} --out {config.out}\n")
+          f"  the same as: fruitnet train {config.data} --out {config.out}\n")
     summary = train(config)
     print("\nevaluating on the 30 held-out test images ...")
     report = evaluate(summary["model"], DEMO_DATA / "test", out / "evaluation")
@@ -36,7 +33,8 @@ def run_demo(out: Path | None = None) -> dict:
     paths, _ = expand_paths([str(DEMO_DATA / "test")])
     sample = paths[::3]
     results = predictor.predict_paths(sample)
-    titles = [f"{r['label']} {r['probabilities'][r['label']]:.0%}" for r in results]
+    best = [r.get("best_guess", r["label"]) for r in results]  # label may be "unknown"
+    titles = [f"{r['label']} {r['probabilities'][b]:.0%}" for r, b in zip(results, best)]
     colors = ["green" if r["label"] == Path(r["path"]).parent.name else "red" for r in results]
     plot_prediction_grid([load_image(p) for p in sample], titles, out / "predictions.png", colors=colors, names=sample)
     print(f"\ndemo outputs in {out}/:\n"

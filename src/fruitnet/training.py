@@ -117,6 +117,9 @@ def make_optimizer(params, recipe: Recipe, lr: float, weight_decay: float) -> to
         return torch.optim.SGD(params, lr=lr, momentum=recipe.momentum, weight_decay=weight_decay)
     if recipe.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    if recipe.optimizer == "lbfgs":  # weight_decay enters the loss instead (fit_head_lbfgs)
+        return torch.optim.LBFGS(params, lr=lr, max_iter=recipe.lbfgs_iterations, history_size=20,
+                                 line_search_fn="strong_wolfe")
     raise UsageError(f"unknown optimizer {recipe.optimizer!r}")
 
 
@@ -155,6 +158,26 @@ def fit_epoch(net: nn.Module, loader, device, optimizer, loss_fn, arith: Arithme
         n += len(y)
     total_loss, correct, n = distributed.sum_across(total_loss, correct, n)
     return EpochResult(total_loss / max(n, 1), correct / max(n, 1))
+
+
+def fit_head_lbfgs(head: nn.Linear, views: list, device, optimizer, loss_fn, l2: float) -> EpochResult:
+    """One epoch of the probe recipe: L-BFGS iterations on every cached feature view at once
+    (logistic regression, L2 penalty on the weights).  Every rank holds all the features and
+    computes the same step, so no gradient exchange is needed under torchrun."""
+    x = torch.cat([v.tensors[0] for v in views]).to(device)
+    y = torch.cat([v.tensors[1] for v in views]).to(device)
+    head.train()
+
+    def closure():
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn(head(x), y) + l2 / 2 * head.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    with torch.no_grad():
+        logits = head(x)
+        return EpochResult(loss_fn(logits, y).item(), (logits.argmax(1) == y).float().mean().item())
 
 
 @torch.no_grad()
@@ -244,6 +267,9 @@ def _fit(config: TrainConfig, saved: SavedRun | None, log) -> dict:
     log(f"split: {len(data.train)} train, {len(data.val)} validation")
     for warning in data.report.get("warnings", []):
         log(f"warning: {warning}")
+    if config.balance == "sampler" and recipe.optimizer == "lbfgs":
+        raise UsageError(f"--balance sampler draws batches; the {config.recipe} recipe fits on all photos at once: "
+                         "use --balance weights")
     if config.balance == "sampler" and world.distributed:
         raise UsageError("--balance sampler is not supported under torchrun; use --balance weights")
     balance = balance_for(config, data, log)
@@ -293,6 +319,10 @@ def _fit(config: TrainConfig, saved: SavedRun | None, log) -> dict:
         log(f"WiSE-FT: the saved model is {1 - config.wise:g} x head-only + {config.wise:g} x fine-tuned")
 
     net = model.head if pipeline.feature_views is not None else model  # what the epochs run
+    full_batch = recipe.optimizer == "lbfgs"
+    if full_batch and checkpoint is None:  # the same start on every rank: the fit is deterministic
+        nn.init.zeros_(model.head.weight)
+        nn.init.zeros_(model.head.bias)
     optimizer = make_optimizer(net.parameters() if net is model.head else model.trainable_parameters(),
                                recipe, config.lr, config.weight_decay)
     scheduler = make_scheduler(optimizer, recipe, config.epochs, len(pipeline.train_loader(1)))
@@ -323,8 +353,11 @@ def _fit(config: TrainConfig, saved: SavedRun | None, log) -> dict:
             loader = pipeline.train_loader(epoch)
             distributed.set_epoch(loader, epoch)
             lr = optimizer.param_groups[0]["lr"]
-            fit = fit_epoch(parallel_net, loader, device, optimizer, loss_fn, arith, scheduler,
-                            desc=f"epoch {epoch}/{config.epochs}")
+            if full_batch:
+                fit = fit_head_lbfgs(net, pipeline.feature_views, device, optimizer, loss_fn, config.weight_decay)
+            else:
+                fit = fit_epoch(parallel_net, loader, device, optimizer, loss_fn, arith, scheduler,
+                                desc=f"epoch {epoch}/{config.epochs}")
             distributed.sync_buffers(net)  # every rank validates exactly the model rank 0 saves
             tuned = _copy_state(model) if mixing else None
             if mixing:
