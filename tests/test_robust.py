@@ -1,5 +1,4 @@
-"""Robust fine-tuning pieces: WiSE-FT interpolation, learning rates per layer, EMA, TTA (and its ONNX
-export), augmentations by name, mixup/cutmix."""
+"""Robust fine-tuning pieces: WiSE-FT interpolation, TTA (and its ONNX export)."""
 
 import copy
 
@@ -10,8 +9,7 @@ from PIL import Image
 
 from fruitnet.backbones import get_backbone
 from fruitnet.model import create_classifier
-from fruitnet.robust import (AUGMENTATION_PIECES, TTA, Mosaic, _white_background, augmentation, batch_mix, body_layers, ema,
-                             interpolate, param_groups)
+from fruitnet.robust import TTA, interpolate
 from fruitnet.transforms import eval_transform
 
 
@@ -62,39 +60,6 @@ def test_wise_ft_refuses_models_that_do_not_line_up():
         interpolate(a, a, 1.5)
 
 
-def test_param_groups_give_the_body_a_lower_rate_decaying_towards_the_input():
-    model = small_classifier()
-    groups = param_groups(model, lr=1e-3, body_lr_scale=0.1, layer_decay=0.5)
-    assert groups[0]["name"] == "head" and groups[0]["lr"] == 1e-3
-    layers = body_layers(model.body)  # conv1, bn1, 8 basic blocks
-    assert len(layers) == 10 and len(groups) == 11
-    assert groups[1]["name"] == "body.9" and groups[1]["lr"] == pytest.approx(1e-4)
-    assert groups[2]["lr"] == pytest.approx(5e-5) and groups[-1]["lr"] == pytest.approx(1e-4 * 0.5 ** 9)
-    ids = [id(p) for g in groups for p in g["params"]]
-    assert len(ids) == len(set(ids)) == len(list(model.parameters()))  # each parameter exactly once
-    flat = param_groups(model, lr=1e-3, body_lr_scale=0.1)
-    assert [g["lr"] for g in flat[1:]] == pytest.approx([1e-4] * 10)
-    model.set_mode("freeze")
-    assert [g["name"] for g in param_groups(model, lr=1e-3, body_lr_scale=0.1)] == ["head"]
-
-
-def test_ema_follows_the_closed_form_and_averages_batchnorm_statistics():
-    net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
-    averaged = ema(net, decay=0.9)
-    values = [1.0, 2.0, 4.0]
-    expected = None
-    for i, v in enumerate(values):
-        with torch.no_grad():
-            net[0].weight.fill_(v)
-            net[1].running_mean.fill_(10 * v)
-            net[1].num_batches_tracked.fill_(i + 1)
-        averaged.update_parameters(net)
-        expected = v if expected is None else 0.9 * expected + 0.1 * v  # the first update copies
-    assert torch.allclose(averaged.module[0].weight, torch.full((2, 2), expected))
-    assert torch.allclose(averaged.module[1].running_mean, torch.full((2,), 10 * expected))
-    assert averaged.module[1].num_batches_tracked == 3  # a counter is copied, not averaged
-
-
 def test_tta_averages_the_photo_and_its_mirror():
     model = small_classifier().eval()
     x = torch.randn(3, 3, 64, 64)
@@ -133,92 +98,3 @@ def test_tta_exports_to_onnx_with_parity(tmp_path):
     with torch.no_grad():  # and the file really averages views: it differs from the plain model
         x = torch.stack([eval_transform(pre)(im) for im in images[:4]])
         assert not torch.allclose(wrapped(x), model(x), atol=1e-3)
-
-
-def test_augmentations_by_name():
-    pre = get_backbone("efficientnet_lite0").preprocessing
-    img = torch.randint(0, 256, (3, 256, 300), dtype=torch.uint8)
-    assert torch.equal(augmentation("none", pre)(img), img[:, 16:240, 38:262])
-    for name in ["light"] + [f"light+{p}" for p in AUGMENTATION_PIECES] + ["light+trivial+erasing"]:
-        out = augmentation(name, pre)(img)
-        assert out.shape == (3, 224, 224) and out.dtype == torch.uint8, name
-    assert augmentation("light", pre, size=160)(img).shape == (3, 160, 160)
-    flips = {augmentation("flip", pre)(img)[0, 0, 0].item() for _ in range(40)}  # the centre crop, or its mirror
-    assert flips == {img[0, 16, 38].item(), img[0, 16, 261].item()}
-    assert augmentation("flip+tile", pre)(img).shape == (3, 224, 224)
-    for bad in ("heavy", "light+sparkles", "trivial"):
-        with pytest.raises(ValueError, match="augmentation"):
-            augmentation(bad, pre)
-
-
-def test_tile_piece_repeats_the_image_in_a_grid():
-    from fruitnet.robust import _tile
-
-    img = torch.zeros(3, 60, 60, dtype=torch.uint8)
-    img[:, :, :30] = 200  # left half bright
-    out = _tile(p=1.0, grids=(2,))(img)
-    assert out.shape == img.shape and out.dtype == torch.uint8
-    for row in (5, 35):  # each tile is the image at half size: bright, dark, bright, dark across
-        assert [int(out[0, row, c] > 100) for c in (5, 20, 35, 50)] == [1, 0, 1, 0]
-
-
-def test_background_piece_replaces_only_the_white_surround():
-    img = torch.full((3, 40, 40), 255, dtype=torch.uint8)
-    img[:, 10:30, 10:30] = torch.tensor([200, 20, 30], dtype=torch.uint8).view(3, 1, 1)  # a red fruit
-    torch.manual_seed(0)
-    out = _white_background(p=1.0)(img)
-    assert torch.equal(out[:, 10:30, 10:30], img[:, 10:30, 10:30])
-    outside = torch.ones(40, 40, dtype=torch.bool)
-    outside[10:30, 10:30] = False
-    assert (out[:, outside] != 255).any(0).float().mean() > 0.9
-    assert torch.equal(_white_background(p=0.0)(img), img)
-
-
-def test_mixup_and_cutmix_give_soft_labels():
-    x, y = torch.rand(8, 3, 32, 32), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
-    for name in ("mixup", "cutmix", "mixup/cutmix"):
-        torch.manual_seed(1)
-        mx, soft = batch_mix(name, 3)(x, y)
-        assert mx.shape == x.shape and soft.shape == (8, 3)
-        assert torch.allclose(soft.sum(1), torch.ones(8))
-        assert (soft.max(1).values < 1).any()  # some labels really are mixed
-    assert batch_mix("none", 3) is None
-    for bad in ("blend", "mosaic+blend", "mosaics"):
-        with pytest.raises(ValueError, match="batch mix"):
-            batch_mix(bad, 3)
-    mx, soft = batch_mix("mosaic+mixup", 3)(x, y)
-    assert soft.shape == (8, 3)
-
-
-def test_mosaic_tiles_photos_of_the_same_class_and_keeps_labels():
-    # each image a flat colour: its class and its own index, so the tiles can be traced back
-    y = torch.tensor([0, 0, 0, 1, 1, 1])
-    x = torch.stack([torch.full((3, 12, 12), float(10 * c + i)) for i, c in enumerate(y.tolist())])
-    torch.manual_seed(0)
-    out, labels = Mosaic(p=1.0, grids=(2,))(x, y)
-    assert torch.equal(labels, y) and out.shape == x.shape
-    for i, c in enumerate(y.tolist()):
-        quadrants = {out[i, 0, r, q].item() for r in (1, 10) for q in (1, 10)}
-        own_class = {float(10 * c + j) for j in range(6) if y[j] == c}
-        assert quadrants <= own_class  # every tile is a photo of the same class
-    assert torch.equal(Mosaic(p=0.0)(x, y)[0], x)
-
-
-@pytest.mark.parametrize("backbone, size", [("resnet18", 64), ("efficientnet_lite0", 96)])
-def test_split_body_prefix_then_suffix_is_the_body(backbone, size):
-    from fruitnet.robust import split_body
-
-    torch.manual_seed(0)
-    model, _ = create_classifier(backbone, 3, "none")
-    body = model.body.eval()
-    x = torch.randn(2, 3, size, size)
-    layers = body_layers(body)
-    for tuned in (1, 3, len(layers)):
-        prefix, suffix = split_body(body, tuned)
-        with torch.no_grad():
-            assert torch.equal(suffix(prefix(x)), body(x))
-        tuned_params = {id(p) for layer in layers[-tuned:] for p in layer.parameters()}
-        assert {id(p) for p in suffix.parameters()} == tuned_params  # the suffix holds exactly the tuned layers
-        assert not any(id(p) in tuned_params for p in prefix.parameters())
-    with pytest.raises(ValueError, match="tuned_layers"):
-        split_body(body, 0)
