@@ -65,7 +65,7 @@ def test_training_records_and_applies_the_balance(lopsided, tmp_path, balance, m
     monkeypatch.setattr(torch.nn, "CrossEntropyLoss", spy)
     lines = []
     train(TrainConfig(data=str(lopsided), out=str(tmp_path / "run"), backbone="efficientnet_lite0", mode="freeze",
-                      epochs=1, batch_size=16, workers=0, balance=balance), log=lambda *a: lines.append(" ".join(map(str, a))))
+                      recipe="fast", epochs=1, batch_size=16, workers=0, balance=balance), log=lambda *a: lines.append(" ".join(map(str, a))))
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["train"]["balance"] == balance and config["balance"]["mode"] == mode
     assert any(line.startswith("balance: ") and config["balance"]["reason"] in line for line in lines)
@@ -91,3 +91,16 @@ def test_training_leaves_out_the_excluded_photos(lopsided, tmp_path):
     assert len(report["excluded"]) == 4 and report["exclude_unmatched"] == ["strawberry/not-there.jpg"]
     assert any("strawberry/not-there.jpg" in line for line in lines)
     assert json.loads((tmp_path / "run" / "config.json").read_text())["excluded"] == 4
+
+
+def test_the_probe_recipe_weights_its_full_batch_loss_and_refuses_the_sampler(lopsided, tmp_path):
+    """The probe fits on every photo at once: class weights enter its loss; a sampler cannot."""
+    summary = train(TrainConfig(data=str(lopsided), out=str(tmp_path / "run"), backbone="efficientnet_lite0",
+                                workers=0), log=lambda *a: None)
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["train"]["recipe"] == "probe" and config["balance"]["mode"] == "weights"
+    assert summary["best_val_accuracy"] > 0.5
+    with pytest.raises(UsageError, match="--balance weights"):
+        train(TrainConfig(data=str(lopsided), out=str(tmp_path / "run2"), backbone="efficientnet_lite0",
+                          balance="sampler"), log=lambda *a: None)
+    assert not (tmp_path / "run2").exists()  # refused before anything was written

@@ -56,7 +56,7 @@ def test_awkward_folder_trains_predicts_and_evaluates(awkward, tmp_path):
     root, info = awkward
     run = tmp_path / "run"
     result = run_cli("train", root, "--backbone", "efficientnet_lite0", "--mode", "freeze", "--epochs", "2",
-                     "--lr", "0.01", "--out", run)
+                     "--out", run)
     assert result.returncode == 1, result.stderr  # the run is complete; some image files could not be used
     assert RUN_FILES <= {p.name for p in run.iterdir()}
     for rel in info["unusable"]:
@@ -195,7 +195,7 @@ def test_ctrl_c_leaves_a_resumable_run_that_resumes_from_another_directory(tmp_p
     run = tmp_path / "run"
     # started from the repository with a relative DATA path, as a user would
     proc = subprocess.Popen([sys.executable, "-m", "fruitnet", "train", "demo_data/train", "--backbone",
-                             "efficientnet_lite0", "--mode", "freeze", "--no-feature-cache", "--workers", "0",
+                             "efficientnet_lite0", "--mode", "freeze", "--recipe", "fast", "--no-feature-cache", "--workers", "0",
                              "--epochs", "6", "--lr", "0.01", "--out", str(run)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=demo_data.parent)
     metrics = run / "metrics.csv"

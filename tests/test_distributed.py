@@ -206,7 +206,7 @@ def test_two_processes_freeze_with_feature_cache_and_default_run_folder(shapes, 
     """Freeze mode: each rank extracts its shard of features; no --out: one timestamped folder."""
     work = tmp_path / "work"
     work.mkdir()
-    result = torchrun(shapes, "--mode", "freeze", "--epochs", "2", "--lr", "0.05", *COMMON, cwd=work)
+    result = torchrun(shapes, "--mode", "freeze", "--epochs", "2", *COMMON, cwd=work)  # the probe recipe: L-BFGS
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("feature pass") == 1
     runs = list((work / "runs").iterdir())

@@ -213,7 +213,7 @@ def test_frozen_training_without_the_feature_cache_is_the_same_recipe(demo_data,
     """No head warm-up in freeze mode, cached features or not (the head is all that trains)."""
     lines = []
     train(TrainConfig(data=str(demo_data / "test"), out=str(tmp_path / "run"), backbone="efficientnet_lite0",
-                      mode="freeze", epochs=1, batch_size=8, feature_cache=False, workers=0), log=lines.append)
+                      mode="freeze", recipe="fast", epochs=1, batch_size=8, feature_cache=False, workers=0), log=lines.append)
     assert not any("warm-up" in line for line in lines) and any("training efficientnet_lite0" in l for l in lines)
 
 

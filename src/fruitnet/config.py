@@ -89,10 +89,11 @@ RECIPES: dict[str, Recipe] = {
     # Chosen by measurement (bench/bench_train.py): see the README's results.
     "fast": Recipe(
         description="head warm-up on cached features, then AdamW, cosine, label smoothing, "
-                    "random-resized crops and flips, low resolution first",
+                    "random-resized crops and flips, low resolution first; saves the WiSE-FT mix (0.5)",
         optimizer="adamw", lr=0.001, weight_decay=0.05, epochs=8, schedule="cosine", warmup_epochs=0.5,
         label_smoothing=0.1, augment="light", feature_views=4, head_warmup_epochs=40,
-        low_res_size=160, low_res_fraction=0.5, drop_last=True),
+        low_res_size=160, low_res_fraction=0.5, drop_last=True,
+        wise=0.5),  # WiSE-FT halfway: better on other sources and on its own split (bench_transfer.py)
 }
 DEFAULT_RECIPE = "probe"
 UNFREEZE_RECIPE = "fast"  # the recipe when only --mode unfreeze is given
