@@ -47,7 +47,7 @@ def trained_model(tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("trained") / "run"
     summary = train(TrainConfig(data=str(DEMO_DATA / "train"), out=str(out), backbone="efficientnet_lite0",
-                                workers=0),
+                                mode="freeze", recipe="fast", epochs=5, lr=0.01, batch_size=16, workers=0),
                     log=lambda *a: None)
     return Path(summary["model"])
 

@@ -70,7 +70,8 @@ def test_awkward_folder_trains_predicts_and_evaluates(awkward, tmp_path):
     assert {"best_val_accuracy", "best_epoch", "epochs", "seconds", "model"} <= set(summary)
     config = json.loads((run / "config.json").read_text())
     # given values are honoured exactly; the others are the recipe's, resolved and recorded
-    assert config["train"]["lr"] == 0.01 and config["train"]["weight_decay"] == config["recipe"]["weight_decay"]
+    assert config["train"]["epochs"] == 2 and config["train"]["lr"] == config["recipe"]["lr"]
+    assert config["train"]["recipe"] == "probe" and config["train"]["weight_decay"] == config["recipe"]["weight_decay"]
     assert config["machine"]["torch"] and config["arithmetic"]["dtype"] in ("bf16", "fp32")
     # never overwrite a run
     again = run_cli("train", root, "--backbone", "efficientnet_lite0", "--epochs", "1", "--out", run)
@@ -176,18 +177,19 @@ def test_resnet18_trains_from_a_local_weights_file_and_stops_without_weights(tmp
     from torchvision.models import resnet18
 
     torch.save(resnet18().state_dict(), tmp_path / "resnet18-f37072fd.pth")
-    result = run_cli("train", demo_data / "test", "--weights", tmp_path / "resnet18-f37072fd.pth", "--epochs", "1",
-                     "--out", tmp_path / "run")
+    result = run_cli("train", demo_data / "test", "--backbone", "resnet18", "--weights",
+                     tmp_path / "resnet18-f37072fd.pth", "--epochs", "1", "--out", tmp_path / "run")
     assert result.returncode == 0, result.stderr
     assert json.loads((tmp_path / "run" / "config.json").read_text())["weights_source"].endswith("resnet18-f37072fd.pth")
 
     import os
 
-    env_result = subprocess.run([sys.executable, "-m", "fruitnet", "train", str(demo_data / "test"), "--epochs", "1",
-                                 "--out", str(tmp_path / "none")], capture_output=True, text=True,
+    env_result = subprocess.run([sys.executable, "-m", "fruitnet", "train", str(demo_data / "test"), "--backbone",
+                                 "resnet18", "--epochs", "1", "--out", str(tmp_path / "none")], capture_output=True, text=True,
                                 env={**os.environ, "TORCH_HOME": str(tmp_path / "empty")})
     assert env_result.returncode == 2
-    assert "--weights" in env_result.stderr and "--backbone efficientnet_lite0" in env_result.stderr
+    assert "--weights" in env_result.stderr and "leave out --backbone (the default, efficientnet_lite1)" in \
+        env_result.stderr
     assert not (tmp_path / "none").exists()
 
 
@@ -371,7 +373,9 @@ def test_check_names_ignored_files_and_duplicate_groups_then_counts_the_rest(tmp
     result = run_cli("check", data)
     assert result.returncode == 0, result.stderr
     assert "7 group(s) of exact duplicates (14 files)" in result.stdout
-    groups = [line for line in result.stdout.splitlines() if " = " in line]
+    lines = result.stdout.splitlines()
+    start = next(i for i, line in enumerate(lines) if "group(s) of exact duplicates" in line) + 1
+    groups = [line for line in lines[start:start + 6] if " = " in line]  # the first five, then "and 2 more"
     assert len(groups) == 5 and all("copy" in g for g in groups)
     assert "and 2 more groups (--json lists them all)" in result.stdout
     assert "7 other file(s) ignored (not a failure):" in result.stdout
@@ -408,10 +412,11 @@ def test_evaluate_warns_about_training_photos_and_small_images(trained_model, tm
     result = run_cli("evaluate", trained_model, data, "--out", tmp_path / "eval")
     assert result.returncode == 0, result.stderr
     report = json.loads((tmp_path / "eval" / "report.json").read_text())
-    assert report["n"] == 97 and len(report["warnings"]) == 2
+    total = sum(1 for _ in (demo_data / "train").rglob("*.jpg")) + len(tiny)
+    assert report["n"] == total and len(report["warnings"]) == 2
     seen, small = report["warnings"]
-    assert seen.startswith(f"{trained_on} of 97 photos were used to train this model")
-    assert small.startswith("2 of 97 photos are much smaller than the model's 224-pixel input") and \
+    assert seen.startswith(f"{trained_on} of {total} photos were used to train this model")
+    assert small.startswith(f"2 of {total} photos are much smaller than the model's 224-pixel input") and \
         all(str(p) in small for p in tiny)
     text = (tmp_path / "eval" / "report.txt").read_text()
     assert f"warning: {seen}" in text and f"warning: {small}" in text and f"warning: {seen}" in result.stdout

@@ -92,7 +92,8 @@ def _resnet18_state(weights: str) -> tuple[dict, str]:
             f"({cached}) and could not be downloaded ({exc.__class__.__name__}).\n"
             f"  - pass a local copy: --weights /path/to/{RESNET18_FILE} "
             "(a torchvision resnet18 state dict), or put it at the path above;\n"
-            "  - or use the backbone that works offline: --backbone efficientnet_lite0;\n"
+            "  - or use a backbone whose weights work offline: leave out --backbone (the default, "
+            "efficientnet_lite1), or --backbone efficientnet_lite0 / efficientnet_lite2;\n"
             "  - or train from scratch: --weights none"
         ) from exc
     return _read_state_dict(cached), str(cached)
