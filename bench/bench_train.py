@@ -194,9 +194,10 @@ def part4(tmp: Path, setup: Setup, baseline: str | None = None) -> str:
 
     # A trained model, not an untrained head: under bf16 fruitnet runs near-ties again in fp32, and
     # an untrained head makes nearly every photo a near-tie.
-    print("part 4: training the model to predict with (frozen efficientnet_lite0) ...", flush=True)
-    summary, _, _ = run_train(tmp, "p4-model", data=str(setup.inside), backbone="efficientnet_lite0", mode="freeze",
-                              recipe="seed", lr=0.01, epochs=5)
+    from fruitnet.config import DEFAULT_BACKBONE
+
+    print(f"part 4: training the model to predict with (the defaults: {DEFAULT_BACKBONE}, probe) ...", flush=True)
+    summary, _, _ = run_train(tmp, "p4-model", data=str(setup.inside))
     path = Path(summary["model"])
     trees = [("this commit", REPO / "src")] + ([(f"baseline {baseline}", baseline_tree(tmp, baseline))] if baseline else [])
     walls: dict[tuple, list[float]] = {}
