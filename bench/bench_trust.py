@@ -1,9 +1,8 @@
 """Answers a user can trust (issue 9): calibration and the "unknown" verdict, measured.
 
-    .venv/bin/python bench/bench_trust.py [--backbone efficientnet_lite0] [--run RUN] [--data ../shared/data]
+    .venv/bin/python bench/bench_trust.py [--backbone NAME] [--run RUN] [--data ../shared/data]
 
-1. Trains with the defaults (fruitnet.training.train; only the backbone is chosen, since ResNet18's
-   weights cannot be had offline) on webfruit, or reuses --run RUN (a finished run folder).
+1. Trains with the defaults (fruitnet.training.train; --backbone to try another) on webfruit, or reuses --run RUN (a finished run folder).
    Training itself fits the temperature, the in-distribution statistics and the threshold into
    the model files, from the training and validation split alone.
 2. Calibration: ECE (15 bins) and NLL on the webfruit validation split and on fruits360 (a shifted
@@ -107,7 +106,7 @@ def git_commit() -> str:
 def train_run(data: Path, backbone: str, out: Path) -> Path:
     from fruitnet.training import TrainConfig, train
 
-    summary = train(TrainConfig(data=str(data / "webfruit"), out=str(out), backbone=backbone))
+    summary = train(TrainConfig(data=str(data / "webfruit"), out=str(out), **({"backbone": backbone} if backbone else {})))
     return Path(summary["run"])
 
 
@@ -252,7 +251,7 @@ def shipped_table(model_file: Path, f: dict) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--backbone", default="efficientnet_lite0")
+    parser.add_argument("--backbone", default=None, help="default: fruitnet's default backbone")
     parser.add_argument("--run", type=Path, help="a finished run folder to measure instead of training anew")
     parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
     parser.add_argument("--out", type=Path, default=Path("/tmp/trust-bench/run"),
