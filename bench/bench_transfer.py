@@ -31,7 +31,6 @@ from fruitnet.dataset import scan  # noqa: E402
 
 VARIANTS = {  # fruitnet train options; {} is the defaults
     "default": {},
-    "probe-aug": {"recipe": "probe-aug"},
     "lite0": {"backbone": "efficientnet_lite0"},
     "lite2": {"backbone": "efficientnet_lite2"},
     "lite1-fast-freeze": {"recipe": "fast", "mode": "freeze"},
@@ -136,7 +135,7 @@ TTA_COLUMNS = [("fruits360_tta", "--tta: webfruit -> fruits360"), ("grocery_toma
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--variants", nargs="+", default=["default", "probe-aug", "lite0"], choices=list(VARIANTS))
+    ap.add_argument("--variants", nargs="+", default=["default", "lite0"], choices=list(VARIANTS))
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "transfer.md")
     ap.add_argument("--tta", action="store_true", help="also measure each model with --tta (mirror averaging)")

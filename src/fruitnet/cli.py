@@ -105,7 +105,9 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
         if isinstance(f.default, bool):  # --no-image-cache stores False; --tensorboard stores True
             kw.update(action="store_const", const=not f.default)
         else:
-            literal = [a for a in typing.get_args(hints[f.name]) if isinstance(a, str)]
+            args = typing.get_args(hints[f.name])  # Literal[...] or Optional[Literal[...]]
+            literal = [a for a in args if isinstance(a, str)] or [
+                v for a in args if typing.get_origin(a) is typing.Literal for v in typing.get_args(a)]
             choices = _CHOICES[f.metadata["choices"]]() if "choices" in f.metadata else literal or None
             kw.update(type=_TYPES.get(f.metadata.get("type"), str), choices=choices,
                       metavar=f.metadata.get("metavar"))

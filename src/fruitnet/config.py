@@ -80,9 +80,6 @@ RECIPES: dict[str, Recipe] = {
         description="frozen body: logistic regression on the pretrained features, fitted to convergence "
                     "(full-batch L-BFGS on cached features)",
         optimizer="lbfgs", lr=1.0, weight_decay=0.001, epochs=5, mode="freeze"),
-    "probe-aug": Recipe(
-        description="probe, with 3 augmented feature views besides the plain one",
-        optimizer="lbfgs", lr=1.0, weight_decay=0.001, epochs=10, mode="freeze", augment="light", feature_views=4),
     "seed": Recipe(
         description="the original project exactly: plain SGD, constant lr, no augmentation",
         optimizer="sgd", lr=0.001, weight_decay=0.01, epochs=30),
