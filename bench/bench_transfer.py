@@ -83,7 +83,7 @@ def run(variant: str, seed: int, data: dict[str, list[str]], work: Path, tta: bo
     return row
 
 
-def scaling_folder(folder: Path, copies: int = 5, seed: int = 0) -> int:
+def scaling_folder(folder: Path, photos: list[str], copies: int = 5, seed: int = 0) -> int:
     """A 4,500-photo training folder: `copies` re-encoded random crops (50-90% of the area,
     300-600 px, JPEG quality 80-95) of each webfruit photo, by class."""
     import random
@@ -94,7 +94,7 @@ def scaling_folder(folder: Path, copies: int = 5, seed: int = 0) -> int:
 
     rng = random.Random(seed)
     n = 0
-    for path in sources()["webfruit"]:
+    for path in photos:
         img = load_image(path)
         for k in range(copies):
             share = rng.uniform(0.5, 0.9) ** 0.5
@@ -109,12 +109,12 @@ def scaling_folder(folder: Path, copies: int = 5, seed: int = 0) -> int:
     return n
 
 
-def scaling(work: Path) -> str:
+def scaling(work: Path, webfruit: list[str]) -> str:
     """The default training on 892 and on ~4,500 photos: time per photo should stay flat."""
     from fruitnet.training import train
 
     folder = work / "scaling-data"
-    n = scaling_folder(folder)
+    n = scaling_folder(folder, webfruit)
     rows = []
     for name, data in (("webfruit", SHARED / "webfruit"), (f"{n} re-encoded crops of webfruit", folder)):
         t = time.perf_counter()
@@ -162,7 +162,7 @@ def main() -> None:
             options = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in VARIANTS[variant].items()) or "(defaults)"
             rows.append([variant, f"`{options}`"] + [mean_spread([r[k] for r in results], ".0f" if k == "train_seconds"
                                                                  else ".3f") for k, _ in columns])
-        scaled = scaling(Path(tmp)) if args.scaling else None
+        scaled = scaling(Path(tmp), data["webfruit"]) if args.scaling else None
     text = "\n\n".join([f"Machine: {header}.", stamp(), f"Seeds: {args.seeds} (mean ± standard deviation).",
                         table(["variant", "options"] + [c for _, c in columns], rows)] + ([scaled] if scaled else []))
     print(text)
