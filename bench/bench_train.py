@@ -4,6 +4,7 @@
     .venv/bin/python bench/bench_train.py --repeats 3  # parts 1-3 over seeds 0, 1, 2: mean ± spread
     .venv/bin/python bench/bench_train.py --parts 1 4
     .venv/bin/python bench/bench_train.py --parts 4 --baseline main --repeats 3  # predict: this commit vs main
+    .venv/bin/python bench/bench_train.py --parts 1 --baseline 076ce8e --repeats 2  # training: this commit vs 076ce8e
     .venv/bin/python bench/bench_train.py --quick      # about a minute, bundled demo photos only
 
 Prints markdown tables and writes them to bench/results/train.md.  Everything in one run, on
@@ -12,8 +13,9 @@ one machine, side by side: quote the ratios, not the absolute seconds (shared ma
    `fruitnet train`, ResNet18 (random weights: timing only), webfruit 3:1 split, both modes;
 2. validation accuracy against wall-clock time, efficientnet_lite0, seed recipe vs fast recipe;
 3. both recipes trained on fruits360 (studio shots), evaluated on all of webfruit (real photos);
-4. `fruitnet predict` end-to-end images per second on webfruit, and peak memory (with --baseline REF,
-   also REF's code, interleaved run by run: compare like with like on a loaded machine).
+4. `fruitnet predict` end-to-end images per second on webfruit, and peak memory.
+With --baseline REF, parts 1 and 4 also run REF's code, interleaved run by run (compare like with
+like on a loaded machine); part 1 then times `fruitnet train` only, this commit against REF.
 """
 
 from __future__ import annotations
@@ -95,6 +97,43 @@ def part1(tmp: Path, setup: Setup) -> str:
           mean_spread(m["first_u"], ".1f") + " s", ratio("orig_unfrozen", "first_u")],
          ["unfrozen: later epoch", mean_spread(m["orig_unfrozen"], ".1f") + " s", mean_spread(m["later_u"], ".1f") + " s",
           ratio("orig_unfrozen", "later_u")]])
+
+
+def cli_rows(src: Path, out: Path, data: Path, mode: str, epochs: int, seed: int) -> list[dict]:
+    """`fruitnet train` as a user runs it, from the code in src/ (ResNet18, random weights, seed
+    recipe); its metrics.csv rows."""
+    import csv
+    import os
+
+    subprocess.run([sys.executable, "-m", "fruitnet", "train", str(data), "--out", str(out), "--backbone", "resnet18",
+                    "--weights", "none", "--recipe", "seed", "--mode", mode, "--epochs", str(epochs), "--seed", str(seed)],
+                   capture_output=True, text=True, check=True, env={**os.environ, "PYTHONPATH": str(src)})
+    with open(out / "metrics.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def part1_baseline(tmp: Path, setup: Setup, baseline: str) -> str:
+    """Part 1's fruitnet side, this commit against git ref `baseline`, run by run interleaved
+    (the original loop is left out: it is the same code on both sides)."""
+    trees = [("this commit", REPO / "src"), (f"baseline {baseline}", baseline_tree(tmp, baseline))]
+    m: dict[tuple, list[float]] = {}
+    for seed in setup.seeds:
+        for name, src in trees:
+            print(f"part 1 (seed {seed}): {name}, frozen 10 epochs, unfrozen {setup.unfrozen_epochs} ...", flush=True)
+            tag = name.split()[0]
+            rows_f = cli_rows(src, tmp / f"p1b-{tag}-f-{seed}", setup.inside, "freeze", 10, seed)
+            rows_u = cli_rows(src, tmp / f"p1b-{tag}-u-{seed}", setup.inside, "unfreeze", setup.unfrozen_epochs, seed)
+            secs = lambda rows: [float(r["seconds"]) for r in rows]  # noqa: E731
+            for key, value in (("frozen: one epoch (after the first), ms", 1000 * sum(secs(rows_f)[1:]) / 9),
+                               ("frozen: whole 10-epoch run, s", sum(secs(rows_f))),
+                               ("unfrozen: first epoch, s", secs(rows_u)[0]),
+                               ("unfrozen: later epoch, s", sum(secs(rows_u)[1:]) / (len(rows_u) - 1))):
+                m.setdefault((key, name), []).append(value)
+    keys = list(dict.fromkeys(k for k, _ in m))
+    this, base = trees[0][0], trees[1][0]
+    return table([f"ResNet18, {setup.inside.name}, `fruitnet train` (CLI)", this, base, f"{this} / {base}"],
+                 [[k, mean_spread(m[(k, this)], ".1f"), mean_spread(m[(k, base)], ".1f"),
+                   mean_spread([a / b for a, b in zip(m[(k, this)], m[(k, base)])], ".2f") + "x"] for k in keys])
 
 
 def time_to(rows: list[dict], threshold: float) -> float | None:
@@ -239,7 +278,8 @@ def main() -> None:
                     help="about a minute on the bundled demo photos (checks the script, not the claims)")
     ap.add_argument("--out", help="default bench/results/train.md (train-quick.md with --quick)")
     ap.add_argument("--baseline", metavar="REF",
-                    help="part 4: also run `fruitnet predict` from git ref REF (e.g. main), interleaved with this commit")
+                    help="parts 1 and 4: this commit's `fruitnet train` (part 1, instead of the original loop) or "
+                         "`fruitnet predict` (part 4) against git ref REF's, interleaved run by run")
     args = ap.parse_args()
     if args.quick:
         setup = Setup(DEMO_DATA / "train", DEMO_DATA / "train", DEMO_DATA / "test", 2, 2, 2, list(range(args.repeats)))
@@ -256,7 +296,10 @@ def main() -> None:
         parts = {1: part1, 2: part2, 3: part3, 4: part4}
         for p in args.parts:
             t0 = time.perf_counter()
-            result = part4(tmp, setup, args.baseline) if p == 4 else parts[p](tmp, setup)
+            if args.baseline and p in (1, 4):
+                result = (part1_baseline if p == 1 else part4)(tmp, setup, args.baseline)
+            else:
+                result = parts[p](tmp, setup)
             sections.append(f"## Part {p}\n\n{result}\n\n(part took {time.perf_counter() - t0:.0f} s)\n")
             print(sections[-1], flush=True)
     out.parent.mkdir(parents=True, exist_ok=True)
