@@ -9,7 +9,7 @@
    set), with the raw logits and with the model file's temperature.
 3. Unknown detection, for every score tried (see fruitnet.ood), each fitted on the training
    split and thresholded on the validation split alone (accept --unknown-recall of it); the
-   energy score is the one fruitnet ships:
+   row marked "shipped" is the score the model file carries (ood.choose_score):
    AUROC webfruit-val vs grocery/other and (webfruit-val + grocery/tomato) vs grocery/other; at
    the threshold, the share of grocery/other rejected and of each known set accepted. Nothing is
    tuned on grocery/; the settings (k = 10 for kNN, Ledoit-Wolf shrinkage) were fixed beforehand.
@@ -50,37 +50,7 @@ COLOURS = {"green": (40, 160, 60), "red": (200, 30, 30), "grey": (128, 128, 128)
            "white": (255, 255, 255), "yellow": (230, 200, 40), "blue": (30, 60, 200), "brown": (110, 70, 40)}
 
 
-# --- the candidate scores on features (the library ships the energy score: fruitnet.ood) ------
-
-def ledoit_wolf(x: torch.Tensor) -> torch.Tensor:
-    """Ledoit-Wolf shrunk covariance of centred rows x (n, d): well conditioned even when d > n.
-
-    The closed-form shrinkage towards a scaled identity, as in scikit-learn's ledoit_wolf."""
-    x = x.double()
-    n, d = x.shape
-    emp = x.T @ x / n
-    mu = torch.trace(emp) / d
-    x2 = x * x
-    beta_ = (x2.T @ x2).sum()
-    delta_ = (emp * emp).sum()
-    beta = (beta_ / n - delta_) / (d * n)
-    delta = (delta_ - 2 * mu * torch.trace(emp) + d * mu * mu) / d
-    shrink = 0.0 if float(delta) == 0 else float(min(beta, delta) / delta)
-    return (1 - shrink) * emp + shrink * mu * torch.eye(d, dtype=x.dtype)
-
-
-def class_gaussian(features: torch.Tensor, targets: torch.Tensor, n_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Class means (C, d) and the inverse of the shared, shrunk covariance (d, d), float32."""
-    f = features.double()
-    means = torch.stack([f[targets == c].mean(0) for c in range(n_classes)])
-    precision = torch.linalg.inv(ledoit_wolf(f - means[targets]))
-    return means.float(), precision.float()
-
-
-def mahalanobis(features: torch.Tensor, means: torch.Tensor, precision: torch.Tensor) -> torch.Tensor:
-    d = features.float()[:, None, :] - means[None]  # (n, C, d)
-    return -((d @ precision) * d).sum(-1).amin(1)
-
+# --- the kNN score (the library ships energy and Mahalanobis: fruitnet.ood) ----------------
 
 def normalise(features: torch.Tensor) -> torch.Tensor:
     return features.float() / features.float().norm(dim=1, keepdim=True).clamp_min(1e-12)
@@ -165,20 +135,21 @@ def features(run: Path, model_file: Path, data: Path) -> dict:
     return out
 
 
-def scores(f: dict, temperature: float) -> dict[str, dict[str, torch.Tensor]]:
+def scores(f: dict, temperature: float, shipped: str) -> dict[str, dict[str, torch.Tensor]]:
     """Every candidate score on every set: {score name: {set name: scores}} (higher = more in-distribution)."""
     tr = f["train"]
     n_classes = f["val"]["logits"].shape[1]
-    means, prec = class_gaussian(tr["feat"], tr["y"], n_classes)
-    pmeans, pprec = class_gaussian(tr["pfeat"], tr["y"], n_classes)
+    means, prec = ood.class_gaussian(tr["feat"], tr["y"], n_classes)
+    pmeans, pprec = ood.class_gaussian(tr["pfeat"], tr["y"], n_classes)
     bank, pbank = normalise(tr["feat"]), normalise(tr["pfeat"])
     fns = {
         "MSP (max softmax probability)": lambda s: ood.msp(s["logits"]),
         "MSP, temperature-scaled": lambda s: ood.msp(s["logits"], temperature),
-        "energy (shipped)": lambda s: ood.energy(s["logits"]),
-        "Mahalanobis, fine-tuned body": lambda s: mahalanobis(s["feat"], means, prec),
-        f"kNN (k={KNN_K}), fine-tuned body": lambda s: knn(s["feat"], bank),
-        "Mahalanobis, pretrained body": lambda s: mahalanobis(s["pfeat"], pmeans, pprec),
+        "energy" + (" (shipped)" if shipped == "energy" else ""): lambda s: ood.energy(s["logits"]),
+        "Mahalanobis, the model's body" + (" (shipped)" if shipped == "mahalanobis" else ""):
+            lambda s: ood.mahalanobis(s["feat"], means, prec),
+        f"kNN (k={KNN_K}), the model's body": lambda s: knn(s["feat"], bank),
+        "Mahalanobis, pretrained body": lambda s: ood.mahalanobis(s["pfeat"], pmeans, pprec),
         f"kNN (k={KNN_K}), pretrained body": lambda s: knn(s["pfeat"], pbank),
     }
     return {name: {k: fn(v) for k, v in f.items() if k != "train"} for name, fn in fns.items()}
@@ -270,7 +241,7 @@ def main() -> None:
         print(f"note: the model file was fitted for recall {trust['recall']}; the tables use {args.unknown_recall}")
     temperature = float(trust.get("temperature", 1.0))
     f = features(run, model_file, args.data)
-    all_scores = scores(f, temperature)
+    all_scores = scores(f, temperature, trust.get("score", "energy"))
     n = sum(len(v["y"]) for v in f.values())
     ms_ft = 1000 * sum(v["seconds_ft"] for v in f.values()) / n
     ms_pre = 1000 * sum(v["seconds_pre"] for v in f.values()) / n
@@ -295,7 +266,7 @@ def main() -> None:
         *shipped_table(model_file, f), "",
         "## Cost of the features (forward pass only, fp32, batch 32)", "",
         "| body | ms per image |", "|---|---|",
-        f"| fine-tuned body (needed anyway for the prediction) | {ms_ft:.1f} |",
+        f"| the model's body (needed anyway for the prediction) | {ms_ft:.1f} |",
         f"| a second, pretrained body (what pretrained-feature scores add) | {ms_pre:.1f} |",
         "",
         "Targets: AUROC >= 0.95 (webfruit val vs grocery/other); >= 80% of grocery/other rejected while >= 93% "

@@ -8,6 +8,7 @@ import torch
 
 from fruitnet.backbones import get_backbone
 from fruitnet.dataset import Item, scan
+from fruitnet.model import load_model
 from fruitnet.pipeline import Photos
 from fruitnet.predictors import TorchPredictor
 from fruitnet.preprocess import DecodeAhead, load
@@ -93,7 +94,7 @@ def test_feature_cache_matches_the_uncached_path(demo_data, tmp_path):
 def test_bf16_near_ties_are_run_again_in_fp32_so_labels_agree(tmp_path, demo_data):
     """A head that makes cherry and strawberry near-ties: bf16 alone flips some labels; with the
     fp32 re-check every label is fp32's."""
-    from fruitnet.model import load_model, save_model
+    from fruitnet.model import save_model
 
     from quick_model import make_quick_model
 
@@ -140,6 +141,8 @@ def test_fast_recipe_unfrozen_learns_and_records_what_it_did(demo_data, tmp_path
     # frames of one fruit on one side (issue 10).  0.79 measured (0.9+ when frames leaked across);
     # chance is 0.33.
     assert summary["best_val_accuracy"] >= 0.66
+    model, meta = load_model(run / "best.safetensors")  # a fine-tuned body: the energy score on the logits
+    assert meta["trust"]["score"] == "energy" and set(dict(model.trust.named_buffers())) == {"val_scores"}
 
 
 def test_scheduler_warms_up_linearly_then_decays_to_zero():

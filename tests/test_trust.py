@@ -22,6 +22,7 @@ from fruitnet.evaluate import evaluate
 from fruitnet.explain import model_view
 from fruitnet.export import export_onnx
 from fruitnet.model import load_model, save_model
+from fruitnet import ood
 from fruitnet.ood import auroc
 from fruitnet.predictors import OnnxPredictor, TorchPredictor, expand_paths
 
@@ -73,12 +74,76 @@ def test_training_stores_calibration_and_statistics_in_both_model_files(trained_
     for name in ("best", "last"):
         model, meta = load_model(trained_model.with_name(f"{name}.safetensors"))
         trust = meta["trust"]
-        assert trust["score"] == "energy" and trust["recall"] == 0.95 and trust["threshold"] == pytest.approx(0.05)
+        # a frozen body: the Mahalanobis score on its (pretrained) features, as measured in bench_trust
+        assert trust["score"] == "mahalanobis" and trust["recall"] == 0.95 and trust["threshold"] == pytest.approx(0.05)
         assert trust["temperature"] > 0 and trust["val_accepted"] >= 0.95
         cal = trust["val_calibration"]  # T minimises the validation NLL (up to the small Laplace share)
         assert cal["temperature"] == trust["temperature"] and cal["nll_after"] <= cal["nll_before"] + 0.01
         scores = model.trust.val_scores
         assert len(scores) == trust["n_val"] and torch.all(scores[1:] >= scores[:-1])
+        dim = model.head.in_features
+        assert model.trust.class_means.shape == (len(CLASSES), dim) and model.trust.precision.shape == (dim, dim)
+
+
+def test_mahalanobis_statistics_are_the_training_photos_class_means(trained_model):
+    """The stored means are the training split's per-class feature means, and the precision is
+    symmetric positive definite.  Training reuses its cached features, computed in bf16 where the
+    CPU has it: measured 2-5% from the fp32 means, against 46-100% between classes."""
+    from fruitnet.dataset import read_split
+
+    model, meta = load_model(trained_model)
+    predictor = TorchPredictor(trained_model, device="cpu")
+    train_items, _ = read_split(trained_model.parent / "split.csv")
+    x = torch.stack([predictor.transform(Image.open(it.path).convert("RGB")) for it in train_items])
+    with torch.no_grad():
+        features = model.body(x)
+    means = torch.stack([features[[it.label == name for it in train_items]].mean(0) for name in meta["classes"]])
+    for c, stored in enumerate(model.trust.class_means):
+        gaps = (stored - means).norm(dim=1) / means[c].norm()
+        assert gaps[c] < 0.08 and all(gaps[c] * 5 < gap for i, gap in enumerate(gaps) if i != c), gaps
+    precision = model.trust.precision.double()
+    assert torch.allclose(precision, precision.T, atol=1e-6 * float(precision.abs().max()))
+    assert float(torch.linalg.eigvalsh((precision + precision.T) / 2).min()) > 0
+
+
+def test_ledoit_wolf_matches_scikit_learn():
+    from sklearn.covariance import ledoit_wolf as sklearn_ledoit_wolf
+
+    x = torch.randn(40, 60, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * torch.linspace(0.1, 3, 60)
+    x = x - x.mean(0)  # more dimensions than rows, as with a few photos and 1,280 features
+    theirs, _ = sklearn_ledoit_wolf(x.numpy(), assume_centered=True)
+    assert np.allclose(ood.ledoit_wolf(x).numpy(), theirs, rtol=1e-9, atol=1e-12)
+
+
+def test_mahalanobis_score_on_a_known_case():
+    means = torch.tensor([[0.0, 0.0], [10.0, 0.0]])
+    precision = torch.diag(torch.tensor([1.0, 4.0]))
+    features = torch.tensor([[1.0, 1.0], [9.0, 0.0], [5.0, 0.0]])
+    # (1, 1): 1 + 4 to the first mean; (9, 0): 1 to the second; (5, 0): 25 to either
+    assert ood.mahalanobis(features, means, precision).tolist() == [-5.0, -1.0, -25.0]
+
+
+@pytest.mark.parametrize("change, words", [
+    (lambda state, trust: state.pop("trust.precision"), "for the mahalanobis score"),
+    (lambda state, trust: state.update({"trust.precision": state["trust.precision"][:5, :5].contiguous()}),
+     "precision [5, 5]"),
+    (lambda state, trust: trust.update(score="energy"), "for the energy score"),
+])
+def test_model_file_with_statistics_that_do_not_fit_its_score_is_refused(trained_model, tmp_path, change, words):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from fruitnet.errors import ModelFileError
+
+    with safe_open(str(trained_model), framework="pt") as f:
+        meta = json.loads(f.metadata()["fruitnet"])
+    state = load_file(str(trained_model))
+    change(state, meta["trust"])
+    bad = tmp_path / "bad.safetensors"
+    save_file(state, str(bad), metadata={"fruitnet": json.dumps(meta)})
+    with pytest.raises(ModelFileError, match="unexpected in-distribution statistics") as err:
+        load_model(bad)
+    assert words in str(err.value) and str(bad) in str(err.value)
 
 
 def test_statistics_round_trip_through_the_model_file(trained_model, tmp_path):
@@ -145,6 +210,19 @@ def test_bare_onnx_graph_gives_calibrated_probabilities_and_the_verdict(trained_
     assert np.allclose(probs, torch.from_numpy(logits / t).softmax(1).numpy(), atol=1e-6)
     assert np.array_equal(known, in_dist >= np.float32(threshold))
     assert np.all((0 <= in_dist) & (in_dist <= 1)) and score.shape == (5,)
+
+
+def test_int8_export_keeps_the_score_in_fp32(trained_model, tmp_path):
+    """Quantising the Mahalanobis precision matrix to int8 would scramble the distances: the
+    trust nodes are left out of quantisation, and their statistics stay float32."""
+    summary = export_onnx(trained_model, tmp_path / "m.onnx", check=[str(DEMO_DATA / "test")], int8=True,
+                          log=lambda *a: None)
+    graph = onnx.load(summary["int8"]["path"]).graph
+    dim = load_model(trained_model)[0].head.in_features
+    square = [t for t in graph.initializer if list(t.dims) == [dim, dim]]
+    assert [onnx.TensorProto.DataType.Name(t.data_type) for t in square] == ["FLOAT"]
+    trust_nodes = [n for n in graph.node if "/trust/" in n.name]
+    assert trust_nodes and not any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in trust_nodes)
 
 
 def test_onnx_verdicts_equal_pytorch_verdicts(trained_model, exported):

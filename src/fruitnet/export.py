@@ -53,11 +53,11 @@ class Exported(nn.Module):
         return ["logits", "probabilities"] + (["score", "in_distribution", "known"] if self.model.trust else [])
 
     def forward(self, x: torch.Tensor):
-        logits = self.model(x)
+        logits, features = self.model.logits_and_features(x)
         outputs = (logits, (logits / self.temperature).softmax(1))
         if self.model.trust is None:
             return outputs
-        score, in_dist = self.model.trust(logits)
+        score, in_dist = self.model.trust(logits, features)
         return outputs + (score, in_dist, in_dist >= self.threshold)
 
 
@@ -177,7 +177,7 @@ def quantize_int8(fp32: Path, out: Path, calibration: list, transform) -> Path:
     try:
         quant_pre_process(str(fp32), str(pre))
         # the in-distribution score (distances, a comparison with the validation scores) stays fp32
-        keep = [n.name for n in onnx.load(str(pre)).graph.node if n.name.startswith("/trust/")]
+        keep = [n.name for n in onnx.load(str(pre)).graph.node if "/trust/" in n.name]
         quantize_static(str(pre), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                         weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8, nodes_to_exclude=keep)
     finally:

@@ -24,7 +24,7 @@ from torch import nn
 from fruitnet.backbones import BACKBONES, create_body, get_backbone
 from fruitnet.errors import ModelFileError
 from fruitnet.modelpath import check_model_argument
-from fruitnet.ood import TRUST_PREFIX, TrustHead
+from fruitnet.ood import SCORES, TRUST_PREFIX, TrustHead
 
 FORMAT_VERSION = 1
 DAMAGED = "damaged or incomplete model file (its header or tensors cannot be read); copy it again from the run folder"
@@ -60,6 +60,7 @@ class Trust(BaseModel):
     model_config = ConfigDict(strict=True, extra="allow")
     temperature: float = Field(gt=0, le=1000)
     threshold: float = Field(ge=0, le=1)
+    score: Literal[SCORES] = "energy"  # files from before the Mahalanobis score all used energy
 
 
 class ModelMeta(BaseModel):
@@ -125,6 +126,11 @@ class Classifier(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.body(x))
+
+    def logits_and_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The logits and the body's pooled features (what the in-distribution score may need)."""
+        features = self.body(x)
+        return self.head(features), features
 
     def set_mode(self, mode: str) -> None:
         """'freeze': only the head learns; 'unfreeze': every layer learns."""
@@ -198,14 +204,25 @@ def load_model(path: str | Path, legacy: bool | None = None) -> tuple[Classifier
     model, _ = create_classifier(meta["backbone"], len(meta["classes"]), weights="none")
     trust = {k[len(TRUST_PREFIX):]: state[k] for k in state if k.startswith(TRUST_PREFIX)}
     if trust:  # the in-distribution statistics (ood.TrustHead), shaped by the file's own tensors
-        if set(trust) != {"val_scores"} or trust["val_scores"].dim() != 1 or "trust" not in meta:
-            raise ModelFileError(f"{path}: unexpected in-distribution statistics ({sorted(trust)})")
+        _check_trust(path, trust, meta, expected)
         model.trust = TrustHead(**trust)
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
         raise ModelFileError(f"{path}: weights do not fit backbone {meta['backbone']}: {exc}") from exc
     return model.eval(), meta
+
+
+def _check_trust(path: Path, trust: dict[str, torch.Tensor], meta: dict, head_shape: list[int]) -> None:
+    """The statistics the metadata's score needs, each with the shape the classes and body give."""
+    score = (meta.get("trust") or {}).get("score", "energy")
+    n_classes, dim = head_shape
+    shapes = {"val_scores": None, **({"class_means": [n_classes, dim], "precision": [dim, dim]}
+                                     if score == "mahalanobis" else {})}
+    if "trust" not in meta or set(trust) != set(shapes) or trust["val_scores"].dim() != 1 or any(
+            shape is not None and list(trust[name].shape) != shape for name, shape in shapes.items()):
+        raise ModelFileError(f"{path}: unexpected in-distribution statistics for the {score} score "
+                             f"({', '.join(f'{k} {list(v.shape)}' for k, v in sorted(trust.items()))})")
 
 
 def _load_legacy(path: Path) -> tuple[Classifier, dict]:

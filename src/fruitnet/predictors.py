@@ -184,17 +184,17 @@ class TorchPredictor(Predictor):
     def forward(self, x: torch.Tensor):
         x = self.arith.prepare_input(x.to(self.device))
         with self.arith.autocast(self.device):
-            logits = self.net(x).float()
+            logits, features = (t.float() for t in self.net.logits_and_features(x))
         if self.arith.dtype == "bf16" and self.recheck_near_ties:
             # bf16 rounding can flip a near-tie: those few photos are run again in fp32, so labels
             # agree with fp32 and ONNX.
             top2 = logits.softmax(1).topk(min(2, logits.shape[1]), dim=1).values
             close = (top2[:, 0] - top2[:, -1]) < NEAR_TIE
             if close.any():
-                logits[close] = self.net(x[close]).float()
+                logits[close], features[close] = (t.float() for t in self.net.logits_and_features(x[close]))
         if self.model.trust is None:
             return logits.cpu(), None, None
-        score, in_dist = self.model.trust(logits)  # fp32, outside autocast
+        score, in_dist = self.model.trust(logits, features)  # fp32, outside autocast
         return logits.cpu(), score.cpu(), in_dist.cpu()
 
     def heat_maps(self, x: torch.Tensor, targets: list[int]):

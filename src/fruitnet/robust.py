@@ -58,15 +58,22 @@ class TTA(nn.Module):
         self.model, self.flip, self.scales = model, flip, tuple(scales)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.logits_and_features(x)[0]
+
+    def logits_and_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits and pooled features, each averaged over the views (the unknown verdict scores the mean)."""
         views = [x, x.flip(3)] if self.flip else [x]
         n = x.shape[0]
-        logits = self.model(torch.cat(views)).reshape(len(views), n, -1).sum(0)  # one pass for same-size views
+        logits, features = self.model.logits_and_features(torch.cat(views))  # one pass for same-size views
+        logits, features = (t.reshape(len(views), n, -1).sum(0) for t in (logits, features))
         size = int(x.shape[-1])  # fixed by the preprocessing (only the batch axis is dynamic in ONNX)
         for s in self.scales:  # the whole view at another resolution (the body pools globally)
             side = round(size * s)
-            logits = logits + self.model(F.interpolate(x, size=(side, side), mode="bilinear", align_corners=False,
-                                                       antialias=s < 1))
-        return logits / (len(views) + len(self.scales))
+            more = self.model.logits_and_features(F.interpolate(x, size=(side, side), mode="bilinear",
+                                                                align_corners=False, antialias=s < 1))
+            logits, features = logits + more[0], features + more[1]
+        k = len(views) + len(self.scales)
+        return logits / k, features / k
 
     @property
     def trust(self):

@@ -147,12 +147,13 @@ class RunFolder:
                 self.writer.add_scalar(name, row[key], row["epoch"])
             self.writer.flush()
 
-    def add_trust(self, best_epoch: int, last_epoch: int, val_set, recall: float, device, log=print) -> None:
-        """Fit calibration and the unknown verdict (ood.py) into best.safetensors and last.safetensors."""
+    def add_trust(self, best_epoch: int, last_epoch: int, recall: float, device, log=print, **data) -> None:
+        """Fit calibration and the unknown verdict (ood.fit_model_files: data are its photos and
+        features) into best.safetensors and last.safetensors."""
         if self.active:
             from fruitnet.ood import fit_model_files
 
-            fit_model_files(self.path, best_epoch, last_epoch, val_set, recall, device, log)
+            fit_model_files(self.path, best_epoch, last_epoch, recall=recall, device=device, log=log, **data)
 
     def finish(self, summary: dict, images: dict | None = None) -> None:
         """summary.json; in TensorBoard, the given end-of-run pictures ({tag: PNG path})."""

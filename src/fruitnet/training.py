@@ -387,8 +387,10 @@ def _fit(config: TrainConfig, saved: SavedRun | None, log) -> dict:
         raise
 
     if progress.rows:  # the temperature and the unknown verdict's threshold, into best and last
-        run.add_trust(progress.best["epoch"], progress.rows[-1]["epoch"], pipeline.val, config.unknown_recall,
-                      device, log)
+        cached = pipeline.feature_views[0].tensors if pipeline.feature_views else None  # the plain view
+        run.add_trust(progress.best["epoch"], progress.rows[-1]["epoch"], config.unknown_recall, device, log,
+                      val_set=pipeline.val, train_set=pipeline.plain_train, train_features=cached,
+                      frozen_body=config.mode == "freeze")
     summary = {"best_val_accuracy": progress.best["val_accuracy"], "best_epoch": progress.best["epoch"],
                "epochs": len(progress.rows), "seconds": round(progress.elapsed, 2),
                "model": str(run.path / "best.safetensors"), "last_model": str(run.path / "last.safetensors"),
