@@ -44,23 +44,9 @@ from fruitnet.predictors import UNKNOWN, TorchPredictor, expand_paths
 from fruitnet.transforms import eval_transform
 
 ROOT = Path(__file__).resolve().parents[1]
-KNN_K = 10  # fixed beforehand (Sun et al. use k of ~0.1-1% of the training set); never tuned on grocery/
 CACHE = Path("/tmp/trust-bench")
 COLOURS = {"green": (40, 160, 60), "red": (200, 30, 30), "grey": (128, 128, 128), "black": (0, 0, 0),
            "white": (255, 255, 255), "yellow": (230, 200, 40), "blue": (30, 60, 200), "brown": (110, 70, 40)}
-
-
-# --- the kNN score (the library ships energy and Mahalanobis: fruitnet.ood) ----------------
-
-def normalise(features: torch.Tensor) -> torch.Tensor:
-    return features.float() / features.float().norm(dim=1, keepdim=True).clamp_min(1e-12)
-
-
-def knn(features: torch.Tensor, bank: torch.Tensor, k: int = KNN_K) -> torch.Tensor:
-    """bank: normalised training features (m, d)."""
-    sim = normalise(features) @ bank.T  # cosine similarity; distance^2 = 2 - 2 sim
-    kth = sim.topk(min(k, bank.shape[0]), dim=1).values[:, -1]
-    return -(2 - 2 * kth).clamp_min(0).sqrt()
 
 
 def git_commit() -> str:
@@ -110,7 +96,19 @@ def sets(run: Path, data: Path, classes: list[str]) -> dict[str, tuple[list[str]
         paths, _ = expand_paths([str(folder)])
         out[name] = (paths, [classes.index(Path(p).parent.name) if Path(p).parent.name in classes else -1
                              for p in paths])
+    out["squares"] = (square_files(), [-1] * len(COLOURS))
     return out
+
+
+def square_files() -> list[str]:
+    """The solid-colour squares as PNG files (what a user trying the model on a blank picture sends)."""
+    from PIL import Image
+
+    folder = CACHE / "squares"
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, colour in COLOURS.items():
+        Image.new("RGB", (300, 300), colour).save(folder / f"{name}.png")
+    return [str(folder / f"{name}.png") for name in COLOURS]
 
 
 def features(run: Path, model_file: Path, data: Path) -> dict:
@@ -119,7 +117,7 @@ def features(run: Path, model_file: Path, data: Path) -> dict:
     for name, tensor in sorted(model.state_dict().items()):
         if not name.startswith("trust."):
             digest.update(name.encode() + tensor.numpy().tobytes())
-    cached = CACHE / f"{digest.hexdigest()[:16]}.pt"
+    cached = CACHE / f"{digest.hexdigest()[:16]}-squares.pt"  # the sets below, squares included
     if cached.is_file():
         return torch.load(cached, weights_only=True)
     model.trust = None  # the raw body and head; the bench computes every score itself
@@ -141,18 +139,25 @@ def scores(f: dict, temperature: float, shipped: str) -> dict[str, dict[str, tor
     n_classes = f["val"]["logits"].shape[1]
     means, prec = ood.class_gaussian(tr["feat"], tr["y"], n_classes)
     pmeans, pprec = ood.class_gaussian(tr["pfeat"], tr["y"], n_classes)
-    bank, pbank = normalise(tr["feat"]), normalise(tr["pfeat"])
+    bank, pbank = ood.knn_bank(tr["feat"]), ood.knn_bank(tr["pfeat"])  # as shipped: at most ood.MAX_BANK photos
+    mark = lambda score: " (shipped)" if shipped == score else ""  # noqa: E731
     fns = {
         "MSP (max softmax probability)": lambda s: ood.msp(s["logits"]),
         "MSP, temperature-scaled": lambda s: ood.msp(s["logits"], temperature),
-        "energy" + (" (shipped)" if shipped == "energy" else ""): lambda s: ood.energy(s["logits"]),
-        "Mahalanobis, the model's body" + (" (shipped)" if shipped == "mahalanobis" else ""):
-            lambda s: ood.mahalanobis(s["feat"], means, prec),
-        f"kNN (k={KNN_K}), the model's body": lambda s: knn(s["feat"], bank),
+        "energy" + mark("energy"): lambda s: ood.energy(s["logits"]),
+        "Mahalanobis, the model's body": lambda s: ood.mahalanobis(s["feat"], means, prec),
+        f"kNN (k={ood.KNN_K}), the model's body" + mark("knn"): lambda s: ood.knn(s["feat"], bank),
         "Mahalanobis, pretrained body": lambda s: ood.mahalanobis(s["pfeat"], pmeans, pprec),
-        f"kNN (k={KNN_K}), pretrained body": lambda s: knn(s["pfeat"], pbank),
+        f"kNN (k={ood.KNN_K}), pretrained body": lambda s: ood.knn(s["pfeat"], pbank),
     }
-    return {name: {k: fn(v) for k, v in f.items() if k != "train"} for name, fn in fns.items()}
+    out = {name: {k: fn(v) for k, v in f.items() if k != "train"} for name, fn in fns.items()}
+    # both must find the photo typical: the lower of its two validation ranks (a blank photo can sit
+    # near the feature clusters' middle, but gives weak logits)
+    maha, en = out[next(n for n in out if n.startswith("Mahalanobis, the model's"))], out[next(n for n in out if n.startswith("energy"))]
+    rank = lambda val, x: (val.sort().values[None, :] <= x[:, None]).float().mean(1)  # noqa: E731
+    out["lower rank of Mahalanobis and energy"] = {k: torch.minimum(rank(maha["val"], maha[k]), rank(en["val"], en[k]))
+                                                     for k in maha}
+    return out
 
 
 def threshold(val_scores: torch.Tensor, recall: float) -> float:
@@ -170,15 +175,17 @@ def pct(x: float) -> str:
 
 def ood_table(all_scores: dict, recall: float) -> list[str]:
     rows = ["| score | AUROC val vs other | AUROC val+grocery/tomato vs other | grocery/other rejected | "
-            "webfruit val accepted | grocery/tomato accepted | known (val + grocery/tomato) accepted |",
-            "|---|---|---|---|---|---|---|"]
+            "webfruit val accepted | grocery/tomato accepted | known (val + grocery/tomato) accepted | "
+            f"solid-colour squares rejected (of {len(COLOURS)}) |",
+            "|---|---|---|---|---|---|---|---|"]
     for name, s in all_scores.items():
         thr = threshold(s["val"], recall)
         known = torch.cat([s["val"], s["grocery/tomato"]])
         acc = {k: float((v >= thr).float().mean()) for k, v in s.items()}
         rows.append(f"| {name} | {ood.auroc(s['val'], s['grocery/other']):.3f} | "
                     f"{ood.auroc(known, s['grocery/other']):.3f} | {pct(1 - acc['grocery/other'])} | "
-                    f"{pct(acc['val'])} | {pct(acc['grocery/tomato'])} | {pct(float((known >= thr).float().mean()))} |")
+                    f"{pct(acc['val'])} | {pct(acc['grocery/tomato'])} | {pct(float((known >= thr).float().mean()))} | "
+                    f"{int((s['squares'] < thr).sum())} |")
     return rows
 
 

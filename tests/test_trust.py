@@ -17,12 +17,13 @@ from conftest import DEMO_DATA, run_cli, shared_folder
 from PIL import Image, ImageDraw
 from quick_model import CLASSES, make_quick_model
 
+from fruitnet import ood
 from fruitnet.calibration import MAX_TEMPERATURE, expected_calibration_error, fit_temperature, nll
+from fruitnet.dataset import read_split
 from fruitnet.evaluate import evaluate
 from fruitnet.explain import model_view
 from fruitnet.export import export_onnx
 from fruitnet.model import load_model, save_model
-from fruitnet import ood
 from fruitnet.ood import auroc
 from fruitnet.predictors import OnnxPredictor, TorchPredictor, expand_paths
 
@@ -74,36 +75,47 @@ def test_training_stores_calibration_and_statistics_in_both_model_files(trained_
     for name in ("best", "last"):
         model, meta = load_model(trained_model.with_name(f"{name}.safetensors"))
         trust = meta["trust"]
-        # a frozen body: the Mahalanobis score on its (pretrained) features, as measured in bench_trust
-        assert trust["score"] == "mahalanobis" and trust["recall"] == 0.95 and trust["threshold"] == pytest.approx(0.05)
+        # a frozen body: the kNN score on its (pretrained) features, as measured in bench_trust
+        assert trust["score"] == "knn" and trust["recall"] == 0.95 and trust["threshold"] == pytest.approx(0.05)
         assert trust["temperature"] > 0 and trust["val_accepted"] >= 0.95
         cal = trust["val_calibration"]  # T minimises the validation NLL (up to the small Laplace share)
         assert cal["temperature"] == trust["temperature"] and cal["nll_after"] <= cal["nll_before"] + 0.01
         scores = model.trust.val_scores
         assert len(scores) == trust["n_val"] and torch.all(scores[1:] >= scores[:-1])
-        dim = model.head.in_features
-        assert model.trust.class_means.shape == (len(CLASSES), dim) and model.trust.precision.shape == (dim, dim)
+        bank = model.trust.bank  # every training photo (fewer than ood.MAX_BANK), normalised
+        assert bank.shape == (len(read_split(trained_model.parent / "split.csv")[0]), model.head.in_features)
+        assert torch.allclose(bank.norm(dim=1), torch.ones(len(bank)), atol=1e-5)
 
 
-def test_mahalanobis_statistics_are_the_training_photos_class_means(trained_model):
-    """The stored means are the training split's per-class feature means, and the precision is
-    symmetric positive definite.  Training reuses its cached features, computed in bf16 where the
-    CPU has it: measured 2-5% from the fp32 means, against 46-100% between classes."""
-    from fruitnet.dataset import read_split
-
-    model, meta = load_model(trained_model)
+def test_knn_bank_holds_the_training_photos_features(trained_model):
+    """Row i of the bank is training photo i's normalised feature.  Training reuses its cached
+    features, computed in bf16 where the CPU has it, so the rows are near, not equal, to fp32's."""
+    model, _ = load_model(trained_model)
     predictor = TorchPredictor(trained_model, device="cpu")
     train_items, _ = read_split(trained_model.parent / "split.csv")
     x = torch.stack([predictor.transform(Image.open(it.path).convert("RGB")) for it in train_items])
     with torch.no_grad():
-        features = model.body(x)
-    means = torch.stack([features[[it.label == name for it in train_items]].mean(0) for name in meta["classes"]])
-    for c, stored in enumerate(model.trust.class_means):
-        gaps = (stored - means).norm(dim=1) / means[c].norm()
-        assert gaps[c] < 0.08 and all(gaps[c] * 5 < gap for i, gap in enumerate(gaps) if i != c), gaps
-    precision = model.trust.precision.double()
-    assert torch.allclose(precision, precision.T, atol=1e-6 * float(precision.abs().max()))
-    assert float(torch.linalg.eigvalsh((precision + precision.T) / 2).min()) > 0
+        features = ood.normalise(model.body(x))
+    similarity = features @ model.trust.bank.T
+    assert torch.equal(similarity.argmax(0), torch.arange(len(train_items)))
+    assert float(similarity.diagonal().min()) > 0.99
+
+
+def test_knn_bank_keeps_an_even_sample_of_a_large_training_set():
+    features = torch.arange(1, 3001, dtype=torch.float32)[:, None] * torch.tensor([[1.0, 0.0]]) + torch.tensor([[0.0, 1.0]])
+    bank = ood.knn_bank(features, limit=1000)
+    assert bank.shape == (1000, 2) and torch.allclose(bank.norm(dim=1), torch.ones(1000))
+    assert torch.allclose(bank[0], ood.normalise(features[:1])[0]) and torch.allclose(bank[-1], ood.normalise(features[-1:])[0])
+    assert torch.equal(ood.knn_bank(features[:500], limit=1000), ood.normalise(features[:500]))
+
+
+def test_knn_score_on_a_known_case():
+    bank = ood.normalise(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]))
+    features = torch.tensor([[2.0, 0.0], [0.0, -3.0]])
+    # k = 2: (2, 0) is at distance 0 from the first row and sqrt(2 - 2 cos 45°) from the third;
+    # (0, -3) points away: sqrt(2) from the first row (90°), then sqrt(2 + sqrt 2) from the third (135°)
+    assert ood.knn(features, bank, k=2).tolist() == pytest.approx([-(2 - 2 ** 0.5) ** 0.5, -(2 + 2 ** 0.5) ** 0.5])
+    assert ood.knn(features, bank, k=1).tolist() == pytest.approx([0.0, -(2 ** 0.5)], abs=1e-3)
 
 
 def test_ledoit_wolf_matches_scikit_learn():
@@ -124,9 +136,9 @@ def test_mahalanobis_score_on_a_known_case():
 
 
 @pytest.mark.parametrize("change, words", [
-    (lambda state, trust: state.pop("trust.precision"), "for the mahalanobis score"),
-    (lambda state, trust: state.update({"trust.precision": state["trust.precision"][:5, :5].contiguous()}),
-     "precision [5, 5]"),
+    (lambda state, trust: state.pop("trust.bank"), "for the knn score"),
+    (lambda state, trust: state.update({"trust.bank": state["trust.bank"][:, :5].contiguous()}), ", 5]"),  # a bank as wide as another body's features
+    (lambda state, trust: state.update({"trust.bank": state["trust.bank"].repeat(20, 1)}), "0, 1280]"),  # more rows than ood.MAX_BANK
     (lambda state, trust: trust.update(score="energy"), "for the energy score"),
 ])
 def test_model_file_with_statistics_that_do_not_fit_its_score_is_refused(trained_model, tmp_path, change, words):
@@ -213,16 +225,16 @@ def test_bare_onnx_graph_gives_calibrated_probabilities_and_the_verdict(trained_
 
 
 def test_int8_export_keeps_the_score_in_fp32(trained_model, tmp_path):
-    """Quantising the Mahalanobis precision matrix to int8 would scramble the distances: the
-    trust nodes are left out of quantisation, and their statistics stay float32."""
+    """Quantising the kNN bank to int8 would blur the distances: the trust nodes are left out of
+    quantisation, and their statistics stay float32."""
     summary = export_onnx(trained_model, tmp_path / "m.onnx", check=[str(DEMO_DATA / "test")], int8=True,
                           log=lambda *a: None)
     graph = onnx.load(summary["int8"]["path"]).graph
-    dim = load_model(trained_model)[0].head.in_features
-    square = [t for t in graph.initializer if list(t.dims) == [dim, dim]]
-    assert [onnx.TensorProto.DataType.Name(t.data_type) for t in square] == ["FLOAT"]
-    trust_nodes = [n for n in graph.node if "/trust/" in n.name]
-    assert trust_nodes and not any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in trust_nodes)
+    bank_shape = list(load_model(trained_model)[0].trust.bank.shape)
+    bank = [t for t in graph.initializer if sorted(t.dims) == sorted(bank_shape)]  # or its transpose
+    assert [onnx.TensorProto.DataType.Name(t.data_type) for t in bank] == ["FLOAT"]
+    similarity = next(n for n in graph.node if n.name.startswith("/trust/") and n.op_type == "MatMul")
+    assert bank[0].name in similarity.input  # the float bank itself, no int8 copy dequantized
 
 
 def test_onnx_verdicts_equal_pytorch_verdicts(trained_model, exported):

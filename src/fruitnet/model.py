@@ -24,7 +24,7 @@ from torch import nn
 from fruitnet.backbones import BACKBONES, create_body, get_backbone
 from fruitnet.errors import ModelFileError
 from fruitnet.modelpath import check_model_argument
-from fruitnet.ood import SCORES, TRUST_PREFIX, TrustHead
+from fruitnet.ood import MAX_BANK, SCORES, TRUST_PREFIX, TrustHead
 
 FORMAT_VERSION = 1
 DAMAGED = "damaged or incomplete model file (its header or tensors cannot be read); copy it again from the run folder"
@@ -60,7 +60,7 @@ class Trust(BaseModel):
     model_config = ConfigDict(strict=True, extra="allow")
     temperature: float = Field(gt=0, le=1000)
     threshold: float = Field(ge=0, le=1)
-    score: Literal[SCORES] = "energy"  # files from before the Mahalanobis score all used energy
+    score: Literal[SCORES] = "energy"  # files from before the kNN score all used energy
 
 
 class ModelMeta(BaseModel):
@@ -214,13 +214,13 @@ def load_model(path: str | Path, legacy: bool | None = None) -> tuple[Classifier
 
 
 def _check_trust(path: Path, trust: dict[str, torch.Tensor], meta: dict, head_shape: list[int]) -> None:
-    """The statistics the metadata's score needs, each with the shape the classes and body give."""
+    """The statistics the metadata's score needs, the kNN bank with the body's feature width."""
     score = (meta.get("trust") or {}).get("score", "energy")
-    n_classes, dim = head_shape
-    shapes = {"val_scores": None, **({"class_means": [n_classes, dim], "precision": [dim, dim]}
-                                     if score == "mahalanobis" else {})}
-    if "trust" not in meta or set(trust) != set(shapes) or trust["val_scores"].dim() != 1 or any(
-            shape is not None and list(trust[name].shape) != shape for name, shape in shapes.items()):
+    dim = head_shape[1]
+    names = {"val_scores", "bank"} if score == "knn" else {"val_scores"}
+    bank = trust.get("bank")
+    if "trust" not in meta or set(trust) != names or trust["val_scores"].dim() != 1 or (bank is not None and (
+            bank.dim() != 2 or bank.shape[1] != dim or not 1 <= bank.shape[0] <= MAX_BANK)):
         raise ModelFileError(f"{path}: unexpected in-distribution statistics for the {score} score "
                              f"({', '.join(f'{k} {list(v.shape)}' for k, v in sorted(trust.items()))})")
 
