@@ -49,6 +49,8 @@ def energy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     return temperature * torch.logsumexp(logits / temperature, 1)
 
 
+# --- Mahalanobis: a candidate that bench_trust compares, not shipped (see the docstring) -------
+
 def ledoit_wolf(x: torch.Tensor) -> torch.Tensor:
     """Ledoit-Wolf shrunk covariance of centred rows x (n, d): well conditioned even when d > n.
 
@@ -82,6 +84,8 @@ def mahalanobis(features: torch.Tensor, means: torch.Tensor, precision: torch.Te
     return -((d @ precision) * d).sum(-1).amin(1)
 
 
+# --- kNN: shipped for frozen bodies ----------------------------------------------------------
+
 def normalise(features: torch.Tensor) -> torch.Tensor:
     return features.float() / features.float().norm(dim=1, keepdim=True).clamp_min(1e-12)
 
@@ -99,7 +103,7 @@ def knn(features: torch.Tensor, bank: torch.Tensor, k: int = KNN_K) -> torch.Ten
 
 def knn_bank(features: torch.Tensor, limit: int = MAX_BANK) -> torch.Tensor:
     """The normalised training features, at most `limit` of them: an evenly spaced, deterministic
-    sample of a larger set (the photos arrive grouped by class, so every class keeps its share)."""
+    sample of a larger set, so each class keeps about its share."""
     if len(features) > limit:
         features = features[torch.linspace(0, len(features) - 1, limit).round().long()]
     return normalise(features)
