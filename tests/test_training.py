@@ -218,6 +218,10 @@ def test_frozen_training_without_the_feature_cache_is_the_same_recipe(demo_data,
     train(TrainConfig(data=str(demo_data / "test"), out=str(tmp_path / "run"), backbone="efficientnet_lite0",
                       mode="freeze", recipe="fast", epochs=1, batch_size=8, feature_cache=False, workers=0), log=lines.append)
     assert not any("warm-up" in line for line in lines) and any("training efficientnet_lite0" in l for l in lines)
+    model, meta = load_model(tmp_path / "run" / "best.safetensors")  # the kNN bank, from features extracted at the end
+    with open(tmp_path / "run" / "split.csv", newline="") as f:
+        n_train = sum(row["split"] == "train" for row in csv.DictReader(f))
+    assert meta["trust"]["score"] == "knn" and model.trust.bank.shape == (n_train, model.head.in_features)
 
 
 def test_tensorboard_event_files_hold_the_curves_and_pictures(demo_data, tmp_path):
