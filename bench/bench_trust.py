@@ -141,11 +141,12 @@ def scores(f: dict, temperature: float, shipped: str) -> dict[str, dict[str, tor
     pmeans, pprec = ood.class_gaussian(tr["pfeat"], tr["y"], n_classes)
     bank, pbank = ood.knn_bank(tr["feat"]), ood.knn_bank(tr["pfeat"])  # as shipped: at most ood.MAX_BANK photos
     mark = lambda score: " (shipped)" if shipped == score else ""  # noqa: E731
+    energy_name, maha_name = "energy" + mark("energy"), "Mahalanobis, the model's body"
     fns = {
         "MSP (max softmax probability)": lambda s: ood.msp(s["logits"]),
         "MSP, temperature-scaled": lambda s: ood.msp(s["logits"], temperature),
-        "energy" + mark("energy"): lambda s: ood.energy(s["logits"]),
-        "Mahalanobis, the model's body": lambda s: ood.mahalanobis(s["feat"], means, prec),
+        energy_name: lambda s: ood.energy(s["logits"]),
+        maha_name: lambda s: ood.mahalanobis(s["feat"], means, prec),
         f"kNN (k={ood.KNN_K}), the model's body" + mark("knn"): lambda s: ood.knn(s["feat"], bank),
         "Mahalanobis, pretrained body": lambda s: ood.mahalanobis(s["pfeat"], pmeans, pprec),
         f"kNN (k={ood.KNN_K}), pretrained body": lambda s: ood.knn(s["pfeat"], pbank),
@@ -153,10 +154,10 @@ def scores(f: dict, temperature: float, shipped: str) -> dict[str, dict[str, tor
     out = {name: {k: fn(v) for k, v in f.items() if k != "train"} for name, fn in fns.items()}
     # both must find the photo typical: the lower of its two validation ranks (a blank photo can sit
     # near the feature clusters' middle, but gives weak logits)
-    maha, en = out[next(n for n in out if n.startswith("Mahalanobis, the model's"))], out[next(n for n in out if n.startswith("energy"))]
-    rank = lambda val, x: (val.sort().values[None, :] <= x[:, None]).float().mean(1)  # noqa: E731
-    out["lower rank of Mahalanobis and energy"] = {k: torch.minimum(rank(maha["val"], maha[k]), rank(en["val"], en[k]))
-                                                     for k in maha}
+    maha, en = ood.TrustHead(out[maha_name]["val"]), ood.TrustHead(out[energy_name]["val"])  # ranks among val
+    out["lower rank of Mahalanobis and energy"] = {
+        k: torch.minimum(maha.in_distribution(out[maha_name][k]), en.in_distribution(out[energy_name][k]))
+        for k in out[maha_name]}
     return out
 
 
@@ -204,26 +205,20 @@ def calibration_table(f: dict, temperature: float) -> list[str]:
 
 def shipped_table(model_file: Path, f: dict) -> list[str]:
     """fruitnet's own Predictor (fp32), as predict/evaluate/serve run it, with its unknown verdicts."""
-    from PIL import Image
-
     predictor = TorchPredictor(model_file, device="cpu", precision="fp32")
     rows = ["| set | photos | answered (not unknown) | accuracy of the best class | accuracy on answered photos |",
             "|---|---|---|---|---|"]
-    for name in ("val", "grocery/tomato", "grocery/other"):
+    labels = {"val": "webfruit validation split", "grocery/tomato": "grocery/tomato", "grocery/other": "grocery/other",
+              "squares": f"solid-colour squares ({', '.join(COLOURS)})"}
+    for name, label in labels.items():
         results = [r for r in predictor.predict_paths(f[name]["paths"]) if "error" not in r]
         answered = [r for r in results if r["label"] != UNKNOWN]
         truth = dict(zip(f[name]["paths"], f[name]["y"].tolist()))
         right = lambda r: predictor.classes.index(r["best_guess"]) == truth[r["path"]]  # noqa: E731
-        best_acc = f"{np.mean([right(r) for r in results]):.3f}" if name != "grocery/other" else "-"
-        ans_acc = f"{np.mean([right(r) for r in answered]):.3f}" if answered and name != "grocery/other" else "-"
-        label = {"val": "webfruit validation split"}.get(name, name)
+        known = name in ("val", "grocery/tomato")  # the others have no true class
+        best_acc = f"{np.mean([right(r) for r in results]):.3f}" if known else "-"
+        ans_acc = f"{np.mean([right(r) for r in answered]):.3f}" if answered and known else "-"
         rows.append(f"| {label} | {len(results)} | {pct(len(answered) / len(results))} | {best_acc} | {ans_acc} |")
-    squares = [Image.new("RGB", (300, 300), c) for c in COLOURS.values()]
-    x = torch.stack([predictor.transform(im) for im in squares])
-    probs, in_dist = predictor.outputs(x)
-    said = [predictor.describe(p, d)["label"] for p, d in zip(probs, in_dist)]
-    rows.append(f"| solid-colour squares ({', '.join(COLOURS)}) | {len(squares)} | "
-                f"{pct(sum(s != UNKNOWN for s in said) / len(said))} | - | - |")
     return rows
 
 

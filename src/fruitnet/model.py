@@ -204,7 +204,7 @@ def load_model(path: str | Path, legacy: bool | None = None) -> tuple[Classifier
     model, _ = create_classifier(meta["backbone"], len(meta["classes"]), weights="none")
     trust = {k[len(TRUST_PREFIX):]: state[k] for k in state if k.startswith(TRUST_PREFIX)}
     if trust:  # the in-distribution statistics (ood.TrustHead), shaped by the file's own tensors
-        _check_trust(path, trust, meta, expected)
+        _check_trust(path, trust, meta, feature_dim=expected[1])
         model.trust = TrustHead(**trust)
     try:
         model.load_state_dict(state)
@@ -213,14 +213,13 @@ def load_model(path: str | Path, legacy: bool | None = None) -> tuple[Classifier
     return model.eval(), meta
 
 
-def _check_trust(path: Path, trust: dict[str, torch.Tensor], meta: dict, head_shape: list[int]) -> None:
+def _check_trust(path: Path, trust: dict[str, torch.Tensor], meta: dict, feature_dim: int) -> None:
     """The statistics the metadata's score needs, the kNN bank with the body's feature width."""
     score = (meta.get("trust") or {}).get("score", "energy")
-    dim = head_shape[1]
     names = {"val_scores", "bank"} if score == "knn" else {"val_scores"}
     bank = trust.get("bank")
     if "trust" not in meta or set(trust) != names or trust["val_scores"].dim() != 1 or (bank is not None and (
-            bank.dim() != 2 or bank.shape[1] != dim or not 1 <= bank.shape[0] <= MAX_BANK)):
+            bank.dim() != 2 or bank.shape[1] != feature_dim or not 1 <= bank.shape[0] <= MAX_BANK)):
         raise ModelFileError(f"{path}: unexpected in-distribution statistics for the {score} score "
                              f"({', '.join(f'{k} {list(v.shape)}' for k, v in sorted(trust.items()))})")
 

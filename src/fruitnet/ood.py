@@ -208,12 +208,12 @@ def body_features(model: nn.Module, dataset, device, batch_size: int = 64,
 
 def fit_model_files(run: Path, best_epoch: int, last_epoch: int, val_set, recall: float, device,
                     log=print, frozen_body: bool = False, train_set=None,
-                    train_features: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict:
+                    train_features: torch.Tensor | None = None) -> dict:
     """Add calibration and the unknown verdict to a finished run's last.safetensors and best.safetensors.
 
     val_set (and train_set): the images as (tensor, class) pairs. frozen_body picks the score
     (choose_score); the kNN bank comes from the training photos' features: the cached ones
-    (train_features: features, targets) or else extracted from train_set. Each file
+    (train_features) or else extracted from train_set. Each file
     is fitted with its own weights, in fp32 (the arithmetic of the library default and of ONNX);
     when best is last, it is copied. Returns the last file's trust metadata.
     """
@@ -232,10 +232,9 @@ def fit_model_files(run: Path, best_epoch: int, last_epoch: int, val_set, recall
         if not same_body:  # a frozen body is the same in both files: its features are too
             features = body_features(model, val_set, device, desc=f"calibration: validation features ({name})")
             if score == "knn" and train_features is None:
-                train_features = body_features(model, train_set, device, desc="unknown verdict: training features")
+                train_features = body_features(model, train_set, device, desc="unknown verdict: training features")[0]
             body = list(model.body.state_dict().values())
-        meta["trust"] = fitted[name] = fit_trust(model, *features, recall, score,
-                                                 train_features[0] if score == "knn" else None)
+        meta["trust"] = fitted[name] = fit_trust(model, *features, recall, score, train_features)
         save_model(path, model, meta)
     t = fitted["last"]
     log(f"calibration: temperature {t['temperature']:.3f}, validation ECE {t['val_calibration']['ece_before']:.3f} -> "

@@ -387,7 +387,7 @@ def _fit(config: TrainConfig, saved: SavedRun | None, log) -> dict:
         raise
 
     if progress.rows:  # the temperature and the unknown verdict's threshold, into best and last
-        cached = pipeline.feature_views[0].tensors if pipeline.feature_views else None  # the plain view
+        cached = pipeline.feature_views[0].tensors[0] if pipeline.feature_views else None  # the plain view
         run.add_trust(progress.best["epoch"], progress.rows[-1]["epoch"], config.unknown_recall, device, log,
                       val_set=pipeline.val, train_set=pipeline.plain_train, train_features=cached,
                       frozen_body=config.mode == "freeze")
