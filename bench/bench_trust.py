@@ -15,7 +15,8 @@
    tuned on grocery/; the settings (k = 10 for kNN, Ledoit-Wolf shrinkage) were fixed beforehand.
 4. The shipped path: fruitnet's Predictor (what predict, evaluate and serve run) on the same
    photos, fp32, and its unknown verdicts; plus solid-colour squares, which should be unknown.
-5. Cost: forward time per image of the fine-tuned body, and of a second (pretrained) body.
+5. The int8 export: agreement of its labels and unknown verdicts with PyTorch, per check set.
+6. Cost: forward time per image of the fine-tuned body, and of a second (pretrained) body.
 
 Prints markdown tables and writes bench/results/trust.md with the git commit and the command.
 Features are cached under /tmp/trust-bench/ (keyed by the model file).
@@ -222,6 +223,24 @@ def shipped_table(model_file: Path, f: dict) -> list[str]:
     return rows
 
 
+def int8_table(model_file: Path, f: dict) -> list[str]:
+    """`fruitnet export --int8` of the model, checked on each set: how often the int8 file's labels
+    and unknown verdicts agree with PyTorch's (fp32) on the half of the check photos not used to
+    calibrate the quantisation."""
+    import tempfile
+
+    from fruitnet.export import export_onnx
+
+    rows = ["| check set (`--check`) | held-out photos | labels agree | unknown verdicts agree |", "|---|---|---|---|"]
+    for name in ("val", "grocery/other"):
+        with tempfile.TemporaryDirectory() as tmp:
+            int8 = export_onnx(model_file, Path(tmp) / "m.onnx", check=f[name]["paths"], int8=True,
+                               log=lambda *a: None)["int8"]["parity"]
+        label = {"val": "webfruit validation split"}.get(name, name)
+        rows.append(f"| {label} | {int8['n']} | {int8['agree']} | {int8.get('verdicts_agree', '-')} |")
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backbone", default=None, help="default: fruitnet's default backbone")
@@ -266,6 +285,8 @@ def main() -> None:
         *ood_table(all_scores, args.unknown_recall), "",
         "## The shipped path: fruitnet's Predictor (fp32) with the model file's temperature and threshold", "",
         *shipped_table(model_file, f), "",
+        "## The int8 ONNX file (`fruitnet export --int8`): its trust arithmetic is fp32, its features int8", "",
+        *int8_table(model_file, f), "",
         "## Cost of the features (forward pass only, fp32, batch 32)", "",
         "| body | ms per image |", "|---|---|",
         f"| the model's body (needed anyway for the prediction) | {ms_ft:.1f} |",

@@ -13,7 +13,7 @@ Which one a model gets depends on its body (choose_score), as measured (bench/re
 - frozen body (`--mode freeze`, the default probe): the body is the pretrained one, whose
   features tell fruit from other things far better than a linear head's logits do. kNN: AUROC
   0.981, 86.9% of grocery/other rejected, 83.8% of shop tomatoes kept, every blank square
-  rejected; Mahalanobis 0.972, 89.3%, 75.3%, and a plain grey square passed; energy 0.875, 65.7%.
+  rejected; Mahalanobis 0.972, 89.3%, 75.3%, and one of 8 blank squares passed; energy 0.875, 65.7%.
 - fine-tuned body: the features have been bent towards the three classes; energy on the logits
   is the better score (AUROC 0.953, against 0.932 for Mahalanobis on the fine-tuned body, and a
   kNN that kept only 33% of the shop tomatoes).
