@@ -25,15 +25,16 @@ CLASSES = ["cherry", "strawberry", "tomato"]
 def features(backbone: str, items) -> tuple:
     import torch
 
-    from fruitnet.arithmetic import choose
+    from fruitnet.arithmetic import choose_arithmetic
     from fruitnet.backbones import create_body, get_backbone
-    from fruitnet.pipeline import Photos, extract_features
+    from fruitnet.features import from_dataset
+    from fruitnet.pipeline import Photos
     from fruitnet.transforms import TensorTransform
 
     pre = get_backbone(backbone).preprocessing
     body = create_body(backbone)[0]
     data = Photos(items, CLASSES, pre, TensorTransform(pre), progress=False)
-    out = extract_features(body, data, 64, torch.device("cpu"), arith=choose("auto", torch.device("cpu")))
+    out = from_dataset(body, data, 64, torch.device("cpu"), choose_arithmetic("auto", torch.device("cpu")))
     return out.tensors[0].numpy(), out.tensors[1].numpy()
 
 

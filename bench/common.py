@@ -18,14 +18,14 @@ DEMO_DATA = REPO / "src" / "fruitnet" / "demo_data"
 def machine() -> str:
     import torch
 
-    from fruitnet.arithmetic import choose
+    from fruitnet.arithmetic import choose_arithmetic
 
     cpu = platform.processor() or platform.machine()
     try:
         cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    arith = choose("auto", torch.device("cpu"))
+    arith = choose_arithmetic("auto", torch.device("cpu"))
     gpu = f"GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else "no GPU"
     return (f"{cpu}, {os.cpu_count()} cores, {gpu}, torch {torch.__version__}, Python {platform.python_version()}; "
             f"auto arithmetic: {arith.dtype} ({arith.reason}); load average {os.getloadavg()[0]:.1f} at the start")

@@ -10,21 +10,24 @@ from fruitnet.errors import UsageError
 
 
 def test_recipes_refuse_unknown_values():
-    seed = RECIPES["seed"]
+    seed = RECIPES["original"]
     with pytest.raises(UsageError, match="optimizer must be one of sgd, adamw, lbfgs, not 'adam'"):
         replace(seed, optimizer="adam")  # must not silently become AdamW
     with pytest.raises(UsageError, match="augment must be one of"):
         replace(seed, augment="heavy")
     with pytest.raises(UsageError, match="crop_scale"):
         replace(seed, crop_scale=(0.9, 0.5))
+    with pytest.raises(UsageError, match="the probe strategy, and it alone, uses the lbfgs optimizer"):
+        replace(seed, optimizer="lbfgs")
     with pytest.raises(UsageError, match="mode must be one of freeze, unfreeze"):
         TrainConfig(data="x", mode="frozen")
     with pytest.raises(UsageError, match="precision must be one of auto, fp32, bf16"):
         TrainConfig(data="x", precision="fp16")
 
 
-def test_the_seed_recipe_is_the_original_project():
-    r = RECIPES["seed"]
+def test_the_original_recipe_is_the_original_project_and_keeps_its_first_name():
+    r = RECIPES["original"]
+    assert resolve(TrainConfig(data="x", recipe="seed")).recipe == "original"  # old commands and runs
     assert (r.optimizer, r.momentum, r.lr, r.weight_decay, r.batch_size, r.epochs) == ("sgd", 0.0, 0.001, 0.01, 32, 30)
     assert (r.schedule, r.augment, r.label_smoothing, r.head_warmup_epochs, r.low_res_size) == \
         ("constant", "none", 0.0, 0, None)
@@ -33,7 +36,7 @@ def test_the_seed_recipe_is_the_original_project():
 def test_resolve_fills_from_the_recipe_and_keeps_what_was_given():
     default = resolve(TrainConfig(data="x"))
     assert (default.recipe, default.mode, default.backbone) == ("probe", "freeze", "efficientnet_lite1")
-    assert (default.epochs, default.lr, default.weight_decay, default.batch_size) == (5, 1.0, 0.001, 32)
+    assert (default.epochs, default.lr, default.weight_decay, default.batch_size) == (1, 1.0, 0.001, 32)
     fast = resolve(TrainConfig(data="x", mode="unfreeze"))  # --mode unfreeze alone: the fine-tuning recipe
     assert (fast.recipe, fast.epochs, fast.lr, fast.weight_decay, fast.batch_size) == ("fast", 8, 0.001, 0.05, 32)
     assert resolve(TrainConfig(data="x", recipe="seed")).mode == "unfreeze"
@@ -43,7 +46,22 @@ def test_resolve_fills_from_the_recipe_and_keeps_what_was_given():
         resolve(TrainConfig(data="x", feature_cache=False))
     given = resolve(TrainConfig(data="x", recipe="seed", lr=0.01, epochs=3))
     assert (given.lr, given.epochs, given.weight_decay) == (0.01, 3, 0.01)
-    assert RECIPES["fast"].low_res_epochs(8) == 4 and RECIPES["seed"].low_res_epochs(30) == 0
+    assert RECIPES["fast"].low_res_epochs(8) == 4 and RECIPES["original"].low_res_epochs(30) == 0
+
+
+@pytest.mark.parametrize("config, distributed, message", [
+    (TrainConfig(data="x", epochs=3), False, "fits once, to convergence"),
+    (TrainConfig(data="x", balance="sampler"), False, "use --balance weights"),
+    (TrainConfig(data="x", recipe="original", balance="sampler"), True, "not supported under torchrun"),
+])
+def test_options_that_cannot_go_together_are_refused_before_anything_runs(config, distributed, message):
+    with pytest.raises(UsageError, match=message):
+        resolve(config, distributed)
+
+
+def test_a_learning_rate_of_zero_is_refused():
+    with pytest.raises(UsageError, match="--lr must be more than 0, not 0"):
+        TrainConfig(data="x", lr=0.0)
 
 
 def test_resume_accepts_only_how_to_run_not_what_to_train():
@@ -73,6 +91,7 @@ def test_command_line_options_and_help_come_from_trainconfig_and_the_recipes():
 @pytest.mark.parametrize("argv, message", [
     (["train", "x", "--epochs", "2.5"], "expected a whole number, not '2.5'"),
     (["train", "x", "--val-fraction", "1.5"], "between 0 and 1"),
+    (["train", "x", "--lr", "0"], "must be more than 0, not 0"),
     (["serve", "m", "--port", "99999"], "between 1 and 65535"),
 ])
 def test_bad_numbers_get_plain_words(argv, message, capsys):

@@ -13,7 +13,7 @@ from awkward import make_awkward_folder, synthetic_image
 from conftest import run_cli
 
 from fruitnet.errors import DataError
-from fruitnet.dataset import format_report, read_split, scan, split, write_split
+from fruitnet.dataset import format_data_report, read_split, scan, split, write_split
 
 
 def snapshot(root: Path) -> dict:
@@ -205,7 +205,7 @@ def test_run_folders_inside_the_data_are_skipped_and_reported(tmp_path):
     assert not any(p.startswith(("runtop/", "cherry/run2/")) for p in paths) and "tomato/more/t.jpg" in paths
     report = catalog.report()
     assert report["run_folders"] == [str(nested), str(runtop)]
-    text = format_report(report)
+    text = format_data_report(report)
     assert "2 fruitnet run folder(s) skipped (outputs, not data)" in text and str(runtop) in text
 
 

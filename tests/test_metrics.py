@@ -8,7 +8,7 @@ import pytest
 from fruitnet.metrics import (
     classification_report,
     confusion_matrix,
-    format_report,
+    format_classification_report,
     write_confusion_csv,
 )
 
@@ -158,7 +158,7 @@ def test_confusion_csv_shape_mismatch(tmp_path):
 
 def test_format_report_contents():
     r = classification_report(Y_TRUE, Y_PRED, CLASSES)
-    text = format_report(r)
+    text = format_classification_report(r)
     assert isinstance(text, str)
     for cls in CLASSES:
         assert cls in text

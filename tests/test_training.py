@@ -174,17 +174,17 @@ def test_auto_arithmetic_follows_the_cpu(monkeypatch):
 
     cpu = torch.device("cpu")
     monkeypatch.setattr(arithmetic, "cpu_has_native_bf16", lambda: True)
-    a = arithmetic.choose("auto", cpu)
+    a = arithmetic.choose_arithmetic("auto", cpu)
     assert (a.dtype, a.channels_last) == ("bf16", True) and "AVX512-BF16" in a.reason
     monkeypatch.setattr(arithmetic, "cpu_has_native_bf16", lambda: False)
-    a = arithmetic.choose("auto", cpu)
+    a = arithmetic.choose_arithmetic("auto", cpu)
     assert (a.dtype, a.channels_last) == ("fp32", False) and "without" in a.reason
-    assert arithmetic.choose("bf16", cpu).dtype == "bf16"  # asked for: honoured even where emulated
+    assert arithmetic.choose_arithmetic("bf16", cpu).dtype == "bf16"  # asked for: honoured even where emulated
 
 
 def test_progressive_resizing_reaches_decoding_workers(demo_data):
     """Without the image cache, worker processes decode; the epoch's resolution must reach them."""
-    from fruitnet.arithmetic import choose
+    from fruitnet.arithmetic import choose_arithmetic
     from fruitnet.config import RECIPES, resolve
     from fruitnet.model import create_classifier
     from fruitnet.pipeline import build_pipeline
@@ -194,7 +194,7 @@ def test_progressive_resizing_reaches_decoding_workers(demo_data):
     config = resolve(TrainConfig(mode="unfreeze", data=str(demo_data / "test"), image_cache=False, workers=2, epochs=4))
     model, _ = create_classifier("efficientnet_lite0", 3, "none")
     pipeline = build_pipeline(config, RECIPES["fast"], pre, catalog.classes, catalog.usable, catalog.usable[:4],
-                              model.body, torch.device("cpu"), choose("fp32", torch.device("cpu")), 8, quiet)
+                              model.body, torch.device("cpu"), choose_arithmetic("fp32", torch.device("cpu")), 8, quiet)
     assert not pipeline.image_cache and pipeline.workers == 2
     sizes = [next(iter(pipeline.train_loader(epoch)))[0].shape[-1] for epoch in (1, 2, 3, 4)]
     assert sizes == [160, 160, 224, 224]

@@ -67,7 +67,7 @@ class Arithmetic:
         return asdict(self)
 
 
-def choose(precision: str, device: torch.device) -> Arithmetic:
+def choose_arithmetic(precision: str, device: torch.device) -> Arithmetic:
     """Resolve 'auto' | 'fp32' | 'bf16' for a device, saying why."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")

@@ -17,7 +17,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from fruitnet.backbones import BACKBONES
-from fruitnet.config import PRECISIONS, RECIPES, RESUMABLE, TrainConfig
+from fruitnet.config import DEFAULT_BACKBONE, PRECISIONS, RECIPE_ALIASES, RECIPES, RESUMABLE, TrainConfig
 from fruitnet.errors import FruitnetError, UsageError
 from fruitnet.guard import LIMIT_CONCURRENCY, TIMEOUT_KEEP_ALIVE, TIMEOUT_REQUEST
 from fruitnet.modelpath import check_model_argument
@@ -79,9 +79,9 @@ def _port(text: str) -> int:
     return value
 
 
-_TYPES = {"positive_int": _positive_int, "non_negative_float": _non_negative_float, "fraction": _fraction,
+_TYPES = {"positive_int": _positive_int, "positive_float": _positive_float, "non_negative_float": _non_negative_float, "fraction": _fraction,
           "mix": _mix, int: _whole_number}
-_CHOICES = {"backbones": lambda: sorted(BACKBONES), "recipes": lambda: list(RECIPES)}
+_CHOICES = {"backbones": lambda: sorted(BACKBONES), "recipes": lambda: [*RECIPES, *RECIPE_ALIASES]}
 
 
 def _train_option_help(f) -> str:
@@ -115,13 +115,13 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_check(args) -> int:
-    from fruitnet.dataset import format_report, scan
+    from fruitnet.dataset import format_data_report, scan
 
     if args.write_exclude and not args.deep:
         raise UsageError("--write-exclude needs --deep (the suspects come from the deep check)")
     if not (args.deep or args.out):  # the quick report on the console, as always: nothing written
         report = scan(args.data).report()
-        print(json.dumps(report, indent=2) if args.json else format_report(report))
+        print(json.dumps(report, indent=2) if args.json else format_data_report(report))
         return 1 if report["skipped"] else 0
 
     from fruitnet import doctor
@@ -175,7 +175,7 @@ def cmd_train(args) -> int:
 def cmd_evaluate(args) -> int:
     check_model_argument(args.model, [args.data], "evaluate")  # before torch: an argument error is instant
     from fruitnet.evaluate import evaluate, format_trust
-    from fruitnet.metrics import format_report
+    from fruitnet.metrics import format_classification_report
     from fruitnet.runfolder import new_output_folder
 
     out = new_output_folder(args.out, "eval-", [args.data], "evaluation folder")
@@ -187,7 +187,7 @@ def cmd_evaluate(args) -> int:
         for warning in report["warnings"]:  # also on stderr: a script reading the JSON may not look
             print(f"fruitnet evaluate: warning: {warning}", file=sys.stderr)
     else:
-        print(format_report(report) + format_trust(report))
+        print(format_classification_report(report) + format_trust(report))
         for s in report["skipped"]:
             print(f"skipped {s['path']}: {s['reason']}")
         print(f"{report['n']} images in {report['seconds']:.1f}s; outputs in {out}/: report.txt, report.json, "
@@ -382,8 +382,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--write-exclude", metavar="FILE",
                    help="with --deep: write the likely mislabelled photos and outliers, one path a line, "
                         "for train --exclude FILE")
-    p.add_argument("--backbone", default="efficientnet_lite0", choices=sorted(BACKBONES),
-                   help="features for --deep (default: efficientnet_lite0, whose weights work offline)")
+    p.add_argument("--backbone", default=DEFAULT_BACKBONE, choices=sorted(BACKBONES),
+                   help=f"features for --deep (default: {DEFAULT_BACKBONE}, the default model's body)")
     p.add_argument("--folds", type=_positive_int, default=5, help="cross-validation folds for --deep (default: 5)")
     p.add_argument("--seed", type=_whole_number, default=0, help="seed of the folds (default: 0)")
     p.set_defaults(func=cmd_check)

@@ -14,7 +14,7 @@ from typing import Literal
 
 from fruitnet.errors import UsageError
 
-PRECISIONS = ("auto", "fp32", "bf16")  # arithmetic.choose resolves them per device
+PRECISIONS = ("auto", "fp32", "bf16")  # arithmetic.choose_arithmetic resolves them per device
 UNKNOWN_RECALL = 0.95  # share of validation photos that keep their label (the rest set the "unknown" threshold)
 
 
@@ -35,13 +35,17 @@ def _check_literals(obj) -> None:
 @dataclass(frozen=True)
 class Recipe:
     """Every number a recipe uses.  `epochs`, `lr`, `weight_decay` and `batch_size` are defaults
-    that --epochs, --lr, --weight-decay and --batch-size replace."""
+    that --epochs, --lr, --weight-decay and --batch-size replace.
+
+    `strategy` names the training loop (training.STRATEGIES): 'probe' fits the head once, by
+    full-batch L-BFGS on cached features, to convergence; 'minibatch' runs epochs of SGD or AdamW."""
 
     description: str
-    optimizer: Literal["sgd", "adamw", "lbfgs"]  # lbfgs: full batch on cached features (freeze only)
+    strategy: Literal["probe", "minibatch"]
     lr: float
-    weight_decay: float  # lbfgs: an L2 penalty weight_decay/2 x |W|^2 added to the mean loss
-    epochs: int
+    weight_decay: float  # probe: an L2 penalty weight_decay/2 x |W|^2 added to the mean loss
+    epochs: int  # probe: 1 (one fit)
+    optimizer: Literal["sgd", "adamw", "lbfgs"] = "sgd"  # lbfgs: the probe's, full batch
     mode: Literal["freeze", "unfreeze"] = "unfreeze"  # what --mode defaults to with this recipe
     batch_size: int = 32
     momentum: float = 0.0
@@ -57,7 +61,7 @@ class Recipe:
     low_res_fraction: float = 0.0  # ... for this share of the epochs, then at the model's input size
     drop_last: bool = False  # one batch shape per resolution: bf16 kernels are compiled per shape
     wise: float = 1.0  # unfreeze: WiSE-FT, the saved model is (1 - wise) x head-only + wise x fine-tuned
-    lbfgs_iterations: int = 25  # per epoch, with optimizer lbfgs
+    max_iterations: int = 125  # probe: L-BFGS iterations at most (it stops earlier once converged)
 
     def __post_init__(self):
         _check_literals(self)
@@ -67,6 +71,8 @@ class Recipe:
             raise UsageError(f"wise must be between 0 and 1, not {self.wise}")
         if self.feature_views < 1 or self.epochs < 1 or self.batch_size < 1:
             raise UsageError("feature_views, epochs and batch_size must be at least 1")
+        if (self.strategy == "probe") != (self.optimizer == "lbfgs"):
+            raise UsageError("the probe strategy, and it alone, uses the lbfgs optimizer")
 
     def low_res_epochs(self, epochs: int) -> int:
         """How many of `epochs` train at low_res_size (0 without progressive resizing)."""
@@ -79,22 +85,31 @@ RECIPES: dict[str, Recipe] = {
     "probe": Recipe(
         description="frozen body: logistic regression on the pretrained features, fitted to convergence "
                     "(full-batch L-BFGS on cached features)",
-        optimizer="lbfgs", lr=1.0, weight_decay=0.001, epochs=5, mode="freeze"),
-    "seed": Recipe(
+        strategy="probe", optimizer="lbfgs", lr=1.0, weight_decay=0.001, epochs=1, mode="freeze"),
+    "original": Recipe(
         description="the original project exactly: plain SGD, constant lr, no augmentation",
-        optimizer="sgd", lr=0.001, weight_decay=0.01, epochs=30),
-    # Chosen by measurement (bench/bench_train.py): see the README's results.
+        strategy="minibatch", optimizer="sgd", lr=0.001, weight_decay=0.01, epochs=30),
+    # Chosen by measurement (bench/bench_train.py): see docs/results.md.
     "fast": Recipe(
         description="head warm-up on cached features, then AdamW, cosine, label smoothing, "
                     "random-resized crops and flips, low resolution first; saves the WiSE-FT mix (0.5)",
-        optimizer="adamw", lr=0.001, weight_decay=0.05, epochs=8, schedule="cosine", warmup_epochs=0.5,
-        label_smoothing=0.1, augment="light", feature_views=4, head_warmup_epochs=40,
+        strategy="minibatch", optimizer="adamw", lr=0.001, weight_decay=0.05, epochs=8, schedule="cosine",
+        warmup_epochs=0.5, label_smoothing=0.1, augment="light", feature_views=4, head_warmup_epochs=40,
         low_res_size=160, low_res_fraction=0.5, drop_last=True,
         wise=0.5),  # WiSE-FT halfway: better on other sources and on its own split (bench_transfer.py)
 }
+RECIPE_ALIASES = {"seed": "original"}  # the original recipe's first name: old commands and runs keep working
 DEFAULT_RECIPE = "probe"
 UNFREEZE_RECIPE = "fast"  # the recipe when only --mode unfreeze is given
 DEFAULT_BACKBONE = "efficientnet_lite1"  # the best offline backbone by bench/bench_transfer.py
+
+
+def check_unknown_recall(recall: float) -> float:
+    """The share of validation photos that keep their label: strictly between 0 and 1."""
+    if not 0 < recall < 1:
+        raise UsageError(f"--unknown-recall must be between 0 and 1, the share of validation photos to accept; "
+                         f"not {recall}")
+    return float(recall)
 
 
 def _opt(default, help: str, **argparse):
@@ -116,11 +131,12 @@ class TrainConfig:
     mode: Literal["freeze", "unfreeze"] | None = _opt(
         None, "freeze: only the new last layer learns; unfreeze: every layer learns", recipe=True)
     recipe: str | None = _opt(None, f"training recipe (default: {DEFAULT_RECIPE}, or {UNFREEZE_RECIPE} with --mode "
-                                    "unfreeze; 'seed' is the original project's exactly)", choices="recipes")
+                                    "unfreeze; 'original', also spelled 'seed', is the original project's exactly)",
+                              choices="recipes")
     epochs: int | None = _opt(None, "passes over the training photos", type="positive_int", recipe=True)
     batch_size: int | None = _opt(None, "photos per step (the global batch under torchrun)",
                                   type="positive_int", recipe=True)
-    lr: float | None = _opt(None, "learning rate", type="non_negative_float", recipe=True)
+    lr: float | None = _opt(None, "learning rate", type="positive_float", recipe=True)
     wise: float | None = _opt(None, "unfreeze: WiSE-FT weight mix saved as the model, 0 = the head-only model "
                                     "(pretrained body), 1 = the fine-tuned one", type="mix", recipe=True)
     weight_decay: float | None = _opt(None, "weight decay", type="non_negative_float", recipe=True)
@@ -147,8 +163,9 @@ class TrainConfig:
 
     def __post_init__(self):
         _check_literals(self)
-        if not 0 < self.unknown_recall < 1:
-            raise UsageError(f"unknown_recall must be between 0 and 1, not {self.unknown_recall}")
+        check_unknown_recall(self.unknown_recall)
+        if self.lr is not None and not self.lr > 0:
+            raise UsageError(f"--lr must be more than 0, not {self.lr}")
 
 
 # On --resume these may change: they say how to run, not what to train.  Every other option is
@@ -158,7 +175,7 @@ RESUMABLE = ("epochs", "device", "workers", "precision")
 
 def recipe_name(config: TrainConfig) -> str:
     if config.recipe is not None:
-        return config.recipe
+        return RECIPE_ALIASES.get(config.recipe, config.recipe)
     return UNFREEZE_RECIPE if config.mode == "unfreeze" else DEFAULT_RECIPE
 
 
@@ -169,15 +186,26 @@ def recipe_for(config: TrainConfig) -> Recipe:
         raise UsageError(f"unknown recipe {config.recipe!r}; choose one of: {', '.join(RECIPES)}") from None
 
 
-def resolve(config: TrainConfig) -> TrainConfig:
-    """Fill what the user left to the recipe; what the user gave is kept exactly."""
+def resolve(config: TrainConfig, distributed: bool = False) -> TrainConfig:
+    """Fill what the user left to the recipe (what the user gave is kept exactly), and refuse
+    options that cannot go together, before anything is read or written."""
     recipe = recipe_for(config)
+    given_epochs = config.epochs
     config = replace(config, recipe=recipe_name(config), **{
         f.name: getattr(recipe, f.name) for f in fields(config)
         if f.metadata.get("recipe") and getattr(config, f.name) is None})
-    if recipe.optimizer == "lbfgs" and (config.mode != "freeze" or not config.feature_cache):
-        raise UsageError(f"the {config.recipe} recipe fits the last layer on cached features: it needs --mode freeze "
-                         "and the feature cache (for fine-tuning every layer use --recipe fast)")
+    if recipe.strategy == "probe":
+        if config.mode != "freeze" or not config.feature_cache:
+            raise UsageError(f"the {config.recipe} recipe fits the last layer on cached features: it needs --mode "
+                             "freeze and the feature cache (for fine-tuning every layer use --recipe fast)")
+        if given_epochs not in (None, 1):
+            raise UsageError(f"the {config.recipe} recipe fits once, to convergence (at most {recipe.max_iterations} "
+                             "L-BFGS iterations): --epochs is for the mini-batch recipes (original, fast)")
+        if config.balance == "sampler":
+            raise UsageError(f"--balance sampler draws batches; the {config.recipe} recipe fits on all photos at "
+                             "once: use --balance weights")
+    if config.balance == "sampler" and distributed:
+        raise UsageError("--balance sampler is not supported under torchrun; use --balance weights")
     return config
 
 

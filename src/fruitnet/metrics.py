@@ -19,7 +19,7 @@ __all__ = [
     "normalize_rows",
     "classification_report",
     "write_confusion_csv",
-    "format_report",
+    "format_classification_report",
 ]
 
 
@@ -141,7 +141,7 @@ def write_confusion_csv(
     return path
 
 
-def format_report(report: dict) -> str:
+def format_classification_report(report: dict) -> str:
     """Human-readable text table of a :func:`classification_report` result."""
     classes = [str(c) for c in report.get("classes", list(report.get("per_class", {})))]
     per_class = report.get("per_class", {})

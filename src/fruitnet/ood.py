@@ -26,17 +26,13 @@ label).
 
 from __future__ import annotations
 
-import shutil
-from pathlib import Path
-
 import numpy as np
 import torch
 from torch import nn
 
 from fruitnet.calibration import calibration_summary, fit_temperature
 from fruitnet.config import UNKNOWN_RECALL as DEFAULT_RECALL
-from fruitnet.errors import UsageError
-from fruitnet.progress import bar as progress_bar
+from fruitnet.config import check_unknown_recall
 
 TRUST_PREFIX = "trust."  # the TrustHead's tensors in the model file's state dict
 
@@ -157,13 +153,6 @@ def auroc(known: np.ndarray, unknown: np.ndarray) -> float:
     return float((ranks[:len(known)].sum() - len(known) * (len(known) + 1) / 2) / (len(known) * len(unknown)))
 
 
-def check_recall(recall: float) -> float:
-    if not 0 < recall < 1:
-        raise UsageError(f"--unknown-recall must be between 0 and 1, the share of validation photos to accept; "
-                         f"not {recall}")
-    return float(recall)
-
-
 @torch.no_grad()
 def fit_trust(model: nn.Module, val_features: torch.Tensor, val_targets: torch.Tensor,
               recall: float = DEFAULT_RECALL, score: str = "energy", train_features: torch.Tensor | None = None) -> dict:
@@ -175,7 +164,7 @@ def fit_trust(model: nn.Module, val_features: torch.Tensor, val_targets: torch.T
     Features are the body's pooled features (the head makes the logits). Attaches model.trust
     (a TrustHead, saved with the weights); returns the metadata for the model file's "trust" key.
     """
-    recall = check_recall(recall)
+    recall = check_unknown_recall(recall)
     if score not in SCORES:
         raise ValueError(f"unknown in-distribution score {score!r}; known: {', '.join(SCORES)}")
     head = model.head
@@ -191,53 +180,3 @@ def fit_trust(model: nn.Module, val_features: torch.Tensor, val_targets: torch.T
     calibration = calibration_summary(val_logits.numpy(), val_targets.cpu().numpy(), temperature)
     return {"temperature": temperature, "score": score, "threshold": threshold, "recall": recall,
             "n_val": len(val_logits), "val_accepted": accepted, "val_calibration": calibration}
-
-
-@torch.no_grad()
-def body_features(model: nn.Module, dataset, device, batch_size: int = 64,
-                  desc: str = "features") -> tuple[torch.Tensor, torch.Tensor]:
-    """Pooled body features (fp32, CPU) and targets of a dataset of (tensor, class index), in order."""
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
-    feats, targets = [], []
-    model.eval()
-    for x, y in progress_bar(loader, desc=desc, unit="batch"):
-        feats.append(model.body(x.to(device)).float().cpu())
-        targets.append(torch.as_tensor(y))
-    return torch.cat(feats), torch.cat(targets)
-
-
-def fit_model_files(run: Path, best_epoch: int, last_epoch: int, val_set, recall: float, device,
-                    log=print, frozen_body: bool = False, train_set=None,
-                    train_features: torch.Tensor | None = None) -> dict:
-    """Add calibration and the unknown verdict to a finished run's last.safetensors and best.safetensors.
-
-    val_set (and train_set): the images as (tensor, class) pairs. frozen_body picks the score
-    (choose_score); the kNN bank comes from the training photos' features: the cached ones
-    (train_features) or else extracted from train_set. Each file
-    is fitted with its own weights, in fp32 (the arithmetic of the library default and of ONNX);
-    when best is last, it is copied. Returns the last file's trust metadata.
-    """
-    from fruitnet.model import load_model, save_model
-
-    score = choose_score(frozen_body)
-    fitted, features, body = {}, None, None
-    for name in ("last", "best"):
-        path = run / f"{name}.safetensors"
-        if name == "best" and best_epoch == last_epoch:
-            shutil.copyfile(run / "last.safetensors", path)
-            continue
-        model, meta = load_model(path)
-        model.to(device)
-        same_body = body is not None and all(torch.equal(a, b) for a, b in zip(body, model.body.state_dict().values()))
-        if not same_body:  # a frozen body is the same in both files: its features are too
-            features = body_features(model, val_set, device, desc=f"calibration: validation features ({name})")
-            if score == "knn" and train_features is None:
-                train_features = body_features(model, train_set, device, desc="unknown verdict: training features")[0]
-            body = list(model.body.state_dict().values())
-        meta["trust"] = fitted[name] = fit_trust(model, *features, recall, score, train_features)
-        save_model(path, model, meta)
-    t = fitted["last"]
-    log(f"calibration: temperature {t['temperature']:.3f}, validation ECE {t['val_calibration']['ece_before']:.3f} -> "
-        f"{t['val_calibration']['ece_after']:.3f}; unknown verdict ({score} score) below in_distribution "
-        f"{t['threshold']:g} (keeps {t['val_accepted']:.1%} of validation photos)")
-    return t

@@ -20,10 +20,12 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from fruitnet import distributed
-from fruitnet.arithmetic import Arithmetic, choose
+from fruitnet.arithmetic import Arithmetic
+from fruitnet.balance import sample_weights
 from fruitnet.config import Recipe, TrainConfig
 from fruitnet.dataset import Item
 from fruitnet.errors import ImageError
+from fruitnet.features import from_dataset
 from fruitnet.progress import bar as progress_bar
 from fruitnet.transforms import Decode, TensorTransform, resize_size
 
@@ -97,24 +99,6 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, workers: int =
                       drop_last=drop_last)
 
 
-@torch.no_grad()
-def extract_features(body: nn.Module, dataset: Dataset, batch_size: int, device, workers: int = 0,
-                     arith: Arithmetic | None = None, desc: str = "features") -> TensorDataset:
-    """(features, targets) of a dataset, in its order; under torchrun each rank extracts its shard
-    and all gather the whole set."""
-    arith = arith or choose("fp32", device)
-    body.eval()
-    feats, targets = [], []
-    loader = make_loader(dataset, batch_size, False, workers)
-    for x, y in progress_bar(loader, desc=desc, unit="batch", disable=not distributed.is_main()):
-        with arith.autocast(device):
-            feats.append(body(arith.prepare_input(x.to(device))).float().cpu())
-        targets.append(y)
-    if not feats:  # an empty shard (fewer images than ranks)
-        return TensorDataset(*distributed.gather_shards(torch.empty(0), torch.empty(0, dtype=torch.long)))
-    return TensorDataset(*distributed.gather_shards(torch.cat(feats), torch.cat(targets)))
-
-
 @dataclass
 class Pipeline:
     """Everything an epoch reads.  With `feature_views` (frozen body, cached features) the head
@@ -171,9 +155,11 @@ def build_pipeline(config: TrainConfig, recipe: Recipe, pre: dict, classes: list
         log(f"skipped {d['path']}: {d['reason']} (changed or removed since the scan)")
     pipeline = Pipeline(train, train.with_transform(TensorTransform(pre)), val, recipe, config.epochs, batch_size,
                         config.seed, 0 if cache else config.workers, torch.Generator().manual_seed(config.seed))
+    if config.balance == "sampler":  # every class drawn equally often (balance.py)
+        pipeline.sample_weights = sample_weights(train.targets, {c: train.targets.count(i) for i, c in enumerate(classes)})
     if config.mode == "freeze" and config.feature_cache:
         n_views = recipe.feature_views if recipe.augment != "none" else 1
-        extract = lambda ds, desc: extract_features(body, ds, batch_size, device, pipeline.workers, arith, desc)  # noqa: E731
+        extract = lambda ds, desc: from_dataset(body, ds, batch_size, device, arith, pipeline.workers, desc)  # noqa: E731
         pipeline.feature_views = [extract(pipeline.plain_train, "features (train)")] + [
             extract(train, f"features (train, augmented view {v})") for v in range(1, n_views)]
         pipeline.val_features = extract(val, "features (val)")

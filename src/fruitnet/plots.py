@@ -53,14 +53,15 @@ def _num(v: Any) -> float:
 # --------------------------------------------------------------------------- curves
 
 
-def plot_curves(rows: list[dict], path: str | PathLike[str], note: str = "") -> Path:
-    """Loss and accuracy per epoch (train and val) in two side-by-side panels.
+def plot_curves(rows: list[dict], path: str | PathLike[str], note: str = "", x: str = "epoch") -> Path:
+    """Loss and accuracy per epoch (or per `x`, e.g. the probe's L-BFGS iteration), train and
+    val, in two side-by-side panels.
 
     The accuracy axis zooms to the data (0.97 vs 1.00 must be visible); `note` goes under the
     title (e.g. that the training loss includes label smoothing)."""
     rows = list(rows)
     epochs = np.array(
-        [_num(r.get("epoch", i + 1)) for i, r in enumerate(rows)], dtype=np.float64
+        [_num(r.get(x, i + 1)) for i, r in enumerate(rows)], dtype=np.float64
     )
     series = {
         k: np.array([_num(r.get(k)) for r in rows], dtype=np.float64)
@@ -76,7 +77,7 @@ def plot_curves(rows: list[dict], path: str | PathLike[str], note: str = "") -> 
             ok = np.isfinite(y) & np.isfinite(epochs)
             if ok.any():
                 ax.plot(epochs[ok], y[ok], color=color, label=split, **style)
-        ax.set_xlabel("epoch")
+        ax.set_xlabel(x)
         ax.set_ylabel(kind)
         ax.set_title(kind)
         ax.grid(True, alpha=0.35)
@@ -101,14 +102,16 @@ def plot_curves(rows: list[dict], path: str | PathLike[str], note: str = "") -> 
         ax_loss.set_ylim(bottom=0.0, top=max(float(losses.max()) * 1.08, 1e-3))
 
     val_acc = series["val_accuracy"]
-    if np.isfinite(val_acc).any():
+    if x != "epoch" and np.isfinite(val_acc).any():  # a single fit: the model kept is the last one
+        title = f"val accuracy {val_acc[np.isfinite(val_acc)][-1] * 100:.2f}% after {len(rows)} {x}s"
+    elif np.isfinite(val_acc).any():
         best = int(np.nanargmax(np.where(np.isfinite(val_acc), val_acc, -np.inf)))
         ep = epochs[best]
         ep_txt = f"{int(ep)}" if np.isfinite(ep) and ep == round(ep) else f"{ep:g}"
-        title = f"best val accuracy {val_acc[best] * 100:.2f}% at epoch {ep_txt}"
+        title = f"best val accuracy {val_acc[best] * 100:.2f}% at {x} {ep_txt}"
         ax_acc.axvline(ep, color="tab:orange", linestyle=":", alpha=0.7)
     elif not rows:
-        title = "no epochs recorded"
+        title = f"no {x}s recorded"
     else:
         title = "no validation data"
     fig.suptitle(title + (f"\n{note}" if note else ""))

@@ -13,25 +13,24 @@ Every consumer (predict, evaluate, serve, export's parity check) talks to a Pred
 `TorchPredictor` runs a .safetensors file (or the original project's model.pth) with PyTorch,
 `OnnxPredictor` an exported .onnx file with onnxruntime; `load_predictor` picks one.
 With tta (test-time augmentation, `--tta`) each photo's logits are averaged with its mirror
-image's: TorchPredictor wraps its model in robust.TTA; an ONNX file has it in its graph when it
+image's: TorchPredictor wraps its model in tta.TTA; an ONNX file has it in its graph when it
 was exported with `fruitnet export --tta`.
 """
 
 from __future__ import annotations
 
 import json
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 from PIL import Image
 
-from fruitnet.arithmetic import choose, resolve_device
+from fruitnet.arithmetic import choose_arithmetic, resolve_device
 from fruitnet.errors import ModelFileError, UsageError
 from fruitnet.images import expand_paths  # noqa: F401  (here for the callers that import it from here)
 from fruitnet.model import load_model, validate_meta
 from fruitnet.preprocess import DecodeAhead, load, small_image_warning
-from fruitnet.transforms import TensorTransform, eval_transform, hwc_to_tensor
+from fruitnet.transforms import eval_transform, input_batches
 
 # bf16: a photo whose top two probabilities are closer than this is run again in fp32.  Measured on
 # webfruit (README, bf16 and fp32): bf16 moved a probability by at most 0.047, and the labels it
@@ -57,7 +56,6 @@ class Predictor:
         self.classes: list[str] = meta["classes"]
         self.preprocessing: dict = meta["preprocessing"]
         self.transform = eval_transform(self.preprocessing)  # PIL image -> model input
-        self.finish = TensorTransform(self.preprocessing)  # uint8 model input (DecodeAhead) -> model input
         trust = meta.get("trust") or {}
         self.temperature = float(trust.get("temperature", 1.0))  # files made before calibration: 1
         self.threshold: float | None = trust.get("threshold")  # None: no in-distribution statistics
@@ -101,40 +99,30 @@ class Predictor:
         never raises for a bad file. raw=True adds each photo's uncalibrated "logits" and raw "score".
         `warning` flags a photo much smaller than the model's input.
 
-        Files are decoded by threads ahead of the model (a bounded window: memory stays flat
-        however many paths there are); `decoded` is such a decoder started earlier, over the same
-        paths with the same preprocessing (the CLI starts it before the model has loaded).
+        Files are decoded by threads ahead of the model (transforms.input_batches); `decoded` is
+        such a decoder started earlier, over the same paths with the same preprocessing (the CLI
+        starts it before the model has loaded).
         """
-        decoded = decoded if decoded is not None else DecodeAhead(paths, self.preprocessing)
         results: list[dict] = []
-        # The last step (uint8 -> normalised tensor) also runs in threads, one image each: done in
-        # this thread, OpenMP's spin-waiting made the model itself 1.5x slower on a busy machine.
-        with decoded, ThreadPoolExecutor(2) as finishing:
-            for start in range(0, len(paths), batch_size):
-                chunk = paths[start:start + batch_size]
-                prepared = [next(decoded) for _ in chunk]
-                out = [{"path": str(p), "error": d} if isinstance(d, str) else {"path": str(p)}
-                       for p, d in zip(chunk, prepared)]
-                good = [i for i, d in enumerate(prepared) if not isinstance(d, str)]
-                if good:
-                    x = torch.stack(list(finishing.map(self._to_input, [prepared[i][0] for i in good])))
-                    logits, score, in_dist = self.forward(x)
-                    probs = (logits / self.temperature).softmax(1)
-                    for k, i in enumerate(good):
-                        out[i].update(self.describe(probs[k], None if in_dist is None else in_dist[k]))
-                        if raw:
-                            out[i].update(logits=logits[k].tolist(),
-                                          score=None if score is None else float(score[k]))
-                        warning = small_image_warning(prepared[i][1], self.preprocessing)
-                        if warning:
-                            out[i]["warning"] = warning
-                results.extend(out)
-                if progress is not None:
-                    progress(len(chunk))
+        chunks = input_batches(paths, self.preprocessing, batch_size, decoded)
+        for start, (prepared, x) in zip(range(0, len(paths), batch_size), chunks):
+            out = [{"path": str(p), "error": d} if isinstance(d, str) else {"path": str(p)}
+                   for p, d in zip(paths[start:start + batch_size], prepared)]
+            good = [i for i, d in enumerate(prepared) if not isinstance(d, str)]
+            if good:
+                logits, score, in_dist = self.forward(x)
+                probs = (logits / self.temperature).softmax(1)
+                for k, i in enumerate(good):
+                    out[i].update(self.describe(probs[k], None if in_dist is None else in_dist[k]))
+                    if raw:
+                        out[i].update(logits=logits[k].tolist(), score=None if score is None else float(score[k]))
+                    warning = small_image_warning(prepared[i][1], self.preprocessing)
+                    if warning:
+                        out[i]["warning"] = warning
+            results.extend(out)
+            if progress is not None:
+                progress(len(prepared))
         return results
-
-    def _to_input(self, array) -> torch.Tensor:
-        return self.finish(hwc_to_tensor(array))
 
     def describe(self, probs: torch.Tensor, in_dist: torch.Tensor | None = None) -> dict:
         """{label, probabilities} and, where the model file has in-distribution statistics,
@@ -162,7 +150,7 @@ class TorchPredictor(Predictor):
     (recheck_near_ties), so labels agree with fp32 and ONNX.
 
     tta=True: each photo's logits are the average of the photo's and its mirror image's
-    (robust.TTA, mirror only; twice the compute); `net` is what runs, `model` stays the plain
+    (tta.TTA, mirror only; twice the compute); `net` is what runs, `model` stays the plain
     classifier (Grad-CAM heat maps are the plain model's)."""
 
     def __init__(self, model_path: str | Path, device: str = "auto", legacy: bool | None = None,
@@ -171,11 +159,11 @@ class TorchPredictor(Predictor):
         self.model, meta = load_model(model_path, legacy=legacy)
         super().__init__(meta, unknown)
         self.device = resolve_device(device)
-        self.arith = choose(precision, self.device)
+        self.arith = choose_arithmetic(precision, self.device)
         self.arith.prepare_model(self.model.to(self.device).eval())
         self.tta = tta
         if tta:
-            from fruitnet.robust import TTA  # here: robust imports torchvision's transforms v2
+            from fruitnet.tta import TTA
         self.net = TTA(self.model, flip=True, scales=()).eval() if tta else self.model
         self.recheck_near_ties = recheck_near_ties  # bf16 only: see forward
         self._gradcam = None

@@ -13,12 +13,16 @@ from __future__ import annotations
 import csv
 import json
 import os
-from dataclasses import dataclass
+import platform
+import shutil
+import sys
+from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
 
 import torch
 
+from fruitnet import __version__
 from fruitnet.dataset import RUN_MARKER, Item, read_split, write_report, write_split
 from fruitnet.errors import UsageError
 from fruitnet.model import save_model
@@ -92,24 +96,49 @@ def read_run(path: Path) -> SavedRun:
     return SavedRun(path, config, train_items, val_items, checkpoint)
 
 
+def machine_info() -> dict:
+    info = {"python": platform.python_version(), "torch": torch.__version__, "fruitnet": __version__,
+            "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+    if torch.cuda.is_available():
+        info["cuda"] = torch.cuda.get_device_name(0)
+    return info
+
+
 class RunFolder:
     """Writes a run's files; a no-op where `active` is False (ranks other than 0)."""
 
     def __init__(self, path: Path, active: bool = True, tensorboard: bool = False):
         self.path, self.active = Path(path), active
         self.writer = None
+        if active:
+            # imported now, not at the first epoch's end: a Ctrl-C during matplotlib's first
+            # import turns into an ImportError, and training should not meet that halfway
+            import fruitnet.plots  # noqa: F401
         if active and tensorboard:
             from torch.utils.tensorboard import SummaryWriter  # checked to be installed by training
 
             self.writer = SummaryWriter(str(self.path / "tensorboard"))
 
-    def start(self, config: dict, report: dict, train_items: list[Item], val_items: list[Item]) -> None:
-        """config.json, split.csv, the data report and an empty metrics.csv."""
+    def start(self, config, recipe, classes: list[str], report: dict, train_items: list[Item],
+              val_items: list[Item], details: dict) -> None:
+        """config.json (the config, the recipe and how the run was set up: `details`), split.csv,
+        the data report and an empty metrics.csv."""
         if not self.active:
             return
+        from fruitnet.backbones import get_backbone
+        from fruitnet.pipeline import use_image_cache
+
+        pre = get_backbone(config.backbone).preprocessing
+        record = {"train": asdict(config), "recipe": asdict(recipe), "classes": classes, "preprocessing": pre,
+                  **details, "image_cache": use_image_cache(config, pre, len(train_items) + len(val_items)),
+                  "machine": machine_info(),
+                  "kept_together": None if config.val_dir else report.get("kept_together"),
+                  "excluded": len(report.get("excluded", [])), "command": sys.argv,
+                  "started": datetime.now().isoformat(timespec="seconds")}
         write_report(report, self.path)
         write_split(self.path / "split.csv", train_items, val_items)
-        (self.path / "config.json").write_text(json.dumps(config, indent=2))
+        (self.path / "config.json").write_text(json.dumps(record, indent=2))
         self.write_metrics([])
 
     def write_metrics(self, rows: list[dict]) -> None:
@@ -124,8 +153,8 @@ class RunFolder:
     def has_checkpoint(self) -> bool:
         return (self.path / "checkpoint.pt").is_file()
 
-    def end_epoch(self, checkpoint: dict, model, meta: dict, improved: bool, curves_note: str = "") -> None:
-        """Checkpoint first (atomic), then the metrics row, the model files and curves.png."""
+    def end_epoch(self, checkpoint: dict, model, meta: dict, improved: bool) -> None:
+        """Checkpoint first (atomic), then the metrics row, the model files and TensorBoard's scalars."""
         if not self.active:
             return
         torch.save(checkpoint, self.path / "checkpoint.pt.tmp")
@@ -136,9 +165,6 @@ class RunFolder:
         save_model(self.path / "last.safetensors", model, meta)
         if improved:
             save_model(self.path / "best.safetensors", model, meta)
-        from fruitnet.plots import plot_curves
-
-        plot_curves(rows, self.path / "curves.png", note=curves_note)
         if self.writer is not None:
             row = rows[-1]
             for name, key in (("loss/train", "train_loss"), ("loss/val", "val_loss"),
@@ -147,13 +173,52 @@ class RunFolder:
                 self.writer.add_scalar(name, row[key], row["epoch"])
             self.writer.flush()
 
-    def add_trust(self, best_epoch: int, last_epoch: int, recall: float, device, log=print, **data) -> None:
-        """Fit calibration and the unknown verdict (ood.fit_model_files: data are its photos and
-        features) into best.safetensors and last.safetensors."""
+    def draw_curves(self, rows: list[dict], x: str = "epoch", note: str = "") -> None:
+        """curves.png: loss and accuracy, train and validation, per `x` (epoch, or the probe's iteration)."""
         if self.active:
-            from fruitnet.ood import fit_model_files
+            from fruitnet.plots import plot_curves
 
-            fit_model_files(self.path, best_epoch, last_epoch, recall=recall, device=device, log=log, **data)
+            plot_curves(rows, self.path / "curves.png", note=note, x=x)
+
+    def add_trust(self, best_epoch: int, last_epoch: int, recall: float, device, log=print, val_set=None,
+                  frozen_body: bool = False, train_set=None, train_features: torch.Tensor | None = None) -> dict | None:
+        """Add calibration and the unknown verdict (ood.fit_trust) to last.safetensors and best.safetensors.
+
+        val_set (and train_set): the images as (tensor, class) pairs. frozen_body picks the score
+        (ood.choose_score); the kNN bank comes from the training photos' features: the cached
+        ones (train_features) or else extracted from train_set.  Each file is fitted with its own
+        weights, in fp32 (the arithmetic of the library default and of ONNX); when best is last,
+        it is copied.  Returns the last file's trust metadata."""
+        if not self.active:
+            return None
+        from fruitnet.features import from_dataset
+        from fruitnet.model import load_model
+        from fruitnet.ood import choose_score, fit_trust
+
+        score = choose_score(frozen_body)
+        fitted, features, body = {}, None, None
+        for name in ("last", "best"):
+            path = self.path / f"{name}.safetensors"
+            if name == "best" and best_epoch == last_epoch:
+                shutil.copyfile(self.path / "last.safetensors", path)
+                continue
+            model, meta = load_model(path)
+            model.to(device)
+            same_body = body is not None and all(torch.equal(a, b) for a, b in zip(body, model.body.state_dict().values()))
+            if not same_body:  # a frozen body is the same in both files: its features are too
+                features = from_dataset(model.body, val_set, 64, device, desc=f"calibration: validation features ({name})",
+                                        shared=False).tensors
+                if score == "knn" and train_features is None:
+                    train_features = from_dataset(model.body, train_set, 64, device, shared=False,
+                                                  desc="unknown verdict: training features").tensors[0]
+                body = list(model.body.state_dict().values())
+            meta["trust"] = fitted[name] = fit_trust(model, *features, recall, score, train_features)
+            save_model(path, model, meta)
+        t = fitted["last"]
+        log(f"calibration: temperature {t['temperature']:.3f}, validation ECE {t['val_calibration']['ece_before']:.3f} -> "
+            f"{t['val_calibration']['ece_after']:.3f}; unknown verdict ({score} score) below in_distribution "
+            f"{t['threshold']:g} (keeps {t['val_accepted']:.1%} of validation photos)")
+        return t
 
     def finish(self, summary: dict, images: dict | None = None) -> None:
         """summary.json; in TensorBoard, the given end-of-run pictures ({tag: PNG path})."""

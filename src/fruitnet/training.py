@@ -1,42 +1,48 @@
-"""Training as named steps, read top to bottom in `_fit`:
+"""Training as named steps, read top to bottom in `run_training`:
 
-    read_data -> build_model -> RunFolder -> build_pipeline -> warm_up_head ->
-    for each epoch: fit_epoch, evaluate_epoch, RunFolder.end_epoch -> RunFolder.finish
+    prepare (read_data, build_model) -> open_run_folder -> build_pipeline ->
+    STRATEGIES[recipe.strategy] (a checkpoint after each epoch) -> finish (calibration, the
+    unknown verdict, summary.json)
 
-The recipe (config.py) holds every number; the pipeline (pipeline.py) holds the data; the run
-folder (runfolder.py) holds every write.  Under torchrun the same steps train data-parallel:
-distributed.py hides the difference (rank 0 scans and writes; --batch-size is the global batch;
-validation counts every image once), so no step here asks which rank it is.
+The recipe names its strategy: `fit_probe` fits the head once, to convergence, by full-batch
+L-BFGS on cached features (the default probe recipe); `fit_minibatch` runs epochs of SGD or AdamW
+over batches of cached features (a frozen body) or of photos (every layer learns), with LP-FT's
+head warm-up and the WiSE-FT mix where the recipe asks.  The recipe (config.py) holds every
+number, the pipeline (pipeline.py) the data, the run folder (runfolder.py) every write.  Under
+torchrun the same steps train data-parallel: distributed.py hides the difference (rank 0 scans
+and writes; --batch-size is the global batch; validation counts every image once), so no step
+here asks which rank it is.
 """
 
 from __future__ import annotations
 
 import math
 import os
-import platform
-import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
-from datetime import datetime
+from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
 
-from fruitnet import __version__, distributed
-from fruitnet.arithmetic import Arithmetic, choose, resolve_device
+from fruitnet import distributed
+from fruitnet.arithmetic import Arithmetic, choose_arithmetic, resolve_device
 from fruitnet.backbones import get_backbone
-from fruitnet.balance import Balance, resolve_balance, sample_weights
+from fruitnet.balance import Balance, resolve_balance
 from fruitnet.config import Recipe, TrainConfig, recipe_for, resolve, resume_config
-from fruitnet.dataset import Item, apply_exclude, format_report, scan, split, split_warnings
+from fruitnet.dataset import Item, apply_exclude, format_data_report, scan, split, split_warnings
 from fruitnet.errors import DataError, UsageError
+from fruitnet.features import from_dataset
+from fruitnet.interrupts import Interrupts
 from fruitnet.model import Classifier, create_classifier
-from fruitnet.pipeline import Pipeline, build_pipeline, extract_features, make_loader, use_image_cache
+from fruitnet.pipeline import Pipeline, build_pipeline, make_loader
 from fruitnet.predictors import UNKNOWN
 from fruitnet.progress import bar as progress_bar
-from fruitnet.robust import interpolate
 from fruitnet.runfolder import RunFolder, SavedRun, new_output_folder, read_run
+from fruitnet.wise import WiseFT, copy_state
 
 
 @dataclass
@@ -63,18 +69,118 @@ class Progress:
     best: dict = field(default_factory=lambda: {"val_accuracy": -1.0, "epoch": 0})
     rows: list[dict] = field(default_factory=list)
     elapsed: float = 0.0
+    last_val: EpochResult | None = None  # the last validation (TensorBoard's end-of-run pictures)
 
 
-def machine_info() -> dict:
-    info = {"python": platform.python_version(), "torch": torch.__version__, "fruitnet": __version__,
-            "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
-    if torch.cuda.is_available():
-        info["cuda"] = torch.cuda.get_device_name(0)
-    return info
+@dataclass
+class Session:
+    """What every step reads: the resolved choices, the data, the model, and once opened, the
+    run folder and the pipeline."""
+
+    config: TrainConfig
+    recipe: Recipe
+    device: torch.device
+    arith: Arithmetic
+    data: Data
+    model: Classifier
+    balance: Balance
+    weights_source: str
+    log: Callable
+    saved: SavedRun | None = None
+    run: RunFolder | None = None
+    pipeline: Pipeline | None = None
+    setup_seconds: float = 0.0  # decoding and the feature pass: counted in the first epoch's seconds
+
+    @property
+    def checkpoint(self) -> dict | None:
+        return self.saved.checkpoint if self.saved else None
+
+    @property
+    def batch_size(self) -> int:
+        return distributed.world().per_rank_batch(self.config.batch_size)  # --batch-size is global
+
+    def model_meta(self) -> dict:
+        return {"classes": self.data.classes, "backbone": self.config.backbone,
+                "preprocessing": get_backbone(self.config.backbone).preprocessing,
+                "training_photos": sorted({it.sha256[:16] for it in self.data.train if it.sha256})}
+
+
+# --- the run --------------------------------------------------------------------------------
+
+def train(config: TrainConfig, log=print) -> dict:
+    """Train as configured (the recipe fills what is left None); returns the summary."""
+    distributed.init(config.device)  # under torchrun: join the process group; else a world of one
+    return run_training(resolve(config, distributed.world().distributed), None, log)
+
+
+def resume_training(run: str | Path, log=print, **changes) -> dict:
+    """Continue a run folder.  `changes` may only hold config.RESUMABLE settings (e.g. epochs=12)."""
+    distributed.init(changes.get("device") or "auto")
+    saved = distributed.on_main(read_run, Path(run))
+    return run_training(resume_config(saved.config["train"], changes), saved, log)
+
+
+def run_training(config: TrainConfig, saved: SavedRun | None, log) -> dict:
+    """The steps.  Ctrl-C anywhere raises KeyboardInterrupt after one line saying what is kept
+    and, once the run folder holds its config, how to continue (--resume)."""
+    log = log if distributed.is_main() else distributed.quiet
+    with Interrupts() as interrupts:
+        try:
+            s = prepare(config, saved, log)
+            open_run_folder(s)
+        except BaseException as exc:
+            if not interrupts.caused(exc):
+                raise
+            log("\ninterrupted before the run folder was made: nothing was written")
+            raise KeyboardInterrupt from exc
+        try:
+            t0 = time.perf_counter()
+            s.pipeline = build_pipeline(s.config, s.recipe, get_backbone(config.backbone).preprocessing,
+                                        s.data.classes, s.data.train, s.data.val, s.model.body, s.device, s.arith,
+                                        s.batch_size, log)
+            s.setup_seconds = time.perf_counter() - t0
+            describe_pipeline(s)
+            progress = STRATEGIES[s.recipe.strategy](s)
+            return finish(s, progress)
+        except BaseException as exc:
+            raise stopped(s.run, exc, interrupts, log) from None
+
+
+def stopped(run: RunFolder, exc: BaseException, interrupts: Interrupts, log) -> BaseException:
+    """Says how the run ended and how to continue it; returns what to raise: KeyboardInterrupt
+    for a Ctrl-C (even one a library turned into another error), else the error itself."""
+    interrupted = interrupts.caused(exc)
+    why = "interrupted" if interrupted else f"stopped ({type(exc).__name__})"
+    kept = "the last finished epoch is saved" if run.has_checkpoint else "no epoch finished yet"
+    log(f"\n{why}: {kept}; continue with: fruitnet train --resume {run.path}")
+    if interrupted and not isinstance(exc, KeyboardInterrupt):
+        interruption = KeyboardInterrupt()
+        interruption.__cause__ = exc
+        return interruption
+    return exc
 
 
 # --- the steps ------------------------------------------------------------------------------
+
+def prepare(config: TrainConfig, saved: SavedRun | None, log) -> Session:
+    """Everything decided before the run folder exists: device, arithmetic, data, class balance
+    and the pretrained model (missing weights stop the run before it leaves anything behind)."""
+    world = distributed.world()
+    device = world.device if world.distributed else resolve_device(config.device)
+    arith = choose_arithmetic(config.precision, device)
+    if config.tensorboard:
+        _require_tensorboard()
+    if saved is None:
+        data = distributed.on_main(read_data, config, log)  # rank 0 scans; every rank gets the lists
+    else:
+        data = _saved_data(saved, log)
+    log(f"split: {len(data.train)} train, {len(data.val)} validation")
+    for warning in data.report.get("warnings", []):
+        log(f"warning: {warning}")
+    balance = balance_for(config, data, log)
+    model, weights_source = build_model(config, len(data.classes), device, arith)
+    return Session(config, recipe_for(config), device, arith, data, model, balance, weights_source, log, saved)
+
 
 def read_data(config: TrainConfig, log=print) -> Data:
     """Scan and split (or scan --val); the data report carries the warnings the split deserves.
@@ -98,13 +204,12 @@ def read_data(config: TrainConfig, log=print) -> Data:
     else:
         train_items, val_items = split(catalog, config.val_fraction, config.seed)
     report["warnings"] = split_warnings(catalog.classes, train_items, val_items)
-    log(format_report(report))
+    log(format_data_report(report))
     return Data(catalog.classes, report, train_items, val_items)
 
 
 def build_model(config: TrainConfig, n_classes: int, device: torch.device, arith: Arithmetic) -> tuple[Classifier, str]:
-    """The classifier with its pretrained body (resolved before the run folder exists: missing
-    weights stop the run before it leaves anything behind), frozen or not, on its device."""
+    """The classifier with its pretrained body, frozen or not, on its device."""
     torch.manual_seed(config.seed)  # the same new head everywhere
     model, weights_source = create_classifier(config.backbone, n_classes, config.weights)
     model.set_mode(config.mode)
@@ -112,15 +217,192 @@ def build_model(config: TrainConfig, n_classes: int, device: torch.device, arith
     return model, weights_source
 
 
+def open_run_folder(s: Session) -> None:
+    """The resumed run's folder, or a new one holding config.json, split.csv and the data report."""
+    world = distributed.world()
+    if s.saved is not None:
+        s.run = RunFolder(s.saved.path, active=world.is_main, tensorboard=s.config.tensorboard)
+        return
+    path = distributed.on_main(new_output_folder, s.config.out, "", [s.config.data, s.config.val_dir], "run folder")
+    s.run = RunFolder(path, active=world.is_main, tensorboard=s.config.tensorboard)
+    s.run.start(s.config, s.recipe, s.data.classes, s.data.report, s.data.train, s.data.val, {
+        "weights_source": s.weights_source, "device": str(s.device), "arithmetic": s.arith.as_dict(),
+        "distributed": world.describe(s.config.batch_size), "balance": s.balance.as_dict()})
+
+
+def describe_pipeline(s: Session) -> None:
+    arith, world = s.arith, distributed.world()
+    s.log(f"arithmetic: {arith.dtype}{', channels-last' if arith.channels_last else ''} ({arith.reason}); "
+          f"decoded-image cache: {'on' if s.pipeline.image_cache else 'off'}")
+    if world.distributed:
+        s.log(f"data-parallel: {world.size} processes ({world.backend}), global batch {s.config.batch_size} = "
+              f"{world.size} x {s.batch_size}")
+    if s.pipeline.feature_views is not None:
+        s.log(f"feature pass: {s.setup_seconds:.1f}s for {len(s.pipeline.feature_views)} view(s) "
+              "(the frozen backbone runs once, not every epoch)")
+
+
+# --- the strategies ---------------------------------------------------------------------------
+
+def fit_probe(s: Session) -> Progress:
+    """The head fitted once, to convergence, by full-batch L-BFGS on every cached feature view
+    (logistic regression, L2 penalty weight_decay/2 x |W|^2 on the weights).  Every rank holds
+    all the features and computes the same steps, so no gradient exchange is needed under
+    torchrun.  Deterministic and seconds long: a resumed run fits again from the start."""
+    t = time.perf_counter()
+    head, views, l2 = s.model.head, s.pipeline.feature_views, s.config.weight_decay
+    x = torch.cat([v.tensors[0] for v in views]).to(s.device)
+    y = torch.cat([v.tensors[1] for v in views]).to(s.device)
+    val_x, val_y = (t.to(s.device) for t in s.pipeline.val_features.tensors)
+    nn.init.zeros_(head.weight)
+    nn.init.zeros_(head.bias)
+    loss_fn = make_loss(s.recipe, s.balance, s.device)
+    optimizer = torch.optim.LBFGS(head.parameters(), lr=s.config.lr, max_iter=1, history_size=20,
+                                  line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn(head(x), y) + l2 / 2 * head.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    trace, previous = [], []
+    for iteration in range(1, s.recipe.max_iterations + 1):
+        previous.append(float(optimizer.step(closure)))
+        trace.append({"iteration": iteration, **_scores(head, x, y, "train"), **_scores(head, val_x, val_y, "val")})
+        if len(previous) > 5 and previous[-6] - previous[-1] < 1e-7 * max(1.0, abs(previous[-1])):
+            break  # five iterations without progress: converged
+    last = trace[-1]
+    s.log(f"probe: {len(trace)} L-BFGS iterations{' (converged)' if len(trace) < s.recipe.max_iterations else ''}, "
+          f"train loss {last['train_loss']:.4f}, train accuracy {last['train_accuracy']:.4f}, "
+          f"validation loss {last['val_loss']:.4f}, validation accuracy {last['val_accuracy']:.4f}, "
+          f"{time.perf_counter() - t + s.setup_seconds:.1f}s")
+    progress = Progress()
+    s.run.write_metrics([])  # a resumed probe fits again: its one row is written anew
+    fit, val = EpochResult(last["train_loss"], last["train_accuracy"]), evaluate_epoch(
+        head, s.pipeline.val_loader(), s.device, s.arith)
+    record_epoch(s, progress, 1, time.perf_counter() - t + s.setup_seconds, fit, val, s.config.lr,
+                 {"model": s.model.state_dict(), "fit_trace": trace}, quiet=True)
+    s.run.draw_curves(trace, x="iteration", note="the probe fits once: loss and accuracy per L-BFGS iteration")
+    return progress
+
+
+@torch.no_grad()
+def _scores(head: nn.Module, x: torch.Tensor, y: torch.Tensor, name: str) -> dict:
+    logits = head(x)
+    return {f"{name}_loss": nn.functional.cross_entropy(logits, y).item(),
+            f"{name}_accuracy": (logits.argmax(1) == y).float().mean().item()}
+
+
+def fit_minibatch(s: Session) -> Progress:
+    """Epochs of SGD or AdamW over batches of cached features (frozen body) or of photos."""
+    config, recipe, model, pipeline = s.config, s.recipe, s.model, s.pipeline
+    if config.mode == "unfreeze" and recipe.head_warmup_epochs and s.checkpoint is None:
+        warm_up_head(s)
+    wise = None
+    if config.mode == "unfreeze" and config.wise < 1:  # validate and save the WiSE-FT mix each epoch
+        wise = WiseFT(config.wise, s.checkpoint["wise_start"] if s.checkpoint else copy_state(model))
+        s.log(f"WiSE-FT: the saved model is {1 - config.wise:g} x head-only + {config.wise:g} x fine-tuned")
+    net = model.head if pipeline.feature_views is not None else model  # what the epochs run
+    optimizer = make_optimizer(net.parameters() if net is model.head else model.trainable_parameters(),
+                               recipe, config.lr, config.weight_decay)
+    scheduler = make_scheduler(optimizer, recipe, config.epochs, len(pipeline.train_loader(1)))
+    loss_fn = make_loss(recipe, s.balance, s.device)
+    progress = _restore(s, optimizer, scheduler) if s.checkpoint is not None else Progress()
+    s.run.write_metrics(progress.rows)  # from the checkpoint: an epoch logged after it is redone once
+    parallel = distributed.wrap(net)  # DistributedDataParallel under torchrun; else net itself
+    curves_note = (f"training loss includes label smoothing {recipe.label_smoothing}; validation loss does not"
+                   if recipe.label_smoothing else "")
+    s.log(f"training {config.backbone} ({config.mode}, recipe {config.recipe}) on {s.device} for {config.epochs} epochs")
+    s.log(f"{'epoch':>5} {'seconds':>8} {'train_loss':>10} {'train_acc':>9} {'val_loss':>9} {'val_acc':>8}")
+    for epoch in range(progress.next_epoch, config.epochs + 1):
+        t = time.perf_counter()
+        loader = pipeline.train_loader(epoch)
+        distributed.set_epoch(loader, epoch)
+        lr = optimizer.param_groups[0]["lr"]
+        fit = fit_epoch(parallel, loader, s.device, optimizer, loss_fn, s.arith, scheduler,
+                        desc=f"epoch {epoch}/{config.epochs}")
+        distributed.sync_buffers(net)  # every rank validates exactly the model rank 0 saves
+        with wise.mixed(model) if wise else nullcontext() as tuned:
+            val = evaluate_epoch(net, pipeline.val_loader(), s.device, s.arith)
+            seconds = time.perf_counter() - t + (s.setup_seconds if epoch == progress.next_epoch else 0.0)
+            record_epoch(s, progress, epoch, seconds, fit, val, lr, {
+                "model": tuned if wise else model.state_dict(), "wise_start": wise.start if wise else None,
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "loader_rng": pipeline.generator.get_state()})
+            s.run.draw_curves(progress.rows, note=curves_note)
+    return progress
+
+
+STRATEGIES: dict[str, Callable[[Session], Progress]] = {"probe": fit_probe, "minibatch": fit_minibatch}
+
+
+def record_epoch(s: Session, progress: Progress, epoch: int, seconds: float, fit: EpochResult, val: EpochResult,
+                 lr: float, state: dict, quiet: bool = False) -> None:
+    """The epoch's row and line, the best so far, and the run folder's checkpoint and model files."""
+    progress.elapsed += seconds
+    progress.rows.append({"epoch": epoch, "seconds": round(seconds, 3), "train_loss": fit.loss,
+                          "train_accuracy": fit.accuracy, "val_loss": val.loss, "val_accuracy": val.accuracy, "lr": lr})
+    progress.last_val = val
+    if not quiet:
+        s.log(f"{epoch:>5} {seconds:>8.1f} {fit.loss:>10.4f} {fit.accuracy:>9.4f} {val.loss:>9.4f} {val.accuracy:>8.4f}")
+    improved = val.accuracy > progress.best["val_accuracy"]
+    if improved:
+        progress.best = {"val_accuracy": val.accuracy, "epoch": epoch}
+    checkpoint = {**state, "epoch": epoch, "best": progress.best, "rows": progress.rows,
+                  "elapsed": progress.elapsed, "rng": torch.get_rng_state()}
+    s.run.end_epoch(checkpoint, s.model, {**s.model_meta(), "training": {"epoch": epoch, "val_accuracy": val.accuracy}},
+                    improved)
+
+
+def _restore(s: Session, optimizer, scheduler) -> Progress:
+    checkpoint = s.checkpoint
+    s.model.load_state_dict(checkpoint["model"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    scheduler.load_state_dict(checkpoint["scheduler"])
+    torch.set_rng_state(checkpoint["rng"])
+    if "loader_rng" in checkpoint:  # absent in runs from fruitnet 0.1.0's first releases
+        s.pipeline.generator.set_state(checkpoint["loader_rng"])
+    progress = Progress(checkpoint["epoch"] + 1, checkpoint["best"], checkpoint["rows"], checkpoint["elapsed"])
+    s.log(f"resuming {s.run.path} at epoch {progress.next_epoch}")
+    return progress
+
+
+def finish(s: Session, progress: Progress) -> dict:
+    """Calibration and the unknown verdict into the model files, summary.json, the last lines."""
+    if progress.rows:
+        cached = s.pipeline.feature_views[0].tensors[0] if s.pipeline.feature_views else None  # the plain view
+        s.run.add_trust(progress.best["epoch"], progress.rows[-1]["epoch"], s.config.unknown_recall, s.device,
+                        s.log, val_set=s.pipeline.val, train_set=s.pipeline.plain_train, train_features=cached,
+                        frozen_body=s.config.mode == "freeze")
+    pipeline, data = s.pipeline, s.data
+    summary = {"best_val_accuracy": progress.best["val_accuracy"], "best_epoch": progress.best["epoch"],
+               "epochs": len(progress.rows), "seconds": round(progress.elapsed, 2),
+               "model": str(s.run.path / "best.safetensors"), "last_model": str(s.run.path / "last.safetensors"),
+               "run": str(s.run.path), "warnings": data.report.get("warnings", []),
+               "skipped": _skipped(data.report) + len(pipeline.train.dropped) + len(pipeline.val.dropped)}
+    pictures = (_tensorboard_pictures(data.classes, pipeline.val.paths, progress.last_val)
+                if s.run.writer is not None and progress.last_val is not None else None)
+    s.run.finish(summary, pictures)
+    s.log(f"best validation accuracy {progress.best['val_accuracy']:.4f} at epoch {progress.best['epoch']}; "
+          f"{progress.elapsed:.1f}s")
+    if summary["skipped"]:
+        s.log(f"{summary['skipped']} image file(s) could not be used (listed in data_report.txt); the run is "
+              "complete, and the exit code is 1")
+    s.log(f"outputs in {s.run.path}/: best.safetensors, last.safetensors, metrics.csv, curves.png, split.csv, "
+          "data_report.txt, config.json, summary.json" + (", tensorboard/" if s.config.tensorboard else ""))
+    distributed.barrier()  # every rank returns once rank 0 has written everything
+    return summary
+
+
+# --- the pieces the strategies share ------------------------------------------------------------
+
 def make_optimizer(params, recipe: Recipe, lr: float, weight_decay: float) -> torch.optim.Optimizer:
     if recipe.optimizer == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=recipe.momentum, weight_decay=weight_decay)
     if recipe.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    if recipe.optimizer == "lbfgs":  # weight_decay enters the loss instead (fit_head_lbfgs)
-        return torch.optim.LBFGS(params, lr=lr, max_iter=recipe.lbfgs_iterations, history_size=20,
-                                 line_search_fn="strong_wolfe")
-    raise UsageError(f"unknown optimizer {recipe.optimizer!r}")
+    raise UsageError(f"the {recipe.optimizer} optimizer is not for mini-batches")
 
 
 def make_scheduler(optimizer, recipe: Recipe, epochs: int, steps_per_epoch: int):
@@ -160,26 +442,6 @@ def fit_epoch(net: nn.Module, loader, device, optimizer, loss_fn, arith: Arithme
     return EpochResult(total_loss / max(n, 1), correct / max(n, 1))
 
 
-def fit_head_lbfgs(head: nn.Linear, views: list, device, optimizer, loss_fn, l2: float) -> EpochResult:
-    """One epoch of the probe recipe: L-BFGS iterations on every cached feature view at once
-    (logistic regression, L2 penalty on the weights).  Every rank holds all the features and
-    computes the same step, so no gradient exchange is needed under torchrun."""
-    x = torch.cat([v.tensors[0] for v in views]).to(device)
-    y = torch.cat([v.tensors[1] for v in views]).to(device)
-    head.train()
-
-    def closure():
-        optimizer.zero_grad(set_to_none=True)
-        loss = loss_fn(head(x), y) + l2 / 2 * head.weight.pow(2).sum()
-        loss.backward()
-        return loss
-
-    optimizer.step(closure)
-    with torch.no_grad():
-        logits = head(x)
-        return EpochResult(loss_fn(logits, y).item(), (logits.argmax(1) == y).float().mean().item())
-
-
 @torch.no_grad()
 def evaluate_epoch(net: nn.Module, loader, device, arith: Arithmetic, desc: str = "validating") -> EpochResult:
     """Plain cross-entropy (comparable across recipes) and accuracy over every validation image
@@ -213,203 +475,24 @@ def make_loss(recipe: Recipe, balance: Balance, device, label_smoothing: float |
                                else label_smoothing)
 
 
-def warm_up_head(model: Classifier, pipeline: Pipeline, recipe: Recipe, config: TrainConfig, device,
-                 arith: Arithmetic, log=print, balance: Balance | None = None) -> None:
+def warm_up_head(s: Session) -> None:
     """LP-FT: train the new head on cached features of the unaugmented training photos first, so
     that fine-tuning starts from a sensible head instead of random gradients through the body."""
     t0 = time.perf_counter()
-    features = extract_features(model.body, pipeline.plain_train, pipeline.batch_size, device, pipeline.workers,
-                                arith, "features (head warm-up)")
+    recipe, config, pipeline = s.recipe, s.config, s.pipeline
+    features = from_dataset(s.model.body, pipeline.plain_train, pipeline.batch_size, s.device, s.arith,
+                            pipeline.workers, "features (head warm-up)")
     loader = make_loader(features, pipeline.batch_size, True, 0, seed=config.seed, weights=pipeline.sample_weights)
-    loss_fn = make_loss(recipe, balance, device, label_smoothing=0.0) if balance else nn.CrossEntropyLoss()
-    optimizer = make_optimizer(model.head.parameters(), recipe, config.lr * recipe.head_warmup_lr_factor,
+    loss_fn = make_loss(recipe, s.balance, s.device, label_smoothing=0.0)
+    optimizer = make_optimizer(s.model.head.parameters(), recipe, config.lr * recipe.head_warmup_lr_factor,
                                config.weight_decay)
     scheduler = make_scheduler(optimizer, recipe, recipe.head_warmup_epochs, len(loader))
-    head = distributed.wrap(model.head)
+    head = distributed.wrap(s.model.head)
     for epoch in range(recipe.head_warmup_epochs):
         distributed.set_epoch(loader, epoch)
-        result = fit_epoch(head, loader, device, optimizer, loss_fn, choose("fp32", device), scheduler)
-    log(f"head warm-up on cached features: {recipe.head_warmup_epochs} epochs, train accuracy "
-        f"{result.accuracy:.4f}, {time.perf_counter() - t0:.1f}s")
-
-
-# --- the run --------------------------------------------------------------------------------
-
-def train(config: TrainConfig, log=print) -> dict:
-    """Train as configured (the recipe fills what is left None); returns the summary."""
-    distributed.init(config.device)  # under torchrun: join the process group; else a world of one
-    return _fit(resolve(config), None, log)
-
-
-def resume_training(run: str | Path, log=print, **changes) -> dict:
-    """Continue a run folder.  `changes` may only hold config.RESUMABLE settings (e.g. epochs=12)."""
-    distributed.init(changes.get("device") or "auto")
-    saved = distributed.on_main(read_run, Path(run))
-    config = resume_config(saved.config["train"], changes)
-    return _fit(config, saved, log)
-
-
-def _fit(config: TrainConfig, saved: SavedRun | None, log) -> dict:
-    world = distributed.world()
-    log = log if world.is_main else distributed.quiet
-    recipe = recipe_for(config)
-    device = world.device if world.distributed else resolve_device(config.device)
-    arith = choose(config.precision, device)
-    batch_size = world.per_rank_batch(config.batch_size)  # --batch-size is global; a plain run: itself
-    pre = get_backbone(config.backbone).preprocessing
-    if config.tensorboard:
-        _require_tensorboard()
-
-    if saved is None:
-        data = distributed.on_main(read_data, config, log)  # rank 0 scans; every rank gets the lists
-    else:
-        data = _saved_data(saved, log)
-    log(f"split: {len(data.train)} train, {len(data.val)} validation")
-    for warning in data.report.get("warnings", []):
-        log(f"warning: {warning}")
-    if config.balance == "sampler" and recipe.optimizer == "lbfgs":
-        raise UsageError(f"--balance sampler draws batches; the {config.recipe} recipe fits on all photos at once: "
-                         "use --balance weights")
-    if config.balance == "sampler" and world.distributed:
-        raise UsageError("--balance sampler is not supported under torchrun; use --balance weights")
-    balance = balance_for(config, data, log)
-    model, weights_source = build_model(config, len(data.classes), device, arith)
-
-    if saved is None:
-        path = distributed.on_main(new_output_folder, config.out, "", [config.data, config.val_dir], "run folder")
-    else:
-        path = saved.path
-    run = RunFolder(path, active=world.is_main, tensorboard=config.tensorboard)
-    if saved is None:
-        run.start({"train": asdict(config), "recipe": asdict(recipe), "classes": data.classes,
-                   "preprocessing": pre, "weights_source": weights_source, "device": str(device),
-                   "arithmetic": arith.as_dict(),
-                   "image_cache": use_image_cache(config, pre, len(data.train) + len(data.val)),
-                   "machine": machine_info(),
-                   "distributed": world.describe(config.batch_size), "balance": balance.as_dict(),
-                   "kept_together": None if config.val_dir else data.report.get("kept_together"),
-                   "excluded": len(data.report.get("excluded", [])), "command": sys.argv,
-                   "started": datetime.now().isoformat(timespec="seconds")},
-                  data.report, data.train, data.val)
-
-    t0 = time.perf_counter()
-    torch.manual_seed(config.seed + world.rank)  # own augmentations per rank
-    pipeline = build_pipeline(config, recipe, pre, data.classes, data.train, data.val, model.body, device, arith,
-                              batch_size, log)
-    if balance.mode == "sampler":
-        pipeline.sample_weights = sample_weights([data.classes.index(it.label) for it in data.train],
-                                                 {c: sum(it.label == c for it in data.train) for c in data.classes})
-    log(f"arithmetic: {arith.dtype}{', channels-last' if arith.channels_last else ''} ({arith.reason}); "
-        f"decoded-image cache: {'on' if pipeline.image_cache else 'off'}")
-    if world.distributed:
-        log(f"data-parallel: {world.size} processes ({world.backend}), global batch {config.batch_size} = "
-            f"{world.size} x {batch_size}")
-    if pipeline.feature_views is not None:
-        log(f"feature pass: {time.perf_counter() - t0:.1f}s for {len(pipeline.feature_views)} view(s) "
-            "(the frozen backbone runs once, not every epoch)")
-    checkpoint = saved.checkpoint if saved else None
-    if config.mode == "unfreeze" and recipe.head_warmup_epochs and checkpoint is None:
-        warm_up_head(model, pipeline, recipe, config, device, arith, log, balance)
-    # WiSE-FT: the head-only model (pretrained body, warmed-up head) is kept, and what is
-    # validated and saved each epoch is its weight mix with the fine-tuned model
-    mixing = config.mode == "unfreeze" and config.wise < 1
-    head_only = None
-    if mixing:
-        head_only = checkpoint["wise_start"] if checkpoint is not None else _copy_state(model)
-        log(f"WiSE-FT: the saved model is {1 - config.wise:g} x head-only + {config.wise:g} x fine-tuned")
-
-    net = model.head if pipeline.feature_views is not None else model  # what the epochs run
-    full_batch = recipe.optimizer == "lbfgs"
-    if full_batch and checkpoint is None:  # the same start on every rank: the fit is deterministic
-        nn.init.zeros_(model.head.weight)
-        nn.init.zeros_(model.head.bias)
-    optimizer = make_optimizer(net.parameters() if net is model.head else model.trainable_parameters(),
-                               recipe, config.lr, config.weight_decay)
-    scheduler = make_scheduler(optimizer, recipe, config.epochs, len(pipeline.train_loader(1)))
-    loss_fn = make_loss(recipe, balance, device)
-    progress = Progress()
-    if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
-        progress = Progress(checkpoint["epoch"] + 1, checkpoint["best"], checkpoint["rows"], checkpoint["elapsed"])
-        torch.set_rng_state(checkpoint["rng"])
-        if "loader_rng" in checkpoint:  # absent in runs from fruitnet 0.1.0's first releases
-            pipeline.generator.set_state(checkpoint["loader_rng"])
-        log(f"resuming {run.path} at epoch {progress.next_epoch}")
-    run.write_metrics(progress.rows)  # from the checkpoint: an epoch logged after it is redone once
-    parallel_net = distributed.wrap(net)  # DistributedDataParallel under torchrun; else net itself
-    setup_seconds = time.perf_counter() - t0
-
-    meta = {"classes": data.classes, "backbone": config.backbone, "preprocessing": pre,
-            "training_photos": sorted({it.sha256[:16] for it in data.train if it.sha256})}
-    note = (f"training loss includes label smoothing {recipe.label_smoothing}; validation loss does not"
-            if recipe.label_smoothing else "")
-    log(f"training {config.backbone} ({config.mode}, recipe {config.recipe}) on {device} for {config.epochs} epochs")
-    log(f"{'epoch':>5} {'seconds':>8} {'train_loss':>10} {'train_acc':>9} {'val_loss':>9} {'val_acc':>8}")
-    try:
-        for epoch in range(progress.next_epoch, config.epochs + 1):
-            t = time.perf_counter()
-            loader = pipeline.train_loader(epoch)
-            distributed.set_epoch(loader, epoch)
-            lr = optimizer.param_groups[0]["lr"]
-            if full_batch:
-                fit = fit_head_lbfgs(net, pipeline.feature_views, device, optimizer, loss_fn, config.weight_decay)
-            else:
-                fit = fit_epoch(parallel_net, loader, device, optimizer, loss_fn, arith, scheduler,
-                                desc=f"epoch {epoch}/{config.epochs}")
-            distributed.sync_buffers(net)  # every rank validates exactly the model rank 0 saves
-            tuned = _copy_state(model) if mixing else None
-            if mixing:
-                model.load_state_dict(interpolate(head_only, tuned, config.wise))
-            val = evaluate_epoch(net, pipeline.val_loader(), device, arith)
-            seconds = time.perf_counter() - t + (setup_seconds if epoch == progress.next_epoch else 0.0)
-            progress.elapsed += seconds
-            progress.rows.append({"epoch": epoch, "seconds": round(seconds, 3), "train_loss": fit.loss,
-                                  "train_accuracy": fit.accuracy, "val_loss": val.loss,
-                                  "val_accuracy": val.accuracy, "lr": lr})
-            log(f"{epoch:>5} {seconds:>8.1f} {fit.loss:>10.4f} {fit.accuracy:>9.4f} {val.loss:>9.4f} {val.accuracy:>8.4f}")
-            improved = val.accuracy > progress.best["val_accuracy"]
-            if improved:
-                progress.best = {"val_accuracy": val.accuracy, "epoch": epoch}
-            run.end_epoch({"model": tuned if mixing else model.state_dict(), "wise_start": head_only,
-                           "optimizer": optimizer.state_dict(),
-                           "scheduler": scheduler.state_dict(), "epoch": epoch, "best": progress.best,
-                           "rows": progress.rows, "elapsed": progress.elapsed, "rng": torch.get_rng_state(),
-                           "loader_rng": pipeline.generator.get_state()},
-                          model, {**meta, "training": {"epoch": epoch, "val_accuracy": val.accuracy}}, improved, note)
-            if mixing:  # training goes on from the fine-tuned weights
-                model.load_state_dict(tuned)
-    except BaseException as exc:  # Ctrl-C; under torchrun also another rank failing (torchrun stops the rest)
-        why = "interrupted" if isinstance(exc, KeyboardInterrupt) else f"stopped ({type(exc).__name__})"
-        kept = "the last finished epoch is saved" if run.has_checkpoint else "no epoch finished yet"
-        log(f"\n{why}: {kept}; continue with: fruitnet train --resume {run.path}")
-        raise
-
-    if progress.rows:  # the temperature and the unknown verdict's threshold, into best and last
-        cached = pipeline.feature_views[0].tensors[0] if pipeline.feature_views else None  # the plain view
-        run.add_trust(progress.best["epoch"], progress.rows[-1]["epoch"], config.unknown_recall, device, log,
-                      val_set=pipeline.val, train_set=pipeline.plain_train, train_features=cached,
-                      frozen_body=config.mode == "freeze")
-    summary = {"best_val_accuracy": progress.best["val_accuracy"], "best_epoch": progress.best["epoch"],
-               "epochs": len(progress.rows), "seconds": round(progress.elapsed, 2),
-               "model": str(run.path / "best.safetensors"), "last_model": str(run.path / "last.safetensors"),
-               "run": str(run.path), "warnings": data.report.get("warnings", []),
-               "skipped": _skipped(data.report) + len(pipeline.train.dropped) + len(pipeline.val.dropped)}
-    run.finish(summary, _tensorboard_pictures(data.classes, pipeline.val.paths, val) if run.writer is not None else None)
-    log(f"best validation accuracy {progress.best['val_accuracy']:.4f} at epoch {progress.best['epoch']}; "
-        f"{progress.elapsed:.1f}s")
-    if summary["skipped"]:
-        log(f"{summary['skipped']} image file(s) could not be used (listed in data_report.txt); the run is "
-            "complete, and the exit code is 1")
-    log(f"outputs in {run.path}/: best.safetensors, last.safetensors, metrics.csv, curves.png, split.csv, "
-        "data_report.txt, config.json, summary.json" + (", tensorboard/" if config.tensorboard else ""))
-    distributed.barrier()  # every rank returns once rank 0 has written everything
-    return summary
-
-
-def _copy_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+        result = fit_epoch(head, loader, s.device, optimizer, loss_fn, choose_arithmetic("fp32", s.device), scheduler)
+    s.log(f"head warm-up on cached features: {recipe.head_warmup_epochs} epochs, train accuracy "
+          f"{result.accuracy:.4f}, {time.perf_counter() - t0:.1f}s")
 
 
 def _saved_data(saved: SavedRun, log) -> Data:

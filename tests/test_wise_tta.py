@@ -9,7 +9,8 @@ from PIL import Image
 
 from fruitnet.backbones import get_backbone
 from fruitnet.model import create_classifier
-from fruitnet.robust import TTA, interpolate
+from fruitnet.tta import TTA
+from fruitnet.wise import interpolate
 from fruitnet.transforms import eval_transform
 
 
