@@ -26,7 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import REPO, SHARED, machine, mean_spread, stamp, table  # noqa: E402
 
-from fruitnet.config import TrainConfig  # noqa: E402
+from fruitnet.config import InferenceOptions, TrainConfig  # noqa: E402
 from fruitnet.dataset import scan  # noqa: E402
 
 VARIANTS = {  # fruitnet train options; {} is the defaults
@@ -53,7 +53,7 @@ def accuracy(model: Path, paths: list[str], only: str | None = None, tta: bool =
     """Share of paths whose best class is the parent folder's name (or `only`, for a recall)."""
     from fruitnet.predictors import load_predictor
 
-    results = load_predictor(model, tta=tta).predict_paths(paths, batch_size=64)
+    results = load_predictor(model, InferenceOptions(tta=tta)).predict_paths(paths, batch_size=64)
     right = [r.get("best_guess", r.get("label")) == (only or Path(r["path"]).parent.name) for r in results]
     return sum(right) / len(right)
 

@@ -10,6 +10,7 @@ from conftest import DEMO_DATA, run_cli
 from PIL import Image, ImageOps
 from quick_model import make_quick_model
 
+from fruitnet.config import InferenceOptions
 from fruitnet.errors import UsageError
 from fruitnet.export import MAX_PROB_DIFF, export_onnx
 from fruitnet.predictors import OnnxPredictor, TorchPredictor, load_predictor
@@ -64,7 +65,7 @@ def test_export_tta_passes_parity_and_the_file_averages(model, exported_tta):
     assert (got - want).abs().max() <= MAX_PROB_DIFF
     plain = TorchPredictor(model, device="cpu").probabilities(images)
     assert (got - plain).abs().max() > 10 * MAX_PROB_DIFF  # the mirror is averaged inside the graph
-    assert load_predictor(out, tta=True).tta  # --tta with such a file: accepted, the same file
+    assert load_predictor(out, InferenceOptions(tta=True)).tta  # --tta with such a file: accepted, the same file
 
 
 def test_predict_with_tta(model, exported_tta):
@@ -83,7 +84,7 @@ def test_tta_with_an_onnx_file_exported_without_it_is_refused(model, tmp_path):
     assert json.loads({p.key: p.value for p in onnx.load(str(plain)).metadata_props}["fruitnet"]).get("tta") is None
     assert load_predictor(plain).runtime()["tta"] is False
     with pytest.raises(UsageError, match="fruitnet export --tta model.safetensors"):
-        load_predictor(plain, tta=True)
+        load_predictor(plain, InferenceOptions(tta=True))
     result = run_cli("predict", plain, PHOTO, "--tta")
     assert result.returncode == 2
     assert "exported without test-time augmentation" in result.stderr
@@ -91,7 +92,7 @@ def test_tta_with_an_onnx_file_exported_without_it_is_refused(model, tmp_path):
     from fruitnet.server import create_app
 
     with pytest.raises(UsageError, match="exported without test-time augmentation"):  # serve --tta: exit 2
-        create_app(plain, tta=True)
+        create_app(plain, InferenceOptions(tta=True))
 
 
 def test_evaluate_records_tta(model, tmp_path):
@@ -117,7 +118,7 @@ def test_serve_says_whether_it_averages(model, exported_tta):
 
     out, _ = exported_tta
     for path, tta, expected in ((model, True, True), (model, False, False), (out, False, True), (out, True, True)):
-        with TestClient(create_app(path, tta=tta)) as c:
+        with TestClient(create_app(path, InferenceOptions(tta=tta))) as c:
             assert c.get("/model").json()["tta"] is expected, (path, tta)
             r = c.post("/predict", files=[("files", (PHOTO.name, PHOTO.read_bytes(), "image/jpeg"))])
             assert r.status_code == 200 and r.json()[0]["label"], r.text

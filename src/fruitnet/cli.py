@@ -17,7 +17,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from fruitnet.backbones import BACKBONES
-from fruitnet.config import DEFAULT_BACKBONE, PRECISIONS, RECIPE_ALIASES, RECIPES, RESUMABLE, TrainConfig
+from fruitnet.config import DEFAULT_BACKBONE, RECIPE_ALIASES, RECIPES, RESUMABLE, InferenceOptions, TrainConfig
 from fruitnet.errors import FruitnetError, UsageError
 from fruitnet.guard import LIMIT_CONCURRENCY, TIMEOUT_KEEP_ALIVE, TIMEOUT_REQUEST
 from fruitnet.modelpath import check_model_argument
@@ -84,8 +84,8 @@ _TYPES = {"positive_int": _positive_int, "positive_float": _positive_float, "non
 _CHOICES = {"backbones": lambda: sorted(BACKBONES), "recipes": lambda: [*RECIPES, *RECIPE_ALIASES]}
 
 
-def _train_option_help(f) -> str:
-    """The field's own words plus its default, taken from TrainConfig or the recipes."""
+def _option_help(f) -> str:
+    """The field's own words plus its default, taken from the dataclass or the recipes."""
     if f.metadata.get("recipe"):
         per_recipe = ", ".join(f"{name} {getattr(recipe, f.name)}" for name, recipe in RECIPES.items())
         return f"{f.metadata['help']} (default: the recipe's: {per_recipe})"
@@ -94,14 +94,16 @@ def _train_option_help(f) -> str:
     return f"{f.metadata['help']} (default: {f.default})"
 
 
-def _add_train_options(p: argparse.ArgumentParser) -> None:
-    """One option per TrainConfig field, default None: None means 'not given', so the recipe (or,
-    on --resume, the run) decides, and what was given can be told apart from a default."""
-    hints = typing.get_type_hints(TrainConfig)
-    for f in fields(TrainConfig):
-        if "help" not in f.metadata:
+def _add_options(p: argparse.ArgumentParser, cls, names: tuple[str, ...] | None = None,
+                 given_only: bool = False) -> None:
+    """One option per field of the dataclass `cls` (TrainConfig, InferenceOptions) that has help
+    text, or of those in `names`.  given_only: every default is None, meaning 'not given', so the
+    recipe (or, on --resume, the run) decides, and what was given can be told apart."""
+    hints = typing.get_type_hints(cls)
+    for f in fields(cls):
+        if "help" not in f.metadata or (names is not None and f.name not in names):
             continue
-        kw = {"dest": f.name, "default": None, "help": _train_option_help(f)}
+        kw = {"dest": f.name, "default": None if given_only else f.default, "help": _option_help(f)}
         if isinstance(f.default, bool):  # --no-image-cache stores False; --tensorboard stores True
             kw.update(action="store_const", const=not f.default)
         else:
@@ -112,6 +114,11 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
             kw.update(type=_TYPES.get(f.metadata.get("type"), str), choices=choices,
                       metavar=f.metadata.get("metavar"))
         p.add_argument(f.metadata.get("flag", "--" + f.name.replace("_", "-")), **kw)
+
+
+def _inference_options(args) -> InferenceOptions:
+    """The InferenceOptions a command was given (fields it does not offer keep their defaults)."""
+    return InferenceOptions(**{f.name: getattr(args, f.name) for f in fields(InferenceOptions) if hasattr(args, f.name)})
 
 
 def cmd_check(args) -> int:
@@ -179,9 +186,8 @@ def cmd_evaluate(args) -> int:
     from fruitnet.runfolder import new_output_folder
 
     out = new_output_folder(args.out, "eval-", [args.data], "evaluation folder")
-    report = evaluate(args.model, args.data, out, batch_size=args.batch_size, legacy=args.legacy or None,
-                      precision=args.precision, unknown_dir=args.unknown, unknown=not args.no_unknown,
-                      progress=not args.json, tta=args.tta)
+    report = evaluate(args.model, args.data, out, _inference_options(args), unknown_dir=args.unknown,
+                      progress=not args.json)
     if args.json:
         print(json.dumps(report))
         for warning in report["warnings"]:  # also on stderr: a script reading the JSON may not look
@@ -230,8 +236,7 @@ def cmd_predict(args) -> int:
     try:
         from fruitnet.predictors import load_predictor
 
-        predictor = load_predictor(args.model, args.runtime, legacy=args.legacy or None, precision=args.precision,
-                                   unknown=not args.no_unknown, tta=args.tta)
+        predictor = load_predictor(args.model, _inference_options(args))
         if args.explain and predictor.explain_unavailable:
             raise UsageError(f"--explain: {predictor.explain_unavailable}")
         if early is not None and early.pre != predictor.preprocessing:  # cannot happen for a file read once
@@ -307,7 +312,7 @@ def cmd_export(args) -> int:
     check_model_argument(args.model, command="export")
     from fruitnet.export import export_onnx
 
-    export_onnx(args.model, args.out, check=args.check, int8=args.int8, tta=args.tta)
+    export_onnx(args.model, args.out, _inference_options(args), check=args.check, int8=args.int8)
     return 0
 
 
@@ -315,9 +320,9 @@ def cmd_serve(args) -> int:
     check_model_argument(args.model, command="serve")
     from fruitnet.server import serve
 
-    return serve(args.model, host=args.host, port=args.port, max_upload_mb=args.max_upload_mb, runtime=args.runtime,
-                 precision=args.precision, unknown=not args.no_unknown, timeout_keep_alive=args.timeout_keep_alive,
-                 timeout_request=args.timeout_request, limit_concurrency=args.limit_concurrency, tta=args.tta)
+    return serve(args.model, _inference_options(args), host=args.host, port=args.port, max_upload_mb=args.max_upload_mb,
+                 timeout_keep_alive=args.timeout_keep_alive, timeout_request=args.timeout_request,
+                 limit_concurrency=args.limit_concurrency)
 
 
 def cmd_demo(args) -> int:
@@ -330,37 +335,6 @@ def cmd_demo(args) -> int:
 def _add_model(p: argparse.ArgumentParser, what: str = "model file") -> None:
     p.add_argument("model", metavar="MODEL", help=f"the {what}: a run's best.safetensors (or last.safetensors), "
                    "an exported .onnx file, or the original project's model.pth")
-
-
-def _add_precision(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--precision", default="auto", choices=list(PRECISIONS),
-                   help="auto: bf16 where the CPU (AVX512-BF16/AMX) or GPU runs it natively, else fp32 "
-                        "(default: auto)")
-
-
-def _add_no_unknown(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--no-unknown", action="store_true",
-                   help="never answer 'unknown': always the best class (in_distribution is still given)")
-
-
-def _add_runtime(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--runtime", default="auto", choices=["auto", "torch", "onnx"],
-                   help="onnx: run an exported .onnx file with onnxruntime (default: auto, by the file's suffix)")
-
-
-def _add_legacy(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--legacy", action="store_true",
-                   help="MODEL is the original project's model.pth (detected automatically otherwise)")
-
-
-def _add_tta(p: argparse.ArgumentParser, extra: str = "") -> None:
-    p.add_argument("--tta", action="store_true",
-                   help="average each photo's prediction with its mirror image's (test-time augmentation): "
-                        "twice the compute" + extra)
-
-
-def _add_batch_size(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--batch-size", type=_positive_int, default=32, help="photos per forward pass (default: 32)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -392,7 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Fine-tune a pretrained backbone; the run folder holds the model files, "
                                    "metrics, curves and everything needed to repeat the run.")
     p.add_argument("data", nargs="?", metavar="DATA", help="a folder of class folders: DATA/<class>/<image>")
-    _add_train_options(p)
+    _add_options(p, TrainConfig, given_only=True)
     p.add_argument("--resume", metavar="RUN", help="continue an interrupted run folder; only "
                    + ", ".join("--" + k for k in RESUMABLE) + " may be given again (others: exit 2)")
     p.set_defaults(func=cmd_train)
@@ -403,13 +377,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("data", metavar="DATA", help="labelled photos: DATA/<class>/<image>")
     p.add_argument("--out", help="report folder, must not exist yet (default: runs/eval-<timestamp>)")
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
-    _add_batch_size(p)
-    _add_legacy(p)
     p.add_argument("--unknown", metavar="DIR",
                    help="photos of none of the classes (default: DATA/unknown/ if present): AUROC, share rejected")
-    _add_no_unknown(p)
-    _add_precision(p)
-    _add_tta(p)
+    _add_options(p, InferenceOptions)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("predict", help="class and probabilities for images, folders or globs",
@@ -426,12 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--explain", metavar="DIR",
                    help="write one Grad-CAM overlay per photo into DIR: where the network looked (PyTorch models; "
                         "with --tta, the heat maps are still the plain model's, of the photo without its mirror)")
-    _add_batch_size(p)
-    _add_legacy(p)
-    _add_no_unknown(p)
-    _add_runtime(p)
-    _add_precision(p)
-    _add_tta(p, "; an .onnx file must have been exported with --tta (such a file always averages)")
+    _add_options(p, InferenceOptions)
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("export", help="ONNX file carrying classes and preprocessing, checked against PyTorch",
@@ -443,7 +408,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="photos (files, folders, globs) for the parity check (default: the bundled demo photos)")
     p.add_argument("--int8", action="store_true",
                    help="also write FILE.int8.onnx (static int8 quantisation); report its agreement and speed")
-    _add_tta(p, "; the averaging is in the exported graph, and the parity check compares it with PyTorch's")
+    _add_options(p, InferenceOptions, ("tta",))
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("serve", help="HTTP API and web page for a model file (.safetensors or exported .onnx)",
@@ -459,10 +424,7 @@ def build_parser() -> argparse.ArgumentParser:
                         f"stops arriving for this long (default: {TIMEOUT_REQUEST})")
     p.add_argument("--limit-concurrency", type=_positive_int, default=LIMIT_CONCURRENCY, metavar="N",
                    help=f"answer 503 (JSON, Retry-After) beyond N requests in progress (default: {LIMIT_CONCURRENCY})")
-    _add_no_unknown(p)
-    _add_runtime(p)
-    _add_precision(p)
-    _add_tta(p, "; an .onnx file must have been exported with --tta (such a file always averages)")
+    _add_options(p, InferenceOptions, ("runtime", "precision", "device", "legacy", "unknown", "tta"))
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("demo", help="train, evaluate and predict on the bundled fruits360 sample",

@@ -168,6 +168,29 @@ class TrainConfig:
             raise UsageError(f"--lr must be more than 0, not {self.lr}")
 
 
+@dataclass(frozen=True)
+class InferenceOptions:
+    """How a model file is run, the same for predict, evaluate, serve and export (each command
+    offers the fields that apply to it; cli.py generates the options from these fields)."""
+
+    runtime: Literal["auto", "torch", "onnx"] = _opt(
+        "auto", "torch runs a .safetensors file (or the original model.pth), onnx an exported .onnx file with "
+                "onnxruntime; auto: by the file's suffix")
+    precision: Literal[PRECISIONS] = _opt(
+        "auto", "auto: bf16 where the CPU (AVX512-BF16/AMX) or GPU runs it natively, else fp32 (PyTorch runtime)")
+    device: str = _opt("auto", "auto | cpu | cuda | cuda:N (PyTorch runtime)")
+    legacy: bool = _opt(False, "MODEL is the original project's model.pth (detected automatically otherwise)",
+                        flag="--legacy")
+    unknown: bool = _opt(True, "never answer 'unknown': always the best class (in_distribution is still given)",
+                         flag="--no-unknown")
+    tta: bool = _opt(False, "average each photo's prediction with its mirror image's (test-time augmentation): "
+                            "twice the compute; an .onnx file must have been exported with --tta", flag="--tta")
+    batch_size: int = _opt(32, "photos per forward pass", type="positive_int")
+
+    def __post_init__(self):
+        _check_literals(self)
+
+
 # On --resume these may change: they say how to run, not what to train.  Every other option is
 # refused (exit 2) rather than silently ignored.
 RESUMABLE = ("epochs", "device", "workers", "precision")

@@ -10,7 +10,7 @@ from fruitnet.evaluate import evaluate
 from fruitnet.images import load_image
 from fruitnet.metrics import format_classification_report
 from fruitnet.plots import plot_prediction_grid
-from fruitnet.predictors import TorchPredictor, expand_paths
+from fruitnet.predictors import expand_paths, load_predictor
 from fruitnet.config import TrainConfig, resolve
 from fruitnet.training import train
 
@@ -29,7 +29,7 @@ def run_demo(out: Path | None = None) -> dict:
     print("\nevaluating on the 30 held-out test images ...")
     report = evaluate(summary["model"], DEMO_DATA / "test", out / "evaluation")
     print(format_classification_report(report))
-    predictor = TorchPredictor(summary["model"])
+    predictor = load_predictor(summary["model"])
     paths, _ = expand_paths([str(DEMO_DATA / "test")])
     sample = paths[::3]
     results = predictor.predict_paths(sample)
@@ -38,7 +38,7 @@ def run_demo(out: Path | None = None) -> dict:
     colors = ["green" if r["label"] == Path(r["path"]).parent.name else "red" for r in results]
     plot_prediction_grid([load_image(p) for p in sample], titles, out / "predictions.png", colors=colors, names=sample)
     print(f"\ndemo outputs in {out}/:\n"
-          f"  run/curves.png             loss and accuracy per epoch\n"
+          f"  run/curves.png             how the fit converged\n"
           f"  run/best.safetensors       the model (try: fruitnet predict {summary['model']} PHOTO.jpg)\n"
           f"  evaluation/confusion.png   confusion matrix on the held-out images\n"
           f"  evaluation/mistakes.png    the most confident mistakes\n"

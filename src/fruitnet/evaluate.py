@@ -27,7 +27,8 @@ from fruitnet.errors import DataError
 from fruitnet.images import load_image
 from fruitnet.metrics import classification_report, format_classification_report, write_confusion_csv
 from fruitnet.ood import auroc
-from fruitnet.predictors import UNKNOWN, TorchPredictor, expand_paths
+from fruitnet.config import InferenceOptions
+from fruitnet.predictors import UNKNOWN, expand_paths, load_predictor
 from fruitnet.preprocess import small_side
 from fruitnet.progress import bar as progress_bar
 
@@ -62,14 +63,14 @@ def evaluation_warnings(meta: dict, items: list, results: list[dict]) -> list[st
     return warnings
 
 
-def evaluate(model_path, data, out: Path, batch_size: int = 32, legacy: bool | None = None,
-             progress: bool = True, precision: str = "fp32", unknown_dir: str | Path | None = None,
-             unknown: bool = True, tta: bool = False) -> dict:
+def evaluate(model_path, data, out: Path, options: InferenceOptions = InferenceOptions(),
+             unknown_dir: str | Path | None = None, progress: bool = True) -> dict:
     """Returns the report dict (accuracy, n, classes, per_class, confusion_matrix, calibration,
     coverage, unknown, skipped, ...) and writes report.json/.txt, confusion.png/.csv,
-    calibration.png, mistakes.png and predictions.csv into out."""
+    calibration.png, mistakes.png and predictions.csv into out.  The model runs as `options` say."""
     t0 = time.perf_counter()
-    predictor = TorchPredictor(model_path, legacy=legacy, precision=precision, unknown=unknown, tta=tta)
+    predictor = load_predictor(model_path, options)
+    batch_size = options.batch_size
     catalog = scan(data, progress=progress)
     # DATA/unknown/ holds photos of none of the classes, unless the model has a class of that name
     unknown_folder = UNKNOWN in catalog.classes and UNKNOWN not in predictor.classes

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from fruitnet.config import InferenceOptions
 from fruitnet.errors import DataError, ExportError, UsageError
 from fruitnet.predictors import ONNX_META_KEY, OnnxPredictor, Predictor, TorchPredictor, expand_paths
 
@@ -186,11 +187,12 @@ def quantize_int8(fp32: Path, out: Path, calibration: list, transform) -> Path:
     return out
 
 
-def export_onnx(model_path: str | Path, out: str | Path | None = None, check: list[str] | None = None,
-                int8: bool = False, log=print, tta: bool = False) -> dict:
+def export_onnx(model_path: str | Path, out: str | Path | None = None,
+                options: InferenceOptions = InferenceOptions(), check: list[str] | None = None,
+                int8: bool = False, log=print) -> dict:
     """Export MODEL to ONNX, verify it against PyTorch on real images, optionally add an int8 copy.
 
-    tta=True exports the model wrapped in tta.TTA (mirror averaged in the graph), checked
+    options.tta exports the model wrapped in tta.TTA (mirror averaged in the graph), checked
     against the PyTorch predictor with tta, and records "tta": true in the file's metadata.
 
     The file appears at `out` only if it passed the parity check (100% top-1 agreement and largest
@@ -202,7 +204,8 @@ def export_onnx(model_path: str | Path, out: str | Path | None = None, check: li
     for path in (out, out.with_suffix(".int8.onnx")) if int8 else (out,):
         if path.exists():
             raise UsageError(f"{path}: already exists; fruitnet export never overwrites: choose another --out")
-    reference = TorchPredictor(model_path, device="cpu", tta=tta)
+    tta = options.tta
+    reference = TorchPredictor(model_path, device="cpu", legacy=options.legacy or None, tta=tta)
     meta = {**reference.meta, "exported_from": model_path.name, **({"tta": True} if tta else {})}
     images, described = check_images(check)
 

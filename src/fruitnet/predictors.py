@@ -26,6 +26,7 @@ import torch
 from PIL import Image
 
 from fruitnet.arithmetic import choose_arithmetic, resolve_device
+from fruitnet.config import InferenceOptions
 from fruitnet.errors import ModelFileError, UsageError
 from fruitnet.images import expand_paths  # noqa: F401  (here for the callers that import it from here)
 from fruitnet.model import load_model, validate_meta
@@ -263,12 +264,12 @@ class OnnxPredictor(Predictor):
         return {"runtime": "onnxruntime", "arithmetic": "fp32 (onnxruntime, CPU)", "tta": self.tta}
 
 
-def load_predictor(path: str | Path, runtime: str = "auto", legacy: bool | None = None,
-                   precision: str = "fp32", device: str = "auto", unknown: bool = True,
-                   tta: bool = False) -> Predictor:
-    """runtime 'torch', 'onnx', or 'auto' (onnx for a .onnx file); precision and device apply to torch;
+def load_predictor(path: str | Path, options: InferenceOptions = InferenceOptions()) -> Predictor:
+    """The predictor for a model file, run as `options` say (config.InferenceOptions): runtime
+    'torch', 'onnx', or 'auto' (onnx for a .onnx file); precision and device apply to torch;
     unknown=False never answers "unknown" (the in_distribution share is still given); tta=True
     averages each photo with its mirror image (an ONNX file must have been exported with --tta)."""
-    if runtime == "onnx" or (runtime == "auto" and str(path).lower().endswith(".onnx")):
-        return OnnxPredictor(path, unknown=unknown, tta=tta)
-    return TorchPredictor(path, device=device, legacy=legacy, precision=precision, unknown=unknown, tta=tta)
+    if options.runtime == "onnx" or (options.runtime == "auto" and str(path).lower().endswith(".onnx")):
+        return OnnxPredictor(path, unknown=options.unknown, tta=options.tta)
+    return TorchPredictor(path, device=options.device, legacy=options.legacy or None, precision=options.precision,
+                          unknown=options.unknown, tta=options.tta)

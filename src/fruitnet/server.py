@@ -49,6 +49,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
+from fruitnet.config import InferenceOptions
 from fruitnet.errors import ImageError, ModelFileError
 from fruitnet.guard import (LIMIT_CONCURRENCY, LOOPBACK_NAMES, TIMEOUT_KEEP_ALIVE, TIMEOUT_REQUEST, Guard,
                             guarded_protocol, host_name, page_csp)
@@ -211,17 +212,15 @@ def explain_png(predictor, image, lock: threading.Lock) -> bytes:
     return buffer.getvalue()
 
 
-def create_app(model_path: str | Path, max_upload_mb: int = 10, runtime: str = "auto",
-               precision: str = "fp32", limit_concurrency: int | None = None,
-               allowed_hosts: set[str] | None = None, unknown: bool = True, tta: bool = False) -> FastAPI:
-    """The service for one model file.  ModelFileError if the file is unusable or its model does not
-    run: the service never starts on a model that would fail every request.
+def create_app(model_path: str | Path, options: InferenceOptions = InferenceOptions(), max_upload_mb: int = 10,
+               limit_concurrency: int | None = None, allowed_hosts: set[str] | None = None) -> FastAPI:
+    """The service for one model file, run as `options` say (with tta, the /explain heat maps stay
+    the plain model's).  ModelFileError if the file is unusable or its model does not run: the
+    service never starts on a model that would fail every request.
 
     limit_concurrency: requests in progress beyond it are answered 503; allowed_hosts: Host names
-    answered (None: any, for a service reachable under names we cannot know); unknown=False never
-    answers "unknown" (--no-unknown); tta=True averages each photo with its mirror image (--tta; the
-    /explain heat maps stay the plain model's)."""
-    predictor = load_predictor(model_path, runtime, precision=precision, unknown=unknown, tta=tta)
+    answered (None: any, for a service reachable under names we cannot know)."""
+    predictor = load_predictor(model_path, options)
     size = predictor.preprocessing["input_size"]
     try:
         predictor.logits(torch.zeros(1, 3, size, size))
@@ -342,10 +341,9 @@ def create_app(model_path: str | Path, max_upload_mb: int = 10, runtime: str = "
     return app
 
 
-def serve(model_path: str | Path, host: str = "127.0.0.1", port: int = 8000, max_upload_mb: int = 10,
-          runtime: str = "auto", precision: str = "fp32", timeout_keep_alive: float = TIMEOUT_KEEP_ALIVE,
-          timeout_request: float = TIMEOUT_REQUEST, limit_concurrency: int = LIMIT_CONCURRENCY,
-          unknown: bool = True, tta: bool = False) -> int:
+def serve(model_path: str | Path, options: InferenceOptions = InferenceOptions(), host: str = "127.0.0.1",
+          port: int = 8000, max_upload_mb: int = 10, timeout_keep_alive: float = TIMEOUT_KEEP_ALIVE,
+          timeout_request: float = TIMEOUT_REQUEST, limit_concurrency: int = LIMIT_CONCURRENCY) -> int:
     """Run the service until Ctrl+C (0); 1 if it could not start (e.g. the port is in use).
 
     timeout_keep_alive: an idle connection is closed after it; timeout_request: a request whose
@@ -357,9 +355,8 @@ def serve(model_path: str | Path, host: str = "127.0.0.1", port: int = 8000, max
     import uvicorn
 
     loopback = host_name(host) in LOOPBACK_NAMES or host.startswith("127.")
-    app = create_app(model_path, max_upload_mb, runtime, precision, limit_concurrency,
-                     allowed_hosts={*LOOPBACK_NAMES, host_name(host)} if loopback else None, unknown=unknown,
-                     tta=tta)
+    app = create_app(model_path, options, max_upload_mb, limit_concurrency,
+                     allowed_hosts={*LOOPBACK_NAMES, host_name(host)} if loopback else None)
     if not loopback:
         print(f"warning: listening on {host}: anyone who can reach this machine can use the service "
               "(there is no authentication)", flush=True)
