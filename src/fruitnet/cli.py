@@ -9,7 +9,6 @@ Exit codes: 0 success, 1 the job failed or some inputs could not be used, 2 unus
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import sys
 import typing
@@ -21,6 +20,7 @@ from fruitnet.config import DEFAULT_BACKBONE, RECIPE_ALIASES, RECIPES, RESUMABLE
 from fruitnet.errors import FruitnetError, UsageError
 from fruitnet.guard import LIMIT_CONCURRENCY, TIMEOUT_KEEP_ALIVE, TIMEOUT_REQUEST
 from fruitnet.modelpath import check_model_argument
+from fruitnet.formats import EXPORTERS, WRITERS
 
 
 def _whole_number(text: str) -> int:
@@ -258,28 +258,15 @@ def cmd_predict(args) -> int:
         print(json.dumps(results, indent=2))
     else:
         _print_predictions(results, predictor)
-    if args.csv:
-        with open(args.csv, "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["path", "label", "best_guess", "in_distribution", "error", "warning"] + predictor.classes)
-            for r in results:
-                probs = r.get("probabilities", {})
-                w.writerow([r["path"], r.get("label", ""), r.get("best_guess", r.get("label", "")),
-                            r.get("in_distribution", ""), r.get("error", ""), r.get("warning", "")]
-                           + [probs.get(c, "") for c in predictor.classes])
-    if args.grid:
-        from fruitnet.images import load_image
-        from fruitnet.plots import plot_prediction_grid, prediction_caption
-
-        shown = good[:64]  # with --explain the grid shows the overlays
-        captions = [prediction_caption(r) for r in shown]
-        plot_prediction_grid([overlays[r["path"]] if r["path"] in overlays else load_image(r["path"]) for r in shown],
-                             [text for text, _ in captions], args.grid, colors=[color for _, color in captions],
-                             names=[r["path"] for r in shown])
-    if not args.json and (args.csv or args.grid or args.explain):
-        print("wrote " + ", ".join(str(p) for p in (args.csv, args.grid) if p)
-              + (", " if (args.csv or args.grid) and args.explain else "")
-              + (f"{len(overlays)} heat-map overlays in {args.explain}/" if args.explain else ""))
+    written = []
+    for name, writer in WRITERS.items():
+        if getattr(args, name):
+            writer.write(results, predictor.classes, Path(getattr(args, name)), overlays)
+            written.append(getattr(args, name))
+    if args.explain:
+        written.append(f"{len(overlays)} heat-map overlays in {args.explain}/")
+    if written and not args.json:
+        print("wrote " + ", ".join(map(str, written)))
     warned = sum("warning" in r for r in results)
     if warned and not args.json:
         print(f"{warned} photo(s) much smaller than the model's input: their answers rest on upscaled pixels")
@@ -310,9 +297,8 @@ def _print_predictions(results: list[dict], predictor) -> None:
 
 def cmd_export(args) -> int:
     check_model_argument(args.model, command="export")
-    from fruitnet.export import export_onnx
-
-    export_onnx(args.model, args.out, _inference_options(args), check=args.check, int8=args.int8)
+    export = EXPORTERS[args.format].load()
+    export(args.model, args.out, _inference_options(args), check=args.check, int8=args.int8)
     return 0
 
 
@@ -388,11 +374,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("paths", nargs="+", metavar="PATH", help="photos, folders (searched recursively) or globs")
     p.add_argument("--json", action="store_true",
                    help="print a JSON list of {path, label, best_guess, probabilities, in_distribution}")
-    p.add_argument("--csv", metavar="FILE", help="also write the predictions as CSV")
-    p.add_argument("--grid", metavar="FILE.png",
-                   help="draw the photos (up to 64), each titled with its answer and confidence and its file name "
-                        "beneath; low-confidence answers in orange with a '?', 'none of these (closest: ...)' in "
-                        "purple (with --explain: the heat maps)")
+    for name, writer in WRITERS.items():
+        p.add_argument(f"--{name}", metavar=writer.metavar, help=writer.help)
     p.add_argument("--explain", metavar="DIR",
                    help="write one Grad-CAM overlay per photo into DIR: where the network looked (PyTorch models; "
                         "with --tta, the heat maps are still the plain model's, of the photo without its mirror)")
@@ -402,7 +385,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="ONNX file carrying classes and preprocessing, checked against PyTorch",
                        description="Export a model file to ONNX and check it against PyTorch on real photos.")
     _add_model(p, "model file (.safetensors)")
-    p.add_argument("--format", default="onnx", choices=["onnx"], help="export format (default: onnx)")
+    p.add_argument("--format", default="onnx", choices=list(EXPORTERS),
+                   help="; ".join(f"{name}: {e.help}" for name, e in EXPORTERS.items()) + " (default: onnx)")
     p.add_argument("--out", metavar="FILE", help="default: MODEL with the suffix .onnx")
     p.add_argument("--check", nargs="+", metavar="PATH",
                    help="photos (files, folders, globs) for the parity check (default: the bundled demo photos)")

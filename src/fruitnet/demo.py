@@ -7,9 +7,8 @@ from importlib.resources import files
 from pathlib import Path
 
 from fruitnet.evaluate import evaluate
-from fruitnet.images import load_image
 from fruitnet.metrics import format_classification_report
-from fruitnet.plots import plot_prediction_grid
+from fruitnet.formats import write_grid
 from fruitnet.predictors import expand_paths, load_predictor
 from fruitnet.config import TrainConfig, resolve
 from fruitnet.training import train
@@ -32,11 +31,7 @@ def run_demo(out: Path | None = None) -> dict:
     predictor = load_predictor(summary["model"])
     paths, _ = expand_paths([str(DEMO_DATA / "test")])
     sample = paths[::3]
-    results = predictor.predict_paths(sample)
-    best = [r.get("best_guess", r["label"]) for r in results]  # label may be "unknown"
-    titles = [f"{r['label']} {r['probabilities'][b]:.0%}" for r, b in zip(results, best)]
-    colors = ["green" if r["label"] == Path(r["path"]).parent.name else "red" for r in results]
-    plot_prediction_grid([load_image(p) for p in sample], titles, out / "predictions.png", colors=colors, names=sample)
+    write_grid(predictor.predict_paths(sample), predictor.classes, out / "predictions.png", {})  # as predict --grid
     print(f"\ndemo outputs in {out}/:\n"
           f"  run/curves.png             how the fit converged\n"
           f"  run/best.safetensors       the model (try: fruitnet predict {summary['model']} PHOTO.jpg)\n"

@@ -28,6 +28,8 @@ FRAME = "0.55"  # the thin grey frame around every cell: white photos stay visib
 LOW_CONFIDENCE = 0.6  # a top probability below this, or
 NEAR_TIE = 0.1  # the top two closer than this, is marked "low confidence"
 COLORS = {"sure": "black", "low": "darkorange", "unknown": "tab:purple", "mistake": "red"}
+CAPTION_LEGEND = [("answer", COLORS["sure"]), ("low confidence ?", COLORS["low"]),
+                  ("none of these (unknown)", COLORS["unknown"])]  # prediction_caption's colours
 
 
 def _save(fig: Any, path: str | PathLike[str], dpi: int = 100) -> Path:
@@ -229,8 +231,10 @@ def _grid(
     colors: Sequence[str] | None,
     suptitle: str | None = None,
     names: Sequence[str] | None = None,
+    legend: Sequence[tuple[str, str]] | None = None,
 ) -> Path:
-    """Photos in a grid: each in a thin frame, its title above (in its colour), its file name below."""
+    """Photos in a grid: each in a thin frame, its title above (in its colour), its file name below;
+    legend: (words, colour) pairs saying what the title colours mean, under the suptitle."""
     n = len(images)
     if ncols is None:
         ncols = min(MAX_COLS, max(1, math.ceil(math.sqrt(n))))
@@ -265,6 +269,12 @@ def _grid(
     if suptitle:
         fig.suptitle(suptitle, fontsize=fontsize + 3)
     fig.tight_layout()
+    if legend:
+        from matplotlib.lines import Line2D
+
+        handles = [Line2D([], [], color=c, marker="s", linestyle="", markersize=9, label=t) for t, c in legend]
+        fig.legend(handles=handles, loc="lower center", ncol=len(handles), frameon=False, fontsize=fontsize + 1,
+                   labelcolor=[c for _, c in legend], bbox_to_anchor=(0.5, 1.0 if not suptitle else 0.985))
     return _save(fig, path)
 
 
@@ -302,9 +312,12 @@ def plot_prediction_grid(
     ncols: int | None = None,
     colors: list[str] | None = None,
     names: list[str] | None = None,
+    suptitle: str | None = None,
+    legend: list[tuple[str, str]] | None = None,
 ) -> Path:
     """Grid of photos, each titled (e.g. "strawberry 97.3%", see prediction_caption), optional
-    per-title colours and file names (written under each photo)."""
+    per-title colours and file names (written under each photo), a title over the grid and a
+    legend of the colours."""
     if len(titles) != len(images):
         raise ValueError(f"{len(images)} images but {len(titles)} titles")
     if colors is not None and len(colors) != len(images):
@@ -313,7 +326,7 @@ def plot_prediction_grid(
         raise ValueError(f"{len(images)} images but {len(names)} names")
     if not images:
         return _message_png("No images", path)
-    return _grid(images, titles, path, ncols, colors, names=names)
+    return _grid(images, titles, path, ncols, colors, suptitle=suptitle, names=names, legend=legend)
 
 
 def spread_mistakes(mistakes: Sequence[dict], max_items: int = 24) -> tuple[list[dict], int]:

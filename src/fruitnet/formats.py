@@ -1,0 +1,98 @@
+"""Output formats, by name; the command line is generated from these registries (docs/extending.md
+shows how to add one):
+
+- WRITERS: predict's files, `fruitnet predict MODEL PATH... --NAME FILE` for every entry.  A
+  writer takes the results (predictors.Predictor.predict_paths: one dict per photo, or {path,
+  error}), the model's classes, the file to write, and the heat-map overlays of --explain
+  ({path: image}, empty without it), and writes that one file;
+- EXPORTERS: export's formats, `fruitnet export MODEL --format NAME`.  An exporter is named by
+  its module and function (imported when used: the registry is read by --help, which must not
+  wait for torch) and called as fn(model_path, out, options, check=..., int8=...).
+"""
+
+from __future__ import annotations
+
+import csv
+from collections import defaultdict
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+GRID_LIMIT = 64  # photos drawn in one grid
+
+
+@dataclass(frozen=True)
+class Writer:
+    write: Callable[[list[dict], list[str], Path, dict], None]
+    metavar: str
+    help: str
+
+
+def write_csv(results: list[dict], classes: list[str], path: Path, overlays: dict) -> None:
+    """One row per path: label, best guess, in_distribution, error, warning, the probabilities."""
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "label", "best_guess", "in_distribution", "error", "warning"] + classes)
+        for r in results:
+            probs = r.get("probabilities", {})
+            w.writerow([r["path"], r.get("label", ""), r.get("best_guess", r.get("label", "")),
+                        r.get("in_distribution", ""), r.get("error", ""), r.get("warning", "")]
+                       + [probs.get(c, "") for c in classes])
+
+
+def spread_over_folders(results: list[dict], limit: int) -> list[dict]:
+    """At most `limit` results, shared out evenly among the folders they come from and evenly
+    spaced within each, in path order: a folder of 1,257 photos sorted by class does not draw as
+    64 cherries."""
+    folders: dict[str, list[dict]] = defaultdict(list)
+    for r in results:
+        folders[str(Path(r["path"]).parent)].append(r)
+    share = dict.fromkeys(folders, 0)
+    left = min(limit, len(results))
+    while left:  # round-robin over the folders that still have photos
+        for name, items in folders.items():
+            if left and share[name] < len(items):
+                share[name] += 1
+                left -= 1
+    chosen = [items[i * len(items) // share[name]] for name, items in folders.items() for i in range(share[name])]
+    return sorted(chosen, key=lambda r: r["path"])
+
+
+def write_grid(results: list[dict], classes: list[str], path: Path, overlays: dict) -> None:
+    """The photos (up to GRID_LIMIT, spread over their folders), each titled with its answer."""
+    from fruitnet.images import load_image
+    from fruitnet.plots import CAPTION_LEGEND, plot_prediction_grid, prediction_caption
+
+    good = [r for r in results if "error" not in r]
+    shown = spread_over_folders(good, GRID_LIMIT)
+    captions = [prediction_caption(r) for r in shown]
+    plot_prediction_grid([overlays[r["path"]] if r["path"] in overlays else load_image(r["path"]) for r in shown],
+                         [text for text, _ in captions], path, colors=[color for _, color in captions],
+                         names=[r["path"] for r in shown], suptitle=f"{len(shown):,} of {len(good):,} photos shown",
+                         legend=CAPTION_LEGEND)
+
+
+WRITERS: dict[str, Writer] = {
+    "csv": Writer(write_csv, "FILE", "also write the predictions as CSV"),
+    "grid": Writer(write_grid, "FILE.png",
+                   f"draw the photos (up to {GRID_LIMIT}, spread over their folders), each titled with its answer and "
+                   "confidence and its file name beneath; low-confidence answers in orange with a '?', 'none of "
+                   "these (closest: ...)' in purple (with --explain: the heat maps)"),
+}
+
+
+@dataclass(frozen=True)
+class Exporter:
+    module: str
+    function: str
+    help: str
+
+    def load(self) -> Callable:
+        return getattr(importlib.import_module(self.module), self.function)
+
+
+EXPORTERS: dict[str, Exporter] = {
+    "onnx": Exporter("fruitnet.export", "export_onnx", "ONNX, carrying the classes and preprocessing, checked against "
+                                                       "PyTorch on real photos"),
+}
