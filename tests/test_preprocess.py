@@ -17,10 +17,10 @@ from fruitnet.model import LEGACY_PREPROCESSING
 from fruitnet.preprocess import (
     DecodeAhead,
     draft_size,
-    fit,
     is_valid,
     load,
     model_input,
+    resize,
     resize_size,
     small_image_warning,
 )
@@ -38,18 +38,18 @@ def photo(w: int, h: int, seed: int = 0) -> Image.Image:
 
 @pytest.mark.parametrize("name", sorted(PREPROCESSINGS))
 @pytest.mark.parametrize("size", [(100, 100), (640, 480), (333, 517), (257, 256), (17, 29), (1200, 31), (3000, 20)])
-def test_fit_is_torchvisions_resize_exactly(name, size):
+def test_resize_is_torchvisions_resize_exactly(name, size):
     """Models trained before the resize moved into preprocess.py must see the same pixels; beyond
     MAX_ASPECT:1 the longer side is centre-cropped first (what a library caller may pass in)."""
     pre = PREPROCESSINGS[name]
     side = resize_size(pre)
-    resize = T.Resize((side, side) if pre["resize"] == "squash" else side,
-                      interpolation=TORCHVISION_INTERPOLATION[pre["interpolation"]], antialias=True)
+    torchvision_resize = T.Resize((side, side) if pre["resize"] == "squash" else side,
+                                   interpolation=TORCHVISION_INTERPOLATION[pre["interpolation"]], antialias=True)
     image = photo(*size)
     w, h = size
     expected = T.functional.center_crop(image, [min(h, MAX_ASPECT * w), min(w, MAX_ASPECT * h)]) \
         if pre["resize"] == "crop" else image
-    assert np.array_equal(np.asarray(fit(image, pre)), np.asarray(resize(expected)))
+    assert np.array_equal(np.asarray(resize(image, pre)), np.asarray(torchvision_resize(expected)))
 
 
 @pytest.mark.parametrize("name", sorted(PREPROCESSINGS))

@@ -7,6 +7,7 @@ the model file, so every consumer builds its transform from the same values.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib
 import os
@@ -34,9 +35,29 @@ LITE2_SHA256 = "9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d
 class Backbone:
     name: str
     feature_dim: int
-    preprocessing: dict
+    describe_preprocessing: Callable[[], dict]  # called once, when first needed (it may import timm)
     build_body: Callable[[], nn.Module]  # randomly initialised body
     load_pretrained: Callable[[nn.Module, str], str]  # (body, weights spec) -> description of the source
+
+    @property
+    def preprocessing(self) -> dict:
+        """What the model file records and every consumer builds its transform from (a copy)."""
+        return dict(_preprocessing(self.describe_preprocessing))
+
+
+@functools.cache
+def _preprocessing(describe: Callable[[], dict]) -> dict:
+    return describe()
+
+
+def timm_preprocessing(arch: str) -> dict:
+    """timm's pretrained_cfg for `arch` (input size, crop, interpolation, mean and std), read, not
+    retyped, and decoded with the JPEG draft where big (preprocess.py)."""
+    import timm
+
+    cfg = timm.models.get_pretrained_cfg(arch)
+    return {"input_size": cfg.input_size[-1], "resize": "crop", "crop_pct": cfg.crop_pct,
+            "interpolation": cfg.interpolation, "mean": list(cfg.mean), "std": list(cfg.std), "jpeg_draft": True}
 
 
 def _sha256(path: Path) -> str:
@@ -170,7 +191,7 @@ def load_in_order(net: nn.Module, source: dict[str, torch.Tensor], path: Path, a
     net.load_state_dict(tensors, strict=True)
 
 
-def _lite(name: str, arch: str, preprocessing: dict) -> Backbone:
+def _lite(name: str, arch: str) -> Backbone:
     def build_body() -> nn.Module:
         import timm
 
@@ -181,34 +202,21 @@ def _lite(name: str, arch: str, preprocessing: dict) -> Backbone:
         load_in_order(body, _read_state_dict(path), path, arch)
         return str(path)
 
-    return Backbone(name=name, feature_dim=1280, preprocessing=preprocessing, build_body=build_body,
-                    load_pretrained=load)
+    return Backbone(name=name, feature_dim=1280, describe_preprocessing=functools.partial(timm_preprocessing, arch),
+                    build_body=build_body, load_pretrained=load)
+
+
+def _resnet18_preprocessing() -> dict:  # torchvision's ImageNet evaluation preset
+    return {"input_size": 224, "resize": "crop", "crop_pct": 0.875, "interpolation": "bilinear",
+            "mean": IMAGENET_MEAN, "std": IMAGENET_STD, "jpeg_draft": True}
 
 
 BACKBONES: dict[str, Backbone] = {
-    "resnet18": Backbone(
-        name="resnet18",
-        feature_dim=512,
-        preprocessing={"input_size": 224, "resize": "crop", "crop_pct": 0.875,
-                       "interpolation": "bilinear", "mean": IMAGENET_MEAN, "std": IMAGENET_STD,
-                       "jpeg_draft": True},
-        build_body=_resnet18_body,
-        load_pretrained=_resnet18_load,
-    ),
-    # preprocessing: timm's pretrained_cfg for each tf_efficientnet_lite* (bicubic, centre crop, mean/std 0.5);
-    # jpeg_draft: decode big JPEGs at reduced scale (preprocess.py)
-    "efficientnet_lite0": _lite("efficientnet_lite0", "tf_efficientnet_lite0",
-                                {"input_size": 224, "resize": "crop", "crop_pct": 0.875,
-                                 "interpolation": "bicubic", "mean": [0.5] * 3, "std": [0.5] * 3,
-                                 "jpeg_draft": True}),
-    "efficientnet_lite1": _lite("efficientnet_lite1", "tf_efficientnet_lite1",
-                                {"input_size": 240, "resize": "crop", "crop_pct": 0.882,
-                                 "interpolation": "bicubic", "mean": [0.5] * 3, "std": [0.5] * 3,
-                                 "jpeg_draft": True}),
-    "efficientnet_lite2": _lite("efficientnet_lite2", "tf_efficientnet_lite2",
-                                {"input_size": 260, "resize": "crop", "crop_pct": 0.890,
-                                 "interpolation": "bicubic", "mean": [0.5] * 3, "std": [0.5] * 3,
-                                 "jpeg_draft": True}),
+    "resnet18": Backbone(name="resnet18", feature_dim=512, describe_preprocessing=_resnet18_preprocessing,
+                         build_body=_resnet18_body, load_pretrained=_resnet18_load),
+    "efficientnet_lite0": _lite("efficientnet_lite0", "tf_efficientnet_lite0"),
+    "efficientnet_lite1": _lite("efficientnet_lite1", "tf_efficientnet_lite1"),
+    "efficientnet_lite2": _lite("efficientnet_lite2", "tf_efficientnet_lite2"),
 }
 
 

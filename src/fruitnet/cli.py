@@ -323,11 +323,7 @@ def _add_model(p: argparse.ArgumentParser, what: str = "model file") -> None:
                    "an exported .onnx file, or the original project's model.pth")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fruitnet", description=__doc__.split("\n\n")[0],
-                                     epilog=__doc__.split("\n\n")[1].strip())
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
+def _check_parser(sub) -> None:
     p = sub.add_parser("check", help="data report for a class-folder tree; writes nothing into it",
                        description="Count the photos per class, find exact and near-duplicates, label conflicts and "
                                    "unusable files; --deep also finds likely mislabelled photos and outliers, "
@@ -348,6 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=_whole_number, default=0, help="seed of the folds (default: 0)")
     p.set_defaults(func=cmd_check)
 
+def _train_parser(sub) -> None:
     p = sub.add_parser("train", help="fine-tune a pretrained backbone on DATA/<class>/<image>",
                        description="Fine-tune a pretrained backbone; the run folder holds the model files, "
                                    "metrics, curves and everything needed to repeat the run.")
@@ -357,6 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
                    + ", ".join("--" + k for k in RESUMABLE) + " may be given again (others: exit 2)")
     p.set_defaults(func=cmd_train)
 
+def _evaluate_parser(sub) -> None:
     p = sub.add_parser("evaluate", help="accuracy, per-class report, confusion matrix, mistakes gallery",
                        description="Evaluate a model on a labelled folder (DATA/<class>/<image>).")
     _add_model(p)
@@ -368,6 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_options(p, InferenceOptions)
     p.set_defaults(func=cmd_evaluate)
 
+def _predict_parser(sub) -> None:
     p = sub.add_parser("predict", help="class and probabilities for images, folders or globs",
                        description="Predict the class of each photo: a table, or JSON, CSV and a picture grid.")
     _add_model(p)
@@ -382,6 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_options(p, InferenceOptions)
     p.set_defaults(func=cmd_predict)
 
+def _export_parser(sub) -> None:
     p = sub.add_parser("export", help="ONNX file carrying classes and preprocessing, checked against PyTorch",
                        description="Export a model file to ONNX and check it against PyTorch on real photos.")
     _add_model(p, "model file (.safetensors)")
@@ -395,6 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_options(p, InferenceOptions, ("tta",))
     p.set_defaults(func=cmd_export)
 
+def _serve_parser(sub) -> None:
     p = sub.add_parser("serve", help="HTTP API and web page for a model file (.safetensors or exported .onnx)",
                        description="Serve a model over HTTP: a web page at / and a JSON API at /predict.")
     _add_model(p)
@@ -411,10 +412,24 @@ def build_parser() -> argparse.ArgumentParser:
     _add_options(p, InferenceOptions, ("runtime", "precision", "device", "legacy", "unknown", "tta"))
     p.set_defaults(func=cmd_serve)
 
+def _demo_parser(sub) -> None:
     p = sub.add_parser("demo", help="train, evaluate and predict on the bundled fruits360 sample",
                        description="Train, evaluate and predict on the bundled Fruits-360 sample, offline.")
     p.add_argument("--out", help="demo folder (default: runs/demo-<timestamp>)")
     p.set_defaults(func=cmd_demo)
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: the usage lines before an error only hide it (--help has them)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(prog="fruitnet", description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n")[1].strip())
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_check_parser, _train_parser, _evaluate_parser, _predict_parser, _export_parser, _serve_parser, _demo_parser):
+        add(sub)
     return parser
 
 

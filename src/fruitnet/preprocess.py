@@ -11,8 +11,8 @@ preprocessing = {input_size, resize: 'crop'|'squash', crop_pct, interpolation, m
   without the key (older files, the original model.pth) is fed fully decoded images, as it was
   trained.
 
-`fit` is exactly torchvision's Resize on a PIL image (the same output size arithmetic, the same
-PIL resampling), so transforms.Decode builds on it, and `model_input` (fit + centre crop, as a
+`resize` is exactly torchvision's Resize on a PIL image (the same output size arithmetic, the same
+PIL resampling), so transforms.Decode builds on it, and `model_input` (resize + centre crop, as a
 uint8 array) can run in threads before torch is even imported: `fruitnet predict` decodes its
 first photos while the model loads.
 """
@@ -61,7 +61,7 @@ def _limit_aspect(image: Image.Image) -> Image.Image:
     return image.crop((left, top, left + cw, top + ch))
 
 
-def fit(image: Image.Image, pre: dict) -> Image.Image:
+def resize(image: Image.Image, pre: dict) -> Image.Image:
     """The resize step: torchvision's Resize(side) or Resize((side, side)) on a PIL image, exactly
     (for 'crop', after the aspect bound above)."""
     if pre["resize"] not in ("crop", "squash"):
@@ -86,10 +86,10 @@ def centre_crop_box(width: int, height: int, size: int) -> tuple[int, int, int, 
 
 
 def model_input(image: Image.Image, pre: dict) -> np.ndarray:
-    """A decoded image -> the model's input as uint8 (input_size, input_size, 3): fit, centre-crop.
+    """A decoded image -> the model's input as uint8 (input_size, input_size, 3): resize, centre-crop.
 
     Equal, pixel for pixel, to transforms.eval_transform's uint8 stage (tests/test_training.py)."""
-    image = fit(image, pre)
+    image = resize(image, pre)
     size = pre["input_size"]
     if image.size != (size, size):
         image = image.crop(centre_crop_box(*image.size, size))

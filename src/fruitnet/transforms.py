@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torchvision.transforms import v2 as T
 
-from fruitnet.preprocess import DecodeAhead, fit, load, resize_size  # noqa: F401  (resize_size: part of this module's API)
+from fruitnet.preprocess import DecodeAhead, load, resize, resize_size  # noqa: F401  (resize_size: part of this module's API)
 
 _INTERPOLATION = {"bilinear": T.InterpolationMode.BILINEAR, "bicubic": T.InterpolationMode.BICUBIC,
                   "nearest": T.InterpolationMode.NEAREST}
@@ -40,7 +40,7 @@ class Decode:
         return self(load(path, self.pre))
 
     def __call__(self, image) -> torch.Tensor:
-        return hwc_to_tensor(np.array(fit(image, self.pre)))
+        return hwc_to_tensor(np.array(resize(image, self.pre)))
 
     def __repr__(self) -> str:
         return (f"Decode(resize={self.pre['resize']!r}, side={resize_size(self.pre)}, "
