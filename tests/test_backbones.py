@@ -87,7 +87,7 @@ def test_lite2_exports_to_onnx_with_parity(tmp_path):
 def test_cli_trains_lite1_and_records_it(tmp_path):
     run = tmp_path / "run"
     result = run_cli("train", DEMO_DATA / "train", "--backbone", "efficientnet_lite1", "--mode", "freeze",
-                     "--epochs", "3", "--out", run)
+                     "--out", run)
     assert result.returncode == 0, result.stderr
     config = json.loads((run / "config.json").read_text())
     assert config["train"]["backbone"] == "efficientnet_lite1" and config["preprocessing"]["input_size"] == 240

@@ -99,3 +99,18 @@ def test_bad_numbers_get_plain_words(argv, message, capsys):
         build_parser().parse_args(argv)
     assert exc.value.code == 2 and message in capsys.readouterr().err
 
+
+
+def test_inference_options_come_from_one_dataclass_for_every_command():
+    from fruitnet.cli import _inference_options
+    from fruitnet.config import InferenceOptions
+
+    parser = build_parser()
+    args = parser.parse_args(["evaluate", "m.safetensors", "photos", "--unknown", "others", "--no-unknown", "--tta"])
+    assert args.unknown_dir == "others"
+    assert _inference_options(args) == InferenceOptions(unknown=False, tta=True)
+    assert _inference_options(parser.parse_args(["predict", "m.safetensors", "p.jpg"])) == InferenceOptions()
+    served = _inference_options(parser.parse_args(["serve", "m.onnx", "--runtime", "onnx", "--precision", "fp32"]))
+    assert (served.runtime, served.precision, served.batch_size) == ("onnx", "fp32", 32)
+    exported = parser.parse_args(["export", "m.safetensors", "--tta"])
+    assert _inference_options(exported).tta and not hasattr(exported, "precision")  # export offers --tta alone

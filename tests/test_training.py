@@ -160,9 +160,9 @@ def test_scheduler_warms_up_linearly_then_decays_to_zero():
     assert lrs[0] == pytest.approx(0.2) and lrs[4] == pytest.approx(1.0)  # (step + 1) / 5
     assert lrs[5] == pytest.approx(1.0) and lrs[10] == pytest.approx(0.75)  # cosine: 0.5 (1 + cos(pi / 3))
     assert lrs[20] == pytest.approx(0.0, abs=1e-12)
-    constant = make_optimizer([w], RECIPES["seed"], lr=0.001, weight_decay=0.01)
+    constant = make_optimizer([w], RECIPES["original"], lr=0.001, weight_decay=0.01)
     assert isinstance(constant, torch.optim.SGD) and constant.param_groups[0]["momentum"] == 0.0
-    sched = make_scheduler(constant, RECIPES["seed"], epochs=3, steps_per_epoch=4)
+    sched = make_scheduler(constant, RECIPES["original"], epochs=3, steps_per_epoch=4)
     for _ in range(12):
         constant.step()
         sched.step()

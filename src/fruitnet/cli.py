@@ -16,7 +16,8 @@ from dataclasses import fields
 from pathlib import Path
 
 from fruitnet.backbones import BACKBONES
-from fruitnet.config import DEFAULT_BACKBONE, RECIPE_ALIASES, RECIPES, RESUMABLE, InferenceOptions, TrainConfig
+from fruitnet.config import (DEFAULT_BACKBONE, RECIPE_ALIASES, RECIPES, RESUMABLE, TEACH_STRATEGIES,
+                             InferenceOptions, TrainConfig)
 from fruitnet.errors import FruitnetError, UsageError
 from fruitnet.guard import LIMIT_CONCURRENCY, TIMEOUT_KEEP_ALIVE, TIMEOUT_REQUEST
 from fruitnet.modelpath import check_model_argument
@@ -104,8 +105,8 @@ def _add_options(p: argparse.ArgumentParser, cls, names: tuple[str, ...] | None 
         if "help" not in f.metadata or (names is not None and f.name not in names):
             continue
         kw = {"dest": f.name, "default": None if given_only else f.default, "help": _option_help(f)}
-        if isinstance(f.default, bool):  # --no-image-cache stores False; --tensorboard stores True
-            kw.update(action="store_const", const=not f.default)
+        if isinstance(f.default, bool):  # --no-image-cache stores False, --tensorboard True; not given: None
+            kw.update(action="store_const", const=not f.default, default=None)
         else:
             args = typing.get_args(hints[f.name])  # Literal[...] or Optional[Literal[...]]
             literal = [a for a in args if isinstance(a, str)] or [
@@ -118,7 +119,8 @@ def _add_options(p: argparse.ArgumentParser, cls, names: tuple[str, ...] | None 
 
 def _inference_options(args) -> InferenceOptions:
     """The InferenceOptions a command was given (fields it does not offer keep their defaults)."""
-    return InferenceOptions(**{f.name: getattr(args, f.name) for f in fields(InferenceOptions) if hasattr(args, f.name)})
+    return InferenceOptions(**{f.name: getattr(args, f.name) for f in fields(InferenceOptions)
+                               if getattr(args, f.name, None) is not None})
 
 
 def cmd_check(args) -> int:
@@ -186,7 +188,7 @@ def cmd_evaluate(args) -> int:
     from fruitnet.runfolder import new_output_folder
 
     out = new_output_folder(args.out, "eval-", [args.data], "evaluation folder")
-    report = evaluate(args.model, args.data, out, _inference_options(args), unknown_dir=args.unknown,
+    report = evaluate(args.model, args.data, out, _inference_options(args), unknown_dir=args.unknown_dir,
                       progress=not args.json)
     if args.json:
         print(json.dumps(report))
@@ -311,6 +313,61 @@ def cmd_serve(args) -> int:
                  limit_concurrency=args.limit_concurrency)
 
 
+def cmd_teach(args) -> int:
+    check_model_argument(args.model, args.new, "teach")
+    if args.json and not args.rank:
+        raise UsageError("--json goes with --rank (the ranking as JSON)")
+    if not args.rank:
+        check_teach_outputs(args)
+    from fruitnet.teach import Teacher, format_numbers, read_label_file
+
+    quiet = args.rank and args.json
+    teacher = Teacher(args.model, args.new, into=None if args.rank else args.into, out=args.out, cache=args.cache,
+                      log=(lambda *a: None) if quiet else print, progress=not quiet)
+    if args.rank:
+        ranked = teacher.ranking(args.strategy)
+        print(json.dumps(ranked, indent=2) if args.json else "\n".join(
+            f"{r['path']}  {r['label']} ({r['best_guess']} {r['confidence']:.1%}, in_dist {r['in_distribution']:.2f})"
+            for r in ranked))
+        return 0
+    if args.labels:
+        for sha, label in read_label_file(args.labels, teacher):
+            teacher.label(sha, label)
+        print(format_numbers(teacher.retrain()))
+        print(f"labelled copies and labels.csv in {args.into}/; train on them with: "
+              f"fruitnet train DATA {args.into}")
+        return 0
+    from fruitnet.guard import LOOPBACK_NAMES, host_name
+    from fruitnet.server import is_loopback, run_app
+    from fruitnet.teach_service import create_teach_app
+
+    app = create_teach_app(teacher, args.strategy, args.retrain_every,
+                           allowed_hosts={*LOOPBACK_NAMES, host_name(args.host)} if is_loopback(args.host) else None)
+    print(f"teach page: http://{args.host}:{args.port}/  (keys: 1-{min(9, len(teacher.classes))} a class, 0 none of "
+          f"these, space skip, u undo, h where it looked; Ctrl+C stops)\nlabelled copies go to {args.into}/, taught "
+          f"models to {teacher.out or 'runs/teach-<timestamp>'}/", flush=True)
+    return run_app(app, args.host, args.port)
+
+
+def check_teach_outputs(args) -> None:
+    """--into and --out never inside a NEW folder or the model's training data; --out a new folder."""
+    from fruitnet.runfolder import check_output_path
+
+    inputs = [p for p in args.new if Path(p).is_dir()] + training_folders(args.model)
+    check_output_path(Path(args.into), inputs, "labelled folder", may_exist=True)
+    if args.out:
+        check_output_path(Path(args.out), inputs + [args.into], "teach run folder")
+
+
+def training_folders(model) -> list[str]:
+    """The folders the model was trained on (DATA and --val, from its run's config.json)."""
+    try:
+        train = json.loads((Path(model).parent / "config.json").read_text())["train"]
+        return [p for p in (train.get("data"), train.get("val_dir")) if p]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+
+
 def cmd_demo(args) -> int:
     from fruitnet.demo import run_demo
 
@@ -361,7 +418,7 @@ def _evaluate_parser(sub) -> None:
     p.add_argument("data", metavar="DATA", help="labelled photos: DATA/<class>/<image>")
     p.add_argument("--out", help="report folder, must not exist yet (default: runs/eval-<timestamp>)")
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
-    p.add_argument("--unknown", metavar="DIR",
+    p.add_argument("--unknown", dest="unknown_dir", metavar="DIR",
                    help="photos of none of the classes (default: DATA/unknown/ if present): AUROC, share rejected")
     _add_options(p, InferenceOptions)
     p.set_defaults(func=cmd_evaluate)
@@ -412,6 +469,37 @@ def _serve_parser(sub) -> None:
     _add_options(p, InferenceOptions, ("runtime", "precision", "device", "legacy", "unknown", "tta"))
     p.set_defaults(func=cmd_serve)
 
+def _teach_parser(sub) -> None:
+    p = sub.add_parser("teach", help="label the new photos it gets wrong or does not know, in a local page; "
+                                     "refit in seconds",
+                       description="Rank the photos of new folders by how much a label would help, label them in "
+                                   "a local web page (or from a CSV), and refit the model's last layer and its "
+                                   "'unknown' verdict in seconds. The taught model is a new file; the new photos "
+                                   "and the training photos are never changed.")
+    _add_model(p, "model file (a run's best.safetensors, with its split.csv beside it)")
+    p.add_argument("new", nargs="+", metavar="NEW", help="new photos: folders (searched recursively), files or globs")
+    p.add_argument("--into", metavar="DIR", default="labelled",
+                   help="where labelled photos are copied: DIR/<class>/, 'none of these' into DIR/unknown/, with "
+                        "DIR/labels.csv; an existing DIR is added to, and its labels carry on (default: labelled)")
+    p.add_argument("--out", metavar="RUN", help="run folder for the taught model, replaced at each refit "
+                                                "(default: runs/teach-<timestamp>)")
+    p.add_argument("--labels", metavar="FILE.csv",
+                   help="label without the page: columns path,label (a class or 'none'); refit once and stop")
+    p.add_argument("--rank", action="store_true", help="print the new photos, most useful to label first, and stop")
+    p.add_argument("--json", action="store_true",
+                   help="with --rank: a JSON list of {path, sha256, label, best_guess, confidence, in_distribution}")
+    p.add_argument("--strategy", choices=TEACH_STRATEGIES, default=TEACH_STRATEGIES[0],
+                   help="coverage: photos least like anything the model knows, spread out; diverse: spread out over "
+                        "the new photos; uncertainty: 'unknown' and near-tie answers first; random "
+                        f"(default: {TEACH_STRATEGIES[0]}, by bench/bench_teach.py)")
+    p.add_argument("--retrain-every", type=_positive_int, default=5, metavar="N",
+                   help="the page refits after every N labels (default: 5)")
+    p.add_argument("--cache", metavar="DIR", help="feature cache (default: ~/.cache/fruitnet/features)")
+    p.add_argument("--host", default="127.0.0.1", help="address for the page (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=_port, default=8001, help="port for the page (default: 8001)")
+    p.set_defaults(func=cmd_teach)
+
+
 def _demo_parser(sub) -> None:
     p = sub.add_parser("demo", help="train, evaluate and predict on the bundled fruits360 sample",
                        description="Train, evaluate and predict on the bundled Fruits-360 sample, offline.")
@@ -428,7 +516,8 @@ class Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="fruitnet", description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n")[1].strip())
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_check_parser, _train_parser, _evaluate_parser, _predict_parser, _export_parser, _serve_parser, _demo_parser):
+    for add in (_check_parser, _train_parser, _evaluate_parser, _predict_parser, _export_parser, _serve_parser,
+                _teach_parser, _demo_parser):
         add(sub)
     return parser
 

@@ -104,6 +104,10 @@ UNFREEZE_RECIPE = "fast"  # the recipe when only --mode unfreeze is given
 DEFAULT_BACKBONE = "efficientnet_lite1"  # the best offline backbone by bench/bench_transfer.py
 
 
+# fruitnet teach's rankings of the new photos (teach.rank); coverage ships, chosen by bench/bench_teach.py
+TEACH_STRATEGIES = ("coverage", "diverse", "uncertainty", "random")
+
+
 def check_unknown_recall(recall: float) -> float:
     """The share of validation photos that keep their label: strictly between 0 and 1."""
     if not 0 < recall < 1:

@@ -30,12 +30,14 @@ from fruitnet.model import save_model
 METRIC_COLUMNS = ["epoch", "seconds", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr"]
 
 
-def check_output_path(out: Path, inside: list[str | Path] = (), kind: str = "output folder") -> Path:
-    """Refuse an --out that exists (a non-empty folder, or a file) or lies inside a data folder."""
+def check_output_path(out: Path, inside: list[str | Path] = (), kind: str = "output folder",
+                      may_exist: bool = False) -> Path:
+    """Refuse an output folder that exists (a non-empty folder, unless may_exist, or a file) or lies
+    inside a data folder."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"{out}: exists and is a file; --out needs a new {kind}")
-    if out.is_dir() and any(out.iterdir()):
+    if out.is_dir() and not may_exist and any(out.iterdir()):
         raise UsageError(f"{out}: {kind} already exists and is not empty; choose another --out")
     resolved = out.resolve()
     for data in inside:

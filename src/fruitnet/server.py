@@ -212,6 +212,38 @@ def explain_png(predictor, image, lock: threading.Lock) -> bytes:
     return buffer.getvalue()
 
 
+def harden(app: FastAPI, page: str, max_body: int, limit_concurrency: int | None,
+           allowed_hosts: set[str] | None) -> None:
+    """What every fruitnet service refuses before a request reaches it, and how it answers errors:
+    bodies over max_body bytes (413), the Host, Origin and concurrency rules of guard.Guard, a
+    Content-Security-Policy that admits only `page`'s own inline script and style, JSON errors."""
+    app.add_middleware(BodyLimit, limit=max_body)
+    app.add_middleware(Guard, csp=page_csp(page), limit=limit_concurrency, allowed_hosts=allowed_hosts)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request, exc):
+        return _error(exc.status_code, str(exc.detail))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request, exc):
+        return _error(422, "invalid request")
+
+    @app.exception_handler(BodyTooLarge)
+    async def too_large(request, exc):
+        return _error(413, str(exc))
+
+    @app.exception_handler(ClientDisconnect)
+    async def client_gone(request, exc):
+        stalled = request.scope.get("fruitnet.stalled")
+        log.info("%s: %s", "%s:%d" % tuple(request.client) if request.client else "a client",
+                 f"request body stalled for {stalled:g}s: closed" if stalled else "disconnected before the upload ended")
+        return _error(400, "client disconnected")  # nobody is listening; this only ends the request
+
+    @app.exception_handler(Exception)
+    async def internal_error(request, exc):
+        return _error(500, f"internal error ({exc.__class__.__name__})")
+
+
 def create_app(model_path: str | Path, options: InferenceOptions = InferenceOptions(), max_upload_mb: int = 10,
                limit_concurrency: int | None = None, allowed_hosts: set[str] | None = None) -> FastAPI:
     """The service for one model file, run as `options` say (with tta, the /explain heat maps stay
@@ -251,31 +283,7 @@ def create_app(model_path: str | Path, options: InferenceOptions = InferenceOpti
         batcher.close()
 
     app = FastAPI(title="fruitnet", lifespan=lifespan, docs_url=None, redoc_url=None)
-    app.add_middleware(BodyLimit, limit=MAX_FILES * limit + MB)
-    app.add_middleware(Guard, csp=page_csp(page), limit=limit_concurrency, allowed_hosts=allowed_hosts)
-
-    @app.exception_handler(HTTPException)
-    async def http_error(request, exc):
-        return _error(exc.status_code, str(exc.detail))
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(request, exc):
-        return _error(422, "invalid request")
-
-    @app.exception_handler(BodyTooLarge)
-    async def too_large(request, exc):
-        return _error(413, str(exc))
-
-    @app.exception_handler(ClientDisconnect)
-    async def client_gone(request, exc):
-        stalled = request.scope.get("fruitnet.stalled")
-        log.info("%s: %s", "%s:%d" % tuple(request.client) if request.client else "a client",
-                 f"request body stalled for {stalled:g}s: closed" if stalled else "disconnected before the upload ended")
-        return _error(400, "client disconnected")  # nobody is listening; this only ends the request
-
-    @app.exception_handler(Exception)
-    async def internal_error(request, exc):
-        return _error(500, f"internal error ({exc.__class__.__name__})")
+    harden(app, page, MAX_FILES * limit + MB, limit_concurrency, allowed_hosts)
 
     @app.get("/", response_class=HTMLResponse)
     async def index():
@@ -350,14 +358,24 @@ def serve(model_path: str | Path, options: InferenceOptions = InferenceOptions()
     headers take longer, or whose body stops arriving for longer, is answered 408 and closed;
     limit_concurrency: requests in progress beyond it are answered 503.  Bound to loopback, only
     Host names of this machine are answered (DNS rebinding)."""
+    loopback = is_loopback(host)
+    app = create_app(model_path, options, max_upload_mb, limit_concurrency,
+                     allowed_hosts={*LOOPBACK_NAMES, host_name(host)} if loopback else None)
+    return run_app(app, host, port, timeout_keep_alive, timeout_request)
+
+
+def is_loopback(host: str) -> bool:
+    return host_name(host) in LOOPBACK_NAMES or host.startswith("127.")
+
+
+def run_app(app: FastAPI, host: str, port: int, timeout_keep_alive: float = TIMEOUT_KEEP_ALIVE,
+            timeout_request: float = TIMEOUT_REQUEST) -> int:
+    """Serve `app` with uvicorn and guard.guarded_protocol until Ctrl+C (0); 1 if it could not start."""
     import resource
 
     import uvicorn
 
-    loopback = host_name(host) in LOOPBACK_NAMES or host.startswith("127.")
-    app = create_app(model_path, options, max_upload_mb, limit_concurrency,
-                     allowed_hosts={*LOOPBACK_NAMES, host_name(host)} if loopback else None)
-    if not loopback:
+    if not is_loopback(host):
         print(f"warning: listening on {host}: anyone who can reach this machine can use the service "
               "(there is no authentication)", flush=True)
     files = resource.getrlimit(resource.RLIMIT_NOFILE)[0]

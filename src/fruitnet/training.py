@@ -166,6 +166,7 @@ def prepare(config: TrainConfig, saved: SavedRun | None, log) -> Session:
     """Everything decided before the run folder exists: device, arithmetic, data, class balance
     and the pretrained model (missing weights stop the run before it leaves anything behind)."""
     world = distributed.world()
+    world.per_rank_batch(config.batch_size)  # --batch-size is global: it must divide among the ranks
     device = world.device if world.distributed else resolve_device(config.device)
     arith = choose_arithmetic(config.precision, device)
     if config.tensorboard:
