@@ -89,17 +89,19 @@ class Served:
 
 
 @contextmanager
-def serving(model, *options, log_path: Path | None = None, preexec_fn=None, timeout: float = 180):
-    """`fruitnet serve MODEL OPTIONS` as a user starts it, on a free loopback port: yields a Served
-    once /health answers (RuntimeError with the server's log if it does not within `timeout`
-    seconds), stops it afterwards. The log goes to log_path (appended) or a temporary file."""
+def serving(model, *options, log_path: Path | None = None, preexec_fn=None, timeout: float = 180,
+            command: str = "serve"):
+    """`fruitnet serve MODEL OPTIONS` (or another command that serves, such as teach) as a user
+    starts it, on a free loopback port: yields a Served once /health answers (RuntimeError with
+    the server's log if it does not within `timeout` seconds), stops it afterwards. The log goes
+    to log_path (appended) or a temporary file."""
     import httpx
 
     port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
         log_path = Path(log_path or Path(tmp) / "serve.log")
         with open(log_path, "ab") as log:
-            proc = subprocess.Popen([sys.executable, "-m", "fruitnet", "serve", str(model), "--port", str(port),
+            proc = subprocess.Popen([sys.executable, "-m", "fruitnet", command, str(model), "--port", str(port),
                                      *map(str, options)], stdout=log, stderr=subprocess.STDOUT, preexec_fn=preexec_fn)
         served = Served(f"http://127.0.0.1:{port}", port, proc, log_path)
         try:

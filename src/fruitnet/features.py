@@ -63,7 +63,7 @@ def body_fingerprint(body: nn.Module) -> str:
     h = hashlib.sha256()
     for name, tensor in body.state_dict().items():
         h.update(name.encode())
-        h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:16]
 
 

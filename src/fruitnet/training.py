@@ -247,32 +247,18 @@ def describe_pipeline(s: Session) -> None:
 
 def fit_probe(s: Session) -> Progress:
     """The head fitted once, to convergence, by full-batch L-BFGS on every cached feature view
-    (logistic regression, L2 penalty weight_decay/2 x |W|^2 on the weights).  Every rank holds
-    all the features and computes the same steps, so no gradient exchange is needed under
-    torchrun.  Deterministic and seconds long: a resumed run fits again from the start."""
+    (fit_linear_head).  Every rank holds all the features and computes the same steps, so no
+    gradient exchange is needed under torchrun.  Deterministic and seconds long: a resumed run
+    fits again from the start."""
     t = time.perf_counter()
-    head, views, l2 = s.model.head, s.pipeline.feature_views, s.config.weight_decay
+    head, views = s.model.head, s.pipeline.feature_views
     x = torch.cat([v.tensors[0] for v in views]).to(s.device)
     y = torch.cat([v.tensors[1] for v in views]).to(s.device)
     val_x, val_y = (t.to(s.device) for t in s.pipeline.val_features.tensors)
-    nn.init.zeros_(head.weight)
-    nn.init.zeros_(head.bias)
-    loss_fn = make_loss(s.recipe, s.balance, s.device)
-    optimizer = torch.optim.LBFGS(head.parameters(), lr=s.config.lr, max_iter=1, history_size=20,
-                                  line_search_fn="strong_wolfe")
-
-    def closure():
-        optimizer.zero_grad(set_to_none=True)
-        loss = loss_fn(head(x), y) + l2 / 2 * head.weight.pow(2).sum()
-        loss.backward()
-        return loss
-
-    trace, previous = [], []
-    for iteration in range(1, s.recipe.max_iterations + 1):
-        previous.append(float(optimizer.step(closure)))
-        trace.append({"iteration": iteration, **_scores(head, x, y, "train"), **_scores(head, val_x, val_y, "val")})
-        if len(previous) > 5 and previous[-6] - previous[-1] < 1e-7 * max(1.0, abs(previous[-1])):
-            break  # five iterations without progress: converged
+    trace = []
+    fit_linear_head(head, x, y, make_loss(s.recipe, s.balance, s.device), s.config.weight_decay, s.config.lr,
+                    s.recipe.max_iterations, lambda i: trace.append(
+                        {"iteration": i, **_scores(head, x, y, "train"), **_scores(head, val_x, val_y, "val")}))
     last = trace[-1]
     s.log(f"probe: {len(trace)} L-BFGS iterations{' (converged)' if len(trace) < s.recipe.max_iterations else ''}, "
           f"train loss {last['train_loss']:.4f}, train accuracy {last['train_accuracy']:.4f}, "
@@ -286,6 +272,31 @@ def fit_probe(s: Session) -> Progress:
                  {"model": s.model.state_dict(), "fit_trace": trace}, quiet=True)
     s.run.draw_curves(trace, x="iteration", note="the probe fits once: loss and accuracy per L-BFGS iteration")
     return progress
+
+
+def fit_linear_head(head: nn.Linear, x: torch.Tensor, y: torch.Tensor, loss_fn: nn.Module, l2: float,
+                    lr: float = 1.0, max_iterations: int = 125, on_iteration: Callable[[int], None] | None = None) -> int:
+    """Logistic regression: the head fitted to (x, y) from zero by full-batch L-BFGS, with the L2
+    penalty l2/2 x |W|^2 on the weights, until five iterations make no progress or max_iterations.
+    on_iteration(i) runs after each; returns the number run.  The probe recipe's fit, and teach's."""
+    nn.init.zeros_(head.weight)
+    nn.init.zeros_(head.bias)
+    optimizer = torch.optim.LBFGS(head.parameters(), lr=lr, max_iter=1, history_size=20, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn(head(x), y) + l2 / 2 * head.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    losses = []
+    for iteration in range(1, max_iterations + 1):
+        losses.append(float(optimizer.step(closure).detach()))
+        if on_iteration is not None:
+            on_iteration(iteration)
+        if len(losses) > 5 and losses[-6] - losses[-1] < 1e-7 * max(1.0, abs(losses[-1])):
+            break  # five iterations without progress: converged
+    return iteration
 
 
 @torch.no_grad()
