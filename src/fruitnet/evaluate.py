@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from fruitnet.calibration import calibration_summary, reliability
-from fruitnet.dataset import scan
+from fruitnet.dataset import is_run_folder, scan
 from fruitnet.errors import DataError
 from fruitnet.images import load_image
 from fruitnet.metrics import classification_report, format_report, write_confusion_csv
@@ -79,7 +79,7 @@ def evaluate(model_path, data, out: Path, batch_size: int = 32, legacy: bool | N
     items = [it for it in catalog.usable if it.label in predictor.classes]
     unknown_paths = [it.path for it in catalog.usable if unknown_folder and it.label == UNKNOWN]
     if unknown_dir is not None:
-        found, problems = expand_paths([str(unknown_dir)])
+        found, problems = expand_paths([str(unknown_dir)], skip_folder=is_run_folder)  # as scan skips them
         if problems:
             raise DataError(f"--unknown {unknown_dir}: no such folder, or no images there")
         unknown_paths += found

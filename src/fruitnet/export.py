@@ -29,7 +29,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from fruitnet.errors import DataError, ExportError, UsageError
+from fruitnet.errors import DataError, ExportError
+from fruitnet.outputs import check_outputs
 from fruitnet.predictors import ONNX_META_KEY, OnnxPredictor, Predictor, TorchPredictor, expand_paths
 
 OPSET = 17
@@ -199,9 +200,8 @@ def export_onnx(model_path: str | Path, out: str | Path | None = None, check: li
     """
     model_path = Path(model_path)
     out = Path(out) if out else model_path.with_suffix(".onnx")
-    for path in (out, out.with_suffix(".int8.onnx")) if int8 else (out,):
-        if path.exists():
-            raise UsageError(f"{path}: already exists; fruitnet export never overwrites: choose another --out")
+    check_outputs({"--out": out, "--int8": out.with_suffix(".int8.onnx") if int8 else None}, inputs=check or (),
+                  model=model_path)
     reference = TorchPredictor(model_path, device="cpu", tta=tta)
     meta = {**reference.meta, "exported_from": model_path.name, **({"tta": True} if tta else {})}
     images, described = check_images(check)

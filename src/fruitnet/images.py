@@ -217,16 +217,16 @@ def _scale_to_uint8(img: Image.Image) -> np.ndarray:
     return np.clip(np.round((a - lo) * (255.0 / max(hi - lo, 1e-12))), 0, 255).astype(np.uint8)
 
 
-def expand_paths(patterns: list[str]) -> tuple[list[str], list[dict]]:
-    """Files, folders (recursively, skipping hidden entries and non-images) and globs.
+def expand_paths(patterns: list[str], skip_folder=None) -> tuple[list[str], list[dict]]:
+    """Files, folders (recursively, skipping hidden entries, non-images and the sub-folders for
+    which skip_folder(path) is true) and globs.
 
     Returns (paths, problems) where problems are {path, error} for patterns that matched nothing.
     """
     paths, problems = [], []
     for pattern in patterns:
         if os.path.isdir(pattern):
-            found = sorted(str(p) for p in Path(pattern).rglob("*")
-                           if p.is_file() and not is_hidden(p.relative_to(pattern)) and looks_like_image(p))
+            found = sorted(_images_under(pattern, skip_folder))
         elif os.path.exists(pattern):
             found = [pattern]
         else:
@@ -235,3 +235,12 @@ def expand_paths(patterns: list[str]) -> tuple[list[str], list[dict]]:
             problems.append({"path": pattern, "error": "no such file, or no images there"})
         paths.extend(found)
     return paths, problems
+
+
+def _images_under(folder: str, skip_folder=None) -> list[str]:
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = [d for d in dirnames if not is_hidden(d) and not (skip_folder and skip_folder(Path(dirpath) / d))]
+        paths = (Path(dirpath) / name for name in filenames if not is_hidden(name))
+        found += [str(p) for p in paths if p.is_file() and looks_like_image(p)]
+    return found
