@@ -21,7 +21,7 @@ from fruitnet.config import PRECISIONS, RECIPES, RESUMABLE, TrainConfig
 from fruitnet.errors import FruitnetError, UsageError
 from fruitnet.guard import LIMIT_CONCURRENCY, TIMEOUT_KEEP_ALIVE, TIMEOUT_REQUEST
 from fruitnet.modelpath import check_model_argument
-from fruitnet.outputs import check_outputs
+from fruitnet.outputs import check_outputs, printable, spreadsheet_row
 
 
 def _whole_number(text: str) -> int:
@@ -186,11 +186,11 @@ def cmd_evaluate(args) -> int:
     if args.json:
         print(json.dumps(report))
         for warning in report["warnings"]:  # also on stderr: a script reading the JSON may not look
-            print(f"fruitnet evaluate: warning: {warning}", file=sys.stderr)
+            print(printable(f"fruitnet evaluate: warning: {warning}"), file=sys.stderr)
     else:
-        print(format_report(report) + format_trust(report))
+        print("\n".join(map(printable, (format_report(report) + format_trust(report)).split("\n"))))
         for s in report["skipped"]:
-            print(f"skipped {s['path']}: {s['reason']}")
+            print(printable(f"skipped {s['path']}: {s['reason']}"))
         print(f"{report['n']} images in {report['seconds']:.1f}s; outputs in {out}/: report.txt, report.json, "
               "confusion.png, confusion.csv, calibration.png, mistakes.png, predictions.csv")
     return 1 if report["skipped"] else 0
@@ -259,12 +259,13 @@ def cmd_predict(args) -> int:
     if args.csv:
         with open(args.csv, "w", newline="") as f:
             w = csv.writer(f)
-            w.writerow(["path", "label", "best_guess", "in_distribution", "error", "warning"] + predictor.classes)
+            w.writerow(spreadsheet_row(["path", "label", "best_guess", "in_distribution", "error", "warning"]
+                                       + predictor.classes))
             for r in results:
                 probs = r.get("probabilities", {})
-                w.writerow([r["path"], r.get("label", ""), r.get("best_guess", r.get("label", "")),
-                            r.get("in_distribution", ""), r.get("error", ""), r.get("warning", "")]
-                           + [probs.get(c, "") for c in predictor.classes])
+                w.writerow(spreadsheet_row([r["path"], r.get("label", ""), r.get("best_guess", r.get("label", "")),
+                                            r.get("in_distribution", ""), r.get("error", ""), r.get("warning", "")]
+                                           + [probs.get(c, "") for c in predictor.classes]))
     if args.grid:
         from fruitnet.images import load_image
         from fruitnet.plots import plot_prediction_grid, prediction_caption
@@ -294,16 +295,16 @@ def _print_predictions(results: list[dict], predictor) -> None:
     trust = any("in_distribution" in r for r in results)
     width = max([len(r["path"]) for r in results] + [4])
     lw = max([len(label(r)) for r in results if "error" not in r] + [12])
-    print(f"{'path':<{width}}  {'label':<{lw}} " + (f"{'in_dist':>8} " if trust else "")
-          + " ".join(f"{c[:12]:>12}" for c in predictor.classes))
+    print(printable(f"{'path':<{width}}  {'label':<{lw}} " + (f"{'in_dist':>8} " if trust else "")
+                    + " ".join(f"{c[:12]:>12}" for c in predictor.classes)))
     for r in results:
         if "error" in r:
-            print(f"{r['path']:<{width}}  error: {r['error']}")
+            print(printable(f"{r['path']:<{width}}  error: {r['error']}"))
         else:
-            print(f"{r['path']:<{width}}  {label(r):<{lw}} "
-                  + (f"{r['in_distribution']:>8.2f} " if trust else "")
-                  + " ".join(f"{r['probabilities'][c]:>12.4f}" for c in predictor.classes)
-                  + (f"  warning: {r['warning']}" if "warning" in r else ""))
+            print(printable(f"{r['path']:<{width}}  {label(r):<{lw}} "
+                            + (f"{r['in_distribution']:>8.2f} " if trust else "")
+                            + " ".join(f"{r['probabilities'][c]:>12.4f}" for c in predictor.classes)
+                            + (f"  warning: {r['warning']}" if "warning" in r else "")))
 
 
 def cmd_export(args) -> int:
@@ -483,7 +484,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except FruitnetError as exc:  # expected errors: one line, their own exit code; anything else is a bug
-        print(f"fruitnet {args.command}: error: {exc}", file=sys.stderr)
+        print(printable(f"fruitnet {args.command}: error: {exc}"), file=sys.stderr)
         return exc.exit_code
 
 

@@ -20,6 +20,7 @@ from PIL import Image
 
 from fruitnet.errors import DataError, ImageError
 from fruitnet.images import IMAGE_EXTENSIONS, load_image, looks_like_image, open_regular, special_file_kind
+from fruitnet.outputs import printable
 from fruitnet.progress import bar as progress_bar
 
 RUN_MARKER = "fruitnet-run.json"  # written into every run folder; config.json + metrics.csv for older runs
@@ -389,7 +390,7 @@ def format_report(report: dict) -> str:
     if others:
         lines.append(f"  {len(others)} other file(s) ignored (not a failure):")
         lines += _first([f"{i['path']}: {i['reason']}" for i in others], "files")
-    return "\n".join(lines)
+    return "\n".join(map(printable, lines))
 
 
 def write_report(report: dict, folder: Path) -> None:
@@ -447,7 +448,9 @@ def split_warnings(classes: list[str], train: list[Item], val: list[Item]) -> li
 
 
 def write_split(path: Path, train: list[Item], val: list[Item]) -> None:
-    """Absolute paths, so that a run resumes from any working directory."""
+    """Absolute paths, so that a run resumes from any working directory.  Written exactly (no
+    spreadsheet escaping, unlike every other CSV fruitnet writes): --resume reads it back, and it is
+    not meant for a spreadsheet."""
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["path", "class", "split", "sha256"])

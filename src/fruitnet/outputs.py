@@ -1,4 +1,5 @@
-"""Where a command may write: every output path is checked here before any work starts.
+"""What fruitnet writes: where (every output path is checked here before any work starts), and
+names written as text, never as code (CSV cells, terminal lines).
 
 An output is never an input photo, never the model file, never inside an input folder (the next
 scan would read what was written there as photos), never another output of the same command, and
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 from pathlib import Path
 
 from fruitnet.errors import UsageError
@@ -84,3 +86,30 @@ def _new_or_empty(option: str, path: Path) -> None:
         raise UsageError(f"{option} {path}: exists and is a file; {option} needs a new or empty folder")
     if path.is_dir() and any(path.iterdir()):
         raise UsageError(f"{option} {path}: already exists and is not empty; choose another {option}")
+
+
+# --- names on a terminal -----------------------------------------------------------------------
+
+# C0 and C1 controls (ESC starts the sequences that retitle a terminal or clear its screen), the
+# bidirectional overrides that reorder a line as shown, and lone surrogates (undecodable bytes of
+# a file name, which would make print raise).
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
+
+
+def printable(line: str) -> str:
+    """One line for a terminal: every control character escaped (\\x1b, \\n, \\u202e), so a file
+    name is shown, never obeyed."""
+    return _CONTROL.sub(lambda m: m[0].encode("unicode_escape", "backslashreplace").decode("ascii"), line)
+
+
+# --- what goes into a CSV file -----------------------------------------------------------------
+
+# A spreadsheet runs a cell that begins with one of these as a formula (=HYPERLINK(...), =cmd|...);
+# OWASP's rule for CSV injection: such a cell is written with a leading ' so it shows as text.
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def spreadsheet_row(values) -> list:
+    """The row with every text cell that a spreadsheet would run as a formula prefixed by '.
+    Numbers stay numbers (a negative score is not text)."""
+    return ["'" + v if isinstance(v, str) and v.startswith(FORMULA_STARTS) else v for v in values]
