@@ -72,8 +72,8 @@ def evaluate(model_path, data, out: Path, batch_size: int = 32, legacy: bool | N
     t0 = time.perf_counter()
     predictor = TorchPredictor(model_path, legacy=legacy, precision=precision, unknown=unknown, tta=tta)
     catalog = scan(data, progress=progress)
-    # DATA/unknown/ holds photos of none of the classes, unless the model has a class of that name
-    unknown_folder = UNKNOWN in catalog.classes and UNKNOWN not in predictor.classes
+    # DATA/unknown/ holds photos of none of the classes (a model never has a class of that name)
+    unknown_folder = UNKNOWN in catalog.classes
     foreign = [c for c in catalog.classes if c not in predictor.classes and not (unknown_folder and c == UNKNOWN)]
     if foreign:
         raise DataError(f"{data}: class folder(s) {foreign} unknown to the model, which knows {predictor.classes}")

@@ -69,6 +69,10 @@ def read_run(path: Path) -> SavedRun:
     if not (path / "split.csv").is_file():
         raise UsageError(f"{path}: split.csv is missing; the run cannot be resumed")
     train_items, val_items = read_split(path / "split.csv")
+    stray = next((it for it in train_items + val_items if it.label not in config["classes"]), None)
+    if stray is not None:
+        raise UsageError(f"{path / 'split.csv'}: {stray.path} is in class {stray.label!r}, which the run does not "
+                         f"have ({', '.join(map(repr, config['classes']))}); the run cannot be resumed")
     checkpoint = None
     if (path / "checkpoint.pt").is_file():
         try:  # tensors and plain containers only: never code from the file

@@ -49,7 +49,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
-from fruitnet.errors import ImageError, ModelFileError
+from fruitnet.errors import ImageError
 from fruitnet.guard import (LIMIT_CONCURRENCY, LOOPBACK_NAMES, TIMEOUT_KEEP_ALIVE, TIMEOUT_REQUEST, Guard,
                             guarded_protocol, host_name, page_csp)
 from fruitnet.images import sniff_format
@@ -222,11 +222,7 @@ def create_app(model_path: str | Path, max_upload_mb: int = 10, runtime: str = "
     answers "unknown" (--no-unknown); tta=True averages each photo with its mirror image (--tta; the
     /explain heat maps stay the plain model's)."""
     predictor = load_predictor(model_path, runtime, precision=precision, unknown=unknown, tta=tta)
-    size = predictor.preprocessing["input_size"]
-    try:
-        predictor.logits(torch.zeros(1, 3, size, size))
-    except Exception as exc:
-        raise ModelFileError(f"{model_path}: the model does not run ({exc.__class__.__name__}: {exc})") from None
+    predictor.check_runs(model_path)  # an ONNX file has run once already; a .safetensors file runs here
     batcher = Batcher(predictor)
     decoding = anyio.CapacityLimiter(max(2, os.cpu_count() or 2))  # more decodes than cores: only more memory
     limit = max_upload_mb * MB
