@@ -83,7 +83,7 @@ def test_command_line_options_and_help_come_from_trainconfig_and_the_recipes():
         if f.name != "data":
             assert getattr(args, f.name) is None  # not given: the recipe or TrainConfig decides
     train = next(a for a in parser._subparsers._group_actions[0].choices["train"]._actions if a.dest == "epochs")
-    assert train.help.endswith(f"(default: the recipe's: " + ", ".join(f"{n} {r.epochs}" for n, r in RECIPES.items()) + ")")
+    assert train.help.endswith("(default: the recipe's: " + ", ".join(f"{n} {r.epochs}" for n, r in RECIPES.items()) + ")")
     args = parser.parse_args(["train", "photos", "--no-image-cache", "--tensorboard", "--epochs", "3"])
     assert (args.image_cache, args.tensorboard, args.epochs) == (False, True, 3)
 

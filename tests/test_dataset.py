@@ -260,3 +260,56 @@ def test_a_folder_that_cannot_be_listed_is_reported(tmp_path):
     report = json.loads(result.stdout)
     assert report["counts"] == {"cherry": 3, "tomato": 3}
     assert {"path": str(locked), "reason": "folder cannot be listed (Permission denied)"} in report["skipped"]
+
+
+# --- issue 19 item 2: look-alike photos cost memory in proportion to their number ---------------
+
+def _catalog(hashes: list[str], shas: list[str] | None = None):
+    """A catalog of photos known only by their hashes: what scan records, without the files."""
+    from fruitnet.dataset import Catalog, Item
+
+    shas = shas or [f"sha{k}" for k in range(len(hashes))]
+    items = [Item(f"/photos/a/{k:05d}.png", "a", sha, phash=h) for k, (h, sha) in enumerate(zip(hashes, shas))]
+    return Catalog("/photos", ["a", "b"], items)
+
+
+def _flips(base: int, bits) -> str:
+    for b in bits:
+        base ^= 1 << int(b)
+    return f"{base:032x}"
+
+
+def test_groups_of_look_alikes_need_memory_in_proportion_to_the_photos():
+    """3,000 distinct hashes within 6 bits of each other: 4.5 million near-duplicate pairs, which
+    the old code kept as Python tuples (over a gigabyte); the groups need a few arrays of n."""
+    import tracemalloc
+
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    base = int.from_bytes(rng.bytes(16), "big")
+    hashes = list(dict.fromkeys(_flips(base, rng.choice(128, 3, replace=False)) for _ in range(3100)))[:3000]
+    catalog = _catalog(hashes)
+    tracemalloc.start()
+    try:
+        groups = catalog.groups()
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert [len(g) for g in groups] == [3000]  # within 6 bits at every distance: one group, too close to split
+    assert peak < 100 * 2**20, f"{peak / 2**20:.0f} MB"
+
+
+def test_chains_are_split_at_stricter_distances_and_copies_stay_together():
+    """Six clusters of five look-alikes (within 2 bits), each cluster 21 bits from the next: one
+    chain at 22 bits, larger than a tenth of the photos, so split again: into the clusters."""
+    base = 0
+    clusters = [[_flips(base, [*range(21 * k), 110 + m]) for m in range(5)] for k in range(6)]
+    hashes = [h for c in clusters for h in c] + [clusters[0][0], ""]  # a same-hash copy; a photo without hash
+    shas = [f"sha{k}" for k in range(len(hashes))]
+    shas[-1] = shas[7]  # the hashless photo has the bytes of cluster 1's third photo
+    groups = _catalog(hashes, shas).groups()
+    paths = [[int(Path(it.path).stem) for it in g] for g in groups]
+    assert sorted(paths) == [[0, 1, 2, 3, 4, 30], [5, 6, 7, 8, 9, 31], [10, 11, 12, 13, 14], [15, 16, 17, 18, 19],
+                             [20, 21, 22, 23, 24], [25, 26, 27, 28, 29]]
+    assert [len(g) for g in _catalog(hashes, shas).groups(near_duplicates=False)].count(2) == 1

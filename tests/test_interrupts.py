@@ -68,7 +68,7 @@ def test_ctrl_c_at_each_point_of_training_exits_130_and_the_run_resumes(point, d
     run = tmp_path / "run"
     code, out = train_cli(capsys, demo_data / "test", *ARGS, *recipe, "--out", run)
     assert code == 130, out
-    assert f"interrupted: " in out and f"continue with: fruitnet train --resume {run}" in out
+    assert "interrupted: " in out and f"continue with: fruitnet train --resume {run}" in out
     assert "Traceback" not in out
     monkeypatch.undo()
     code, out = train_cli(capsys, "--resume", run)

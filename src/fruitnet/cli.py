@@ -22,6 +22,7 @@ from fruitnet.errors import FruitnetError, UsageError
 from fruitnet.guard import LIMIT_CONCURRENCY, TIMEOUT_KEEP_ALIVE, TIMEOUT_REQUEST
 from fruitnet.modelpath import check_model_argument
 from fruitnet.formats import EXPORTERS, WRITERS
+from fruitnet.outputs import check_outputs, printable
 
 
 def _whole_number(text: str) -> int:
@@ -128,6 +129,8 @@ def cmd_check(args) -> int:
 
     if args.write_exclude and not args.deep:
         raise UsageError("--write-exclude needs --deep (the suspects come from the deep check)")
+    check_outputs({"--out": args.out, "--write-exclude": args.write_exclude}, inputs=[args.data],
+                  folders={"--out"}, replaces={"--write-exclude"})
     if not (args.deep or args.out):  # the quick report on the console, as always: nothing written
         report = scan(args.data).report()
         print(json.dumps(report, indent=2) if args.json else format_data_report(report))
@@ -135,9 +138,7 @@ def cmd_check(args) -> int:
 
     from fruitnet import doctor
 
-    out = doctor.output_folder(args.out, args.data)  # refused before any work if inside DATA
-    if args.write_exclude:
-        doctor.check_exclude_target(args.write_exclude, args.data)
+    out = doctor.output_folder(args.out, args.data)  # the default one too is refused if inside DATA
     catalog = scan(args.data, progress=not args.json)
     log = (lambda *a: None) if args.json else print
     findings = (doctor.deep_findings(catalog, backbone=args.backbone, folds=args.folds, seed=args.seed,
@@ -187,17 +188,17 @@ def cmd_evaluate(args) -> int:
     from fruitnet.metrics import format_classification_report
     from fruitnet.runfolder import new_output_folder
 
-    out = new_output_folder(args.out, "eval-", [args.data], "evaluation folder")
+    out = new_output_folder(args.out, "eval-", [args.data, args.unknown_dir], "evaluation folder")
     report = evaluate(args.model, args.data, out, _inference_options(args), unknown_dir=args.unknown_dir,
                       progress=not args.json)
     if args.json:
         print(json.dumps(report))
         for warning in report["warnings"]:  # also on stderr: a script reading the JSON may not look
-            print(f"fruitnet evaluate: warning: {warning}", file=sys.stderr)
+            print(printable(f"fruitnet evaluate: warning: {warning}"), file=sys.stderr)
     else:
-        print(format_classification_report(report) + format_trust(report))
+        print("\n".join(map(printable, (format_classification_report(report) + format_trust(report)).split("\n"))))
         for s in report["skipped"]:
-            print(f"skipped {s['path']}: {s['reason']}")
+            print(printable(f"skipped {s['path']}: {s['reason']}"))
         print(f"{report['n']} images in {report['seconds']:.1f}s; outputs in {out}/: report.txt, report.json, "
               "confusion.png, confusion.csv, calibration.png, mistakes.png, predictions.csv")
     return 1 if report["skipped"] else 0
@@ -233,6 +234,8 @@ def cmd_predict(args) -> int:
     from fruitnet.progress import bar as progress_bar
 
     check_model_argument(args.model, args.paths, "predict")
+    check_outputs({**{f"--{name}": getattr(args, name) for name in WRITERS}, "--explain": args.explain},
+                  inputs=args.paths, model=args.model, folders={"--explain"}, replaces={f"--{name}" for name in WRITERS})
     paths, problems = expand_paths(args.paths)
     early = _decode_early(args, paths)  # decodes on the cores torch's import leaves idle
     try:
@@ -285,16 +288,16 @@ def _print_predictions(results: list[dict], predictor) -> None:
     trust = any("in_distribution" in r for r in results)
     width = max([len(r["path"]) for r in results] + [4])
     lw = max([len(label(r)) for r in results if "error" not in r] + [12])
-    print(f"{'path':<{width}}  {'label':<{lw}} " + (f"{'in_dist':>8} " if trust else "")
-          + " ".join(f"{c[:12]:>12}" for c in predictor.classes))
+    print(printable(f"{'path':<{width}}  {'label':<{lw}} " + (f"{'in_dist':>8} " if trust else "")
+                    + " ".join(f"{c[:12]:>12}" for c in predictor.classes)))
     for r in results:
         if "error" in r:
-            print(f"{r['path']:<{width}}  error: {r['error']}")
+            print(printable(f"{r['path']:<{width}}  error: {r['error']}"))
         else:
-            print(f"{r['path']:<{width}}  {label(r):<{lw}} "
-                  + (f"{r['in_distribution']:>8.2f} " if trust else "")
-                  + " ".join(f"{r['probabilities'][c]:>12.4f}" for c in predictor.classes)
-                  + (f"  warning: {r['warning']}" if "warning" in r else ""))
+            print(printable(f"{r['path']:<{width}}  {label(r):<{lw}} "
+                            + (f"{r['in_distribution']:>8.2f} " if trust else "")
+                            + " ".join(f"{r['probabilities'][c]:>12.4f}" for c in predictor.classes)
+                            + (f"  warning: {r['warning']}" if "warning" in r else "")))
 
 
 def cmd_export(args) -> int:
@@ -350,13 +353,9 @@ def cmd_teach(args) -> int:
 
 
 def check_teach_outputs(args) -> None:
-    """--into and --out never inside a NEW folder or the model's training data; --out a new folder."""
-    from fruitnet.runfolder import check_output_path
-
-    inputs = [p for p in args.new if Path(p).is_dir()] + training_folders(args.model)
-    check_output_path(Path(args.into), inputs, "labelled folder", may_exist=True)
-    if args.out:
-        check_output_path(Path(args.out), inputs + [args.into], "teach run folder")
+    """--into (a folder added to) and --out never inside a NEW folder or the model's training data."""
+    check_outputs({"--into": args.into, "--out": args.out}, inputs=[*args.new, *training_folders(args.model)],
+                  model=args.model, folders={"--out"}, adds_to={"--into"})
 
 
 def training_folders(model) -> list[str]:
@@ -369,6 +368,7 @@ def training_folders(model) -> list[str]:
 
 
 def cmd_demo(args) -> int:
+    check_outputs({"--out": args.out}, folders={"--out"})
     from fruitnet.demo import run_demo
 
     run_demo(Path(args.out) if args.out else None)
@@ -394,7 +394,7 @@ def _check_parser(sub) -> None:
                    help="report folder, outside DATA (default with --deep: runs/check-<timestamp>)")
     p.add_argument("--write-exclude", metavar="FILE",
                    help="with --deep: write the likely mislabelled photos and outliers, one path a line, "
-                        "for train --exclude FILE")
+                        "for train --exclude FILE (replaces an existing FILE; never one inside DATA)")
     p.add_argument("--backbone", default=DEFAULT_BACKBONE, choices=sorted(BACKBONES),
                    help=f"features for --deep (default: {DEFAULT_BACKBONE}, the default model's body)")
     p.add_argument("--folds", type=_positive_int, default=5, help="cross-validation folds for --deep (default: 5)")
@@ -416,7 +416,8 @@ def _evaluate_parser(sub) -> None:
                        description="Evaluate a model on a labelled folder (DATA/<class>/<image>).")
     _add_model(p)
     p.add_argument("data", metavar="DATA", help="labelled photos: DATA/<class>/<image>")
-    p.add_argument("--out", help="report folder, must not exist yet (default: runs/eval-<timestamp>)")
+    p.add_argument("--out", help="report folder, new or empty, outside DATA and --unknown "
+                   "(default: runs/eval-<timestamp>)")
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
     p.add_argument("--unknown", dest="unknown_dir", metavar="DIR",
                    help="photos of none of the classes (default: DATA/unknown/ if present): AUROC, share rejected")
@@ -433,7 +434,7 @@ def _predict_parser(sub) -> None:
     for name, writer in WRITERS.items():
         p.add_argument(f"--{name}", metavar=writer.metavar, help=writer.help)
     p.add_argument("--explain", metavar="DIR",
-                   help="write one Grad-CAM overlay per photo into DIR: where the network looked (PyTorch models; "
+                   help="write one Grad-CAM overlay per photo into DIR, a new or empty folder: where the network looked (PyTorch models; "
                         "with --tta, the heat maps are still the plain model's, of the photo without its mirror)")
     _add_options(p, InferenceOptions)
     p.set_defaults(func=cmd_predict)
@@ -444,7 +445,7 @@ def _export_parser(sub) -> None:
     _add_model(p, "model file (.safetensors)")
     p.add_argument("--format", default="onnx", choices=list(EXPORTERS),
                    help="; ".join(f"{name}: {e.help}" for name, e in EXPORTERS.items()) + " (default: onnx)")
-    p.add_argument("--out", metavar="FILE", help="default: MODEL with the suffix .onnx")
+    p.add_argument("--out", metavar="FILE", help="default: MODEL with the suffix .onnx; never overwrites a file")
     p.add_argument("--check", nargs="+", metavar="PATH",
                    help="photos (files, folders, globs) for the parity check (default: the bundled demo photos)")
     p.add_argument("--int8", action="store_true",
@@ -503,7 +504,7 @@ def _teach_parser(sub) -> None:
 def _demo_parser(sub) -> None:
     p = sub.add_parser("demo", help="train, evaluate and predict on the bundled fruits360 sample",
                        description="Train, evaluate and predict on the bundled Fruits-360 sample, offline.")
-    p.add_argument("--out", help="demo folder (default: runs/demo-<timestamp>)")
+    p.add_argument("--out", help="demo folder, new or empty (default: runs/demo-<timestamp>)")
     p.set_defaults(func=cmd_demo)
 
 class Parser(argparse.ArgumentParser):
@@ -527,7 +528,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except FruitnetError as exc:  # expected errors: one line, their own exit code; anything else is a bug
-        print(f"fruitnet {args.command}: error: {exc}", file=sys.stderr)
+        print(printable(f"fruitnet {args.command}: error: {exc}"), file=sys.stderr)
         return exc.exit_code
 
 

@@ -20,6 +20,7 @@ from PIL import Image
 
 from fruitnet.errors import DataError, ImageError
 from fruitnet.images import IMAGE_EXTENSIONS, load_image, looks_like_image, open_regular, special_file_kind
+from fruitnet.outputs import printable
 from fruitnet.progress import bar as progress_bar
 
 RUN_MARKER = "fruitnet-run.json"  # written into every run folder; config.json + metrics.csv for older runs
@@ -66,10 +67,9 @@ class Catalog:
         """Every usable item in exactly one group: identical bytes, and (by default) perceptual-hash
         near-duplicates (resized, re-encoded, lightly cropped copies) joined transitively."""
         usable = self.usable
-        pairs = [(i, j, 0) for members in _indices_by(usable, "sha256") for i, j in zip(members, members[1:])]
-        if near_duplicates:
-            pairs += near_duplicate_pairs([it.phash for it in usable], with_distance=True)
-        return [[usable[i] for i in members] for members in hash_groups(len(usable), pairs)]
+        hashes = [it.phash for it in usable] if near_duplicates else None
+        return [[usable[i] for i in members]
+                for members in hash_groups(len(usable), _indices_by(usable, "sha256"), hashes)]
 
     def near_duplicates(self, groups: list[list[Item]] | None = None) -> list[list[str]]:
         """Groups joined by the perceptual hash that are not just identical bytes."""
@@ -130,61 +130,105 @@ def perceptual_hash(img: Image.Image) -> str:
     return np.packbits(bits).tobytes().hex()
 
 
-def _hash_words(hashes: list[str]) -> np.ndarray:
-    """hex hashes -> (n, 2) uint64; an image without a hash gets a row that matches nothing."""
+def _hash_words(hashes: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """hex hashes -> (n, 2) uint64 words, and which images have a hash at all."""
     words = np.zeros((len(hashes), 2), dtype=np.uint64)
     for i, h in enumerate(hashes):
         if h:
             words[i] = [int(h[:16], 16), int(h[16:32], 16)]
-    return words
+    return words, np.array([bool(h) for h in hashes], dtype=bool)
+
+
+_BLOCK = 1 << 20  # distances compared at once: under 100 MB of temporaries, whatever the number of photos
+
+
+def _close_pairs(hashes: list[str], max_bits: int):
+    """The index pairs (i < j) whose hashes differ in at most max_bits bits, as arrays (i, j, bits),
+    one block of rows at a time: all pairs are compared, and none is kept by this generator."""
+    words, has = _hash_words(hashes)
+    block = max(1, _BLOCK // max(1, len(words)))
+    for start in range(0, len(words), block):
+        a, b = words[start:start + block], words[start:]  # the pairs of these rows with later rows
+        dist = (np.bitwise_count(a[:, None, 0] ^ b[None, :, 0]).astype(np.int16)
+                + np.bitwise_count(a[:, None, 1] ^ b[None, :, 1]))
+        i, j = np.nonzero(dist <= max_bits)
+        keep = (i < j) & has[i + start] & has[j + start]
+        i, j = i[keep].astype(np.int32), j[keep].astype(np.int32)  # half the memory of int64
+        yield i + start, j + start, dist[i, j]
 
 
 def near_duplicate_pairs(hashes: list[str], max_bits: int = NEAR_DUPLICATE_BITS,
                          with_distance: bool = False) -> list[tuple]:
     """Index pairs (i < j) whose 128-bit hashes differ in at most max_bits bits (and the distance).
 
-    All pairs are compared, a block of rows at a time so that memory stays near 100 MB."""
-    words, has = _hash_words(hashes), np.array([bool(h) for h in hashes], dtype=bool)
-    block = max(1, (1 << 23) // max(1, len(words)))
-    pairs = []
-    for start in range(0, len(words), block):
-        a = words[start:start + block]
-        dist = (np.bitwise_count(a[:, None, 0] ^ words[None, :, 0]).astype(np.int16)
-                + np.bitwise_count(a[:, None, 1] ^ words[None, :, 1]))
-        i, j = np.nonzero(dist <= max_bits)
-        i = i + start
-        keep = (i < j) & has[i] & has[j]
-        i, j = i[keep], j[keep]
-        columns = (i, j, dist[i - start, j]) if with_distance else (i, j)
-        pairs += zip(*(c.tolist() for c in columns))
-    return pairs
+    A list: it grows with the number of pairs, up to n^2/2 for look-alike photos (hash_groups and
+    any_close_pair keep none)."""
+    return [pair for i, j, d in _close_pairs(hashes, max_bits)
+            for pair in zip(i.tolist(), j.tolist(), *([d.tolist()] if with_distance else []))]
 
 
-def hash_groups(n: int, pairs: list[tuple[int, int, int]], max_share: float = 0.1,
+def any_close_pair(hashes: list[str], max_bits: int = NEAR_DUPLICATE_BITS) -> bool:
+    distinct = {h for h in hashes if h}
+    return len(distinct) < sum(map(bool, hashes)) or any(len(i) for i, _, _ in _close_pairs(list(distinct), max_bits))
+
+
+class _Forest:
+    """Connected components as pairs stream in: every node's root, merged a block of pairs at a
+    time in NumPy (roots point to smaller indices), so memory is O(nodes) however many pairs."""
+
+    def __init__(self, n: int):
+        self.root = np.arange(n)
+
+    def join(self, i: np.ndarray, j: np.ndarray) -> None:
+        a, b = self.root[i], self.root[j]
+        while (apart := a != b).any():  # a few rounds: each hooks roots onto smaller ones
+            a, b = a[apart], b[apart]
+            np.minimum.at(self.root, np.maximum(a, b), np.minimum(a, b))
+            while not np.array_equal(deeper := self.root[self.root], self.root):
+                self.root = deeper
+            a, b = self.root[a], self.root[b]
+
+
+def hash_groups(n: int, same: list[list[int]] = (), hashes: list[str] | None = None, max_share: float = 0.1,
                 min_bits: int = 4) -> list[list[int]]:
-    """Connected groups of (i, j, bits) pairs, where a group larger than max_share of all photos is
-    split again at a stricter distance, down to min_bits.
+    """Groups of n photos joined by identical bytes (the index lists in `same`) and, with hashes,
+    by hashes within NEAR_DUPLICATE_BITS bits, where a group larger than max_share of all photos
+    is split again at a stricter distance (2 bits less each time), down to min_bits.
 
     Such a group is a chain of look-alikes rather than copies: on Fruits-360 (studio frames of
     fruit turning on white) 22 bits chain 940 of 1,257 photos across classes; at 12 bits the
-    groups are single fruits (at most 82 frames)."""
+    groups are single fruits (at most 82 frames).  The components at every distance are found in
+    one pass over the pairs, and no pair is kept: memory grows with n, not with the pairs (20,000
+    near-identical photos have 200 million).  Photos with the same hash are joined first, so
+    only distinct hashes are compared: far fewer for copies and near-identical frames."""
     cap = max(3, int(n * max_share))
+    levels = list(range(NEAR_DUPLICATE_BITS, min_bits - 2, -2))  # 22, 20, ..., 4
+    forests = [_Forest(n) for _ in levels]
+    by_hash: dict[str, list[int]] = defaultdict(list)
+    for k, h in enumerate(hashes or ()):
+        if h:  # an image without a hash matches nothing
+            by_hash[h].append(k)
+    joined = [*same, *by_hash.values()]  # at every distance
+    i = np.array([m for members in joined for m in members[:-1]], dtype=np.int64)
+    j = np.array([m for members in joined for m in members[1:]], dtype=np.int64)
+    for forest in forests:
+        forest.join(i, j)
+    first = np.array([members[0] for members in by_hash.values()], dtype=np.int64)
+    for i, j, d in _close_pairs(list(by_hash), NEAR_DUPLICATE_BITS):
+        for bits, forest in zip(levels, forests):
+            close = d <= bits
+            forest.join(first[i[close]], first[j[close]])
 
-    def refine(members: list[int], links: list[tuple[int, int, int]], bits: int) -> list[list[int]]:
-        index = {m: k for k, m in enumerate(members)}
-        kept = [(index[i], index[j], d) for i, j, d in links if d <= bits]
-        out = []
-        for comp in connected_groups(len(members), [(a, b) for a, b, _ in kept]):
-            group = [members[k] for k in comp]
-            if len(group) > cap and bits > min_bits:
-                inside = set(group)
-                out += refine(group, [l for l in links if l[0] in inside and l[1] in inside and l[2] <= bits], bits - 2)
-            else:
-                out.append(group)
-        return out
+    def refine(members: np.ndarray, level: int) -> list[np.ndarray]:
+        roots = forests[level].root[members]
+        order = np.argsort(roots, kind="stable")
+        parts = np.split(members[order], np.flatnonzero(np.diff(roots[order])) + 1)
+        if level + 1 == len(levels):
+            return parts
+        return [g for part in parts for g in (refine(part, level + 1) if len(part) > cap else [part])]
 
-    exact_bits = max([d for *_, d in pairs] + [NEAR_DUPLICATE_BITS])
-    return sorted((sorted(g) for g in refine(list(range(n)), pairs, exact_bits)), key=lambda g: g[0])
+    groups = refine(np.arange(n), 0) if n else []
+    return sorted((sorted(g.tolist()) for g in groups), key=lambda g: g[0])
 
 
 def connected_groups(n: int, pairs: list[tuple[int, int]]) -> list[list[int]]:
@@ -389,7 +433,7 @@ def format_data_report(report: dict) -> str:
     if others:
         lines.append(f"  {len(others)} other file(s) ignored (not a failure):")
         lines += _first([f"{i['path']}: {i['reason']}" for i in others], "files")
-    return "\n".join(lines)
+    return "\n".join(map(printable, lines))
 
 
 def write_report(report: dict, folder: Path) -> None:
@@ -447,7 +491,9 @@ def split_warnings(classes: list[str], train: list[Item], val: list[Item]) -> li
 
 
 def write_split(path: Path, train: list[Item], val: list[Item]) -> None:
-    """Absolute paths, so that a run resumes from any working directory."""
+    """Absolute paths, so that a run resumes from any working directory.  Written exactly (no
+    spreadsheet escaping, unlike every other CSV fruitnet writes): --resume reads it back, and it is
+    not meant for a spreadsheet."""
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["path", "class", "split", "sha256"])

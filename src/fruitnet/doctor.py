@@ -30,9 +30,10 @@ import numpy as np
 
 from fruitnet.balance import IMBALANCE_RATIO, imbalance_ratio
 from fruitnet.config import DEFAULT_BACKBONE
-from fruitnet.dataset import RUN_MARKER, Catalog, Item, connected_groups
-from fruitnet.errors import ImageError, UsageError
+from fruitnet.dataset import RUN_MARKER, Catalog, Item, any_close_pair, connected_groups
+from fruitnet.errors import ImageError
 from fruitnet.images import load_image
+from fruitnet.outputs import check_outputs, printable, spreadsheet_row
 
 # Datalab calls two photos near-duplicates when their feature distance is under this fraction of the
 # median nearest-neighbour distance.  Its default, 0.13, found under half of webfruit's resized or
@@ -44,38 +45,21 @@ HTML_LIMIT = 200  # photos or groups shown per section of report.html; report.js
 
 # --- where the outputs go ---------------------------------------------------------------------
 
-def _inside(path: Path, folder: Path) -> bool:
-    path, folder = path.resolve(), folder.resolve()
-    return path == folder or folder in path.parents
-
-
 def output_folder(out: str | None, data: str | Path) -> Path:
     """--out, or runs/check-<timestamp>; never inside the data folder, never one that holds files."""
     path = Path(out) if out else Path("runs") / f"check-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
-    if _inside(path, Path(data)):
-        raise UsageError(f"{path}: the output folder is inside the data folder {data}; "
-                         "check never writes there, choose another --out")
-    if path.exists() and (not path.is_dir() or any(path.iterdir())):
-        raise UsageError(f"{path}: already exists and is not empty; choose another --out")
+    check_outputs({"--out": path}, inputs=[data], folders={"--out"})
     return path
-
-
-def check_exclude_target(path: str | Path, data: str | Path) -> Path:
-    if _inside(Path(path), Path(data)):
-        raise UsageError(f"{path}: the exclude list would be written inside the data folder {data}; "
-                         "choose a path outside it")
-    return Path(path)
 
 
 # --- findings ----------------------------------------------------------------------------------
 
-def _group_entries(usable: list[Item], groups: list[list[int]], found_by: dict[tuple[int, int], set]) -> list[dict]:
+def _group_entries(usable: list[Item], groups: list[list[int]], feature_pairs=()) -> list[dict]:
     entries = []
-    for g in groups:
+    for g, how in zip(groups, _found_by(usable, groups, feature_pairs)):
         if len(g) < 2:
             continue
         members = [usable[i] for i in g]
-        how = sorted(set().union(*(found_by.get((i, j), set()) for i in g for j in g if i < j)))
         entries.append({"paths": [it.path for it in members], "labels": [it.label for it in members],
                         "exact": len({it.sha256 for it in members}) == 1, "found_by": how,
                         "label_conflict": len({it.label for it in members}) > 1})
@@ -83,18 +67,19 @@ def _group_entries(usable: list[Item], groups: list[list[int]], found_by: dict[t
     return sorted(entries, key=lambda e: (not e["label_conflict"], -len(e["paths"]), e["paths"][0]))
 
 
-def _pairs(usable: list[Item], extra: dict[str, list[tuple[int, int]]]) -> dict[tuple[int, int], set]:
-    from fruitnet.dataset import near_duplicate_pairs
-
-    found: dict[tuple[int, int], set] = {}
-    by_sha: dict[str, list[int]] = {}
-    for i, it in enumerate(usable):
-        by_sha.setdefault(it.sha256, []).append(i)
-    sources = {"same bytes": [(a, b) for m in by_sha.values() for a in m for b in m if a < b],
-               "perceptual hash": near_duplicate_pairs([it.phash for it in usable]), **extra}
-    for name, pairs in sources.items():
-        for i, j in pairs:
-            found.setdefault((min(i, j), max(i, j)), set()).add(name)
+def _found_by(usable: list[Item], groups: list[list[int]], feature_pairs) -> list[list[str]]:
+    """For each group, what joins some two of its members: "features" (a pair of feature-space
+    near-duplicates), "perceptual hash" (a pair within dataset.NEAR_DUPLICATE_BITS), "same bytes".
+    Pairs are looked for inside each group, never listed: look-alike photos have n^2/2 of them."""
+    group_of = {i: k for k, g in enumerate(groups) for i in g}
+    by_features = {group_of[i] for i, j in feature_pairs if group_of[i] == group_of[j]}
+    found = []
+    for k, g in enumerate(groups):
+        members = [usable[i] for i in g]
+        how = ["features"] if k in by_features else []
+        how += ["perceptual hash"] if len(g) > 1 and any_close_pair([it.phash for it in members]) else []
+        how += ["same bytes"] if len({it.sha256 for it in members}) < len(members) else []
+        found.append(how)
     return found
 
 
@@ -128,12 +113,11 @@ def imbalance(counts: dict[str, int]) -> dict:
 def quick_findings(catalog: Catalog) -> dict:
     """What the plain check knows: counts, duplicate groups (bytes and perceptual hash), imbalance."""
     usable = catalog.usable
-    found = _pairs(usable, {})
     groups = _groups(catalog, [])
     counts = catalog.counts()
     return {"root": catalog.root, "classes": catalog.classes, "counts": counts, "usable": len(usable),
             "skipped": catalog.skipped, "ignored": catalog.ignored, "imbalance": imbalance(counts),
-            "duplicate_groups": _group_entries(usable, groups, found), "deep": None}
+            "duplicate_groups": _group_entries(usable, groups), "deep": None}
 
 
 def extract_features(items: list[Item], backbone: str = DEFAULT_BACKBONE, batch_size: int = 64,
@@ -212,13 +196,12 @@ def deep_findings(catalog: Catalog, backbone: str = DEFAULT_BACKBONE, folds: int
     outliers = lab.get_issues("outlier")
     near_sets = lab.get_info("near_duplicate")["near_duplicate_sets"]
     feature_pairs = [(i, int(j)) for i, js in enumerate(near_sets) for j in js]
-    found = _pairs(usable, {"features": feature_pairs})
     groups = _groups(catalog, feature_pairs)
     imbalanced_classes = sorted({usable[i].label for i in
                                  np.flatnonzero(lab.get_issues("class_imbalance")["is_class_imbalance_issue"])})
 
     findings = quick_findings(catalog)
-    findings["duplicate_groups"] = _group_entries(usable, groups, found)
+    findings["duplicate_groups"] = _group_entries(usable, groups, feature_pairs)
     findings["imbalance"]["cleanlab_flags"] = imbalanced_classes
     suggested = [catalog.classes[k] for k in probs.argmax(1)]
     label_score = label_issues["label_score"].to_numpy()
@@ -295,7 +278,7 @@ def format_summary(findings: dict) -> str:
         lines += [f"    {s['path']}: {s['reason']}" for s in findings["skipped"]]
     if findings["ignored"]:
         lines.append(f"  {len(findings['ignored'])} non-image file(s) ignored")
-    return "\n".join(lines)
+    return "\n".join(map(printable, lines))
 
 
 def write_outputs(findings: dict, out: Path) -> list[Path]:
@@ -311,9 +294,9 @@ def write_outputs(findings: dict, out: Path) -> list[Path]:
     (out / "report.html").write_text(render_html(report), encoding="utf-8")
     if photos:
         with open(out / "photos.csv", "w", newline="", encoding="utf-8") as f:
-            w = csv.DictWriter(f, fieldnames=list(photos[0]))
-            w.writeheader()
-            w.writerows(sorted(photos, key=lambda r: r["label_score"]))
+            w = csv.writer(f)
+            w.writerow(list(photos[0]))
+            w.writerows(spreadsheet_row(r.values()) for r in sorted(photos, key=lambda r: r["label_score"]))
         written.append(out / "photos.csv")
     return written
 

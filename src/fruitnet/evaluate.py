@@ -22,12 +22,13 @@ from pathlib import Path
 import numpy as np
 
 from fruitnet.calibration import calibration_summary, reliability
-from fruitnet.dataset import scan
+from fruitnet.dataset import is_run_folder, scan
 from fruitnet.errors import DataError
 from fruitnet.images import load_image
 from fruitnet.metrics import classification_report, format_classification_report, write_confusion_csv
 from fruitnet.ood import auroc
 from fruitnet.config import InferenceOptions
+from fruitnet.outputs import spreadsheet_row
 from fruitnet.predictors import UNKNOWN, expand_paths, load_predictor
 from fruitnet.preprocess import small_side
 from fruitnet.progress import bar as progress_bar
@@ -72,15 +73,15 @@ def evaluate(model_path, data, out: Path, options: InferenceOptions = InferenceO
     predictor = load_predictor(model_path, options)
     batch_size = options.batch_size
     catalog = scan(data, progress=progress)
-    # DATA/unknown/ holds photos of none of the classes, unless the model has a class of that name
-    unknown_folder = UNKNOWN in catalog.classes and UNKNOWN not in predictor.classes
+    # DATA/unknown/ holds photos of none of the classes (a model never has a class of that name)
+    unknown_folder = UNKNOWN in catalog.classes
     foreign = [c for c in catalog.classes if c not in predictor.classes and not (unknown_folder and c == UNKNOWN)]
     if foreign:
         raise DataError(f"{data}: class folder(s) {foreign} unknown to the model, which knows {predictor.classes}")
     items = [it for it in catalog.usable if it.label in predictor.classes]
     unknown_paths = [it.path for it in catalog.usable if unknown_folder and it.label == UNKNOWN]
     if unknown_dir is not None:
-        found, problems = expand_paths([str(unknown_dir)])
+        found, problems = expand_paths([str(unknown_dir)], skip_folder=is_run_folder)  # as scan skips them
         if problems:
             raise DataError(f"--unknown {unknown_dir}: no such folder, or no images there")
         unknown_paths += found
@@ -115,12 +116,13 @@ def evaluate(model_path, data, out: Path, options: InferenceOptions = InferenceO
                          out / "calibration.png", cal["ece_before"], cal["ece_after"], cal["temperature"])
     with open(out / "predictions.csv", "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["path", "true", "predicted", "confidence", "verdict", "in_distribution", "warning"]
-                   + [f"p_{c}" for c in predictor.classes])
+        w.writerow(spreadsheet_row(["path", "true", "predicted", "confidence", "verdict", "in_distribution",
+                                    "warning"] + [f"p_{c}" for c in predictor.classes]))
         for it, r in scored + [(None, r) for r in unknown_results if "error" not in r]:
             probs = r["probabilities"]
-            w.writerow([r["path"], it.label if it else UNKNOWN, _best(r), probs[_best(r)], r["label"],
-                        r.get("in_distribution", ""), r.get("warning", "")] + [probs[c] for c in predictor.classes])
+            w.writerow(spreadsheet_row([r["path"], it.label if it else UNKNOWN, _best(r), probs[_best(r)], r["label"],
+                                        r.get("in_distribution", ""), r.get("warning", "")]
+                                       + [probs[c] for c in predictor.classes]))
     mistakes = [{"true": it.label, "predicted": _best(r), "confidence": r["probabilities"][_best(r)], "result": r}
                 for it, r in scored if _best(r) != it.label]
     _plot_mistakes(predictor, mistakes, out / "mistakes.png")

@@ -30,7 +30,8 @@ import torch
 from torch import nn
 
 from fruitnet.config import InferenceOptions
-from fruitnet.errors import DataError, ExportError, UsageError
+from fruitnet.errors import DataError, ExportError
+from fruitnet.outputs import check_outputs
 from fruitnet.predictors import ONNX_META_KEY, OnnxPredictor, Predictor, TorchPredictor, expand_paths
 
 OPSET = 17
@@ -201,9 +202,8 @@ def export_onnx(model_path: str | Path, out: str | Path | None = None,
     """
     model_path = Path(model_path)
     out = Path(out) if out else model_path.with_suffix(".onnx")
-    for path in (out, out.with_suffix(".int8.onnx")) if int8 else (out,):
-        if path.exists():
-            raise UsageError(f"{path}: already exists; fruitnet export never overwrites: choose another --out")
+    check_outputs({"--out": out, "--int8": out.with_suffix(".int8.onnx") if int8 else None}, inputs=check or (),
+                  model=model_path)
     tta = options.tta
     reference = TorchPredictor(model_path, device="cpu", legacy=options.legacy or None, tta=tta)
     meta = {**reference.meta, "exported_from": model_path.name, **({"tta": True} if tta else {})}

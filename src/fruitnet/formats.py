@@ -80,6 +80,9 @@ WRITERS: dict[str, Writer] = {
                    "confidence and its file name beneath; low-confidence answers in orange with a '?', 'none of "
                    "these (closest: ...)' in purple (with --explain: the heat maps)"),
 }
+for _name, _writer in WRITERS.items():  # what predict checks for every writer (outputs.check_outputs)
+    WRITERS[_name] = Writer(_writer.write, _writer.metavar, _writer.help + f"; replaces an existing {_writer.metavar}, "
+                            "never a photo, the model or a file inside a PATH folder")
 
 
 @dataclass(frozen=True)

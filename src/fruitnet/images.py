@@ -7,6 +7,7 @@ comes back as a plain RGB image or raises :class:`ImageError` saying why not.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import re
@@ -29,6 +30,17 @@ MAX_ASPECT = 50
 # 190 kB: 256 pixels per byte).  libjpeg pads missing data with grey instead of failing, so a
 # file claiming 8x more pixels per byte than that is truncated (a 633-byte "7000x7000" JPEG).
 MAX_JPEG_PIXELS_PER_BYTE = 2048
+# Memory, not only pixels: a small file can declare a float32 or 16-bit image (a 359 kB deflate
+# TIFF of 7999x7999 floats is 256 MB decoded).  Bytes per pixel that load_image holds at its peak,
+# by the mode the header announces: the decoded pixels (Pillow keeps RGB, RGBA, CMYK in 4 bytes),
+# the upright copy, the 8-bit image of a high-bit-depth one (converted in strips, never as a
+# full-size float array), the white background under a transparent one, and the RGB result.
+# Measured on 4000x4000 images (tests/test_decode_memory.py): F 6.5, I;16 5.2, RGB 8.1, RGBA 12.1.
+_PEAK_BYTES = {"1": 6, "L": 6, "P": 6, "I;16": 6, "I;16B": 6, "I;16L": 6, "I;16N": 6, "I": 7, "F": 7}
+_PEAK_BYTES_OTHER = 9  # RGB, CMYK, YCbCr
+_PEAK_BYTES_ALPHA = 16  # RGBA, LA, PA and transparent palettes, flattened on white
+MAX_DECODE_BYTES = MAX_PIXELS * _PEAK_BYTES_OTHER  # the largest RGB photo's: 576 MB
+_STRIP = 1 << 20  # pixels of a high-bit-depth image converted at once (4 MB of float32)
 
 # Pillow plugins we let parse a file at all. MPO (multi-picture JPEG from phones) needs no
 # entry: the JPEG plugin opens it (as format "MPO"), and "MPO" is not a registered opener.
@@ -113,14 +125,41 @@ def looks_like_image(path) -> bool:
     return os.path.splitext(str(path))[1].lower() in IMAGE_EXTENSIONS or sniff_format(path) is not None
 
 
-def load_image(path, max_pixels: int = MAX_PIXELS, draft_size: int | None = None) -> Image.Image:
+def decode_bytes(img: Image.Image) -> int:
+    """The memory load_image needs for an opened (not yet decoded) image, from its header."""
+    transparent = "A" in img.mode or "a" in img.mode or "transparency" in img.info
+    per_pixel = _PEAK_BYTES_ALPHA if transparent else _PEAK_BYTES.get(img.mode, _PEAK_BYTES_OTHER)
+    return img.width * img.height * per_pixel
+
+
+def decode_cost(source, draft_size: int | None = None) -> int:
+    """decode_bytes of a file (a path or a binary file object) as load_image would decode it, from
+    its header alone; 0 when the header cannot be read (load_image then says why, cheaply)."""
+    try:
+        with warnings.catch_warnings(), (open_regular(source) if isinstance(source, (str, os.PathLike))
+                                         else contextlib.nullcontext(source)) as f:
+            warnings.simplefilter("ignore")
+            with Image.open(f, formats=_PIL_FORMATS) as img:
+                _draft(img, draft_size)
+                return decode_bytes(img)
+    except Exception:  # anything wrong with the file is load_image's to report
+        return 0
+
+
+def _draft(img: Image.Image, draft_size: int | None) -> None:
+    if draft_size and img.format in ("JPEG", "MPO"):
+        img.draft("RGB", (draft_size, draft_size))
+
+
+def load_image(path, max_pixels: int = MAX_PIXELS, draft_size: int | None = None,
+               max_bytes: int = MAX_DECODE_BYTES) -> Image.Image:
     """Open, fully decode, EXIF-orient and convert ``path`` to an 8-bit RGB image.
 
     Raises ImageError (never anything else for bad data) when the file is not a regular file,
     empty, not an image, an unsupported format, truncated/corrupt, larger than ``max_pixels``,
-    more than MAX_ASPECT times longer than wide (or the reverse), or a JPEG with far too few
-    bytes for its declared size; all but the truncation inside the pixel data are decided from
-    the header, before any pixel is decoded.
+    more than MAX_ASPECT times longer than wide (or the reverse), a JPEG with far too few bytes
+    for its declared size, or would take more than ``max_bytes`` to decode (decode_bytes); all but
+    the truncation inside the pixel data are decided from the header, before any pixel is decoded.
     ``draft_size`` lets the JPEG decoder downscale by a power of two while
     keeping both sides >= draft_size: much faster for big photos.
     """
@@ -143,10 +182,13 @@ def load_image(path, max_pixels: int = MAX_PIXELS, draft_size: int | None = None
                     raise ImageError(path, f"extreme aspect ratio: {w}x{h} pixels is more than {MAX_ASPECT}:1")
                 if img.format in ("JPEG", "MPO") and w * h > MAX_JPEG_PIXELS_PER_BYTE * nbytes:
                     raise ImageError(path, f"truncated image data: {nbytes:,} bytes cannot hold a {w}x{h} JPEG")
-                if draft_size and img.format in ("JPEG", "MPO"):
-                    img.draft("RGB", (draft_size, draft_size))
+                _draft(img, draft_size)
+                if decode_bytes(img) > max_bytes:
+                    raise ImageError(path, f"decoding its {img.width}x{img.height} {img.mode} pixels would take "
+                                           f"{decode_bytes(img) / 1e6:,.0f} MB, over the {max_bytes / 1e6:,.0f} MB limit")
                 img.load()  # decode everything now: truncated data raises here, not later
-                img = _upright(img)  # a new image, independent of the file we are about to close
+                # a new image, independent of the file we are about to close; 8-bit before it is copied
+                img = _upright(_to_8bit(img))
     except ImageError:
         raise
     except MemoryError:
@@ -191,22 +233,29 @@ def _upright(img: Image.Image) -> Image.Image:
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
-    if img.mode in ("I", "F") or img.mode.startswith("I;16"):
-        return Image.fromarray(_scale_to_uint8(img), "L").convert("RGB")
     if "A" in img.mode or "a" in img.mode or "transparency" in img.info:
         # Flatten on white: transparent areas of product shots / logos are meant as paper, not black.
-        rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
+        rgba = img if img.mode == "RGBA" else img.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
     if img.mode == "RGB":
         return img
     return img.convert("RGB")  # L, P, 1, CMYK, YCbCr: Pillow's conversions are right
 
 
+def _to_8bit(img: Image.Image) -> Image.Image:
+    """High-bit-depth greyscale (16-bit, 32-bit integer, float) as an 8-bit 'L' image; others as they are."""
+    if img.mode in ("I", "F") or img.mode.startswith("I;16"):
+        return Image.fromarray(_scale_to_uint8(img), "L")
+    return img
+
+
 def _scale_to_uint8(img: Image.Image) -> np.ndarray:
-    """Map high-bit-depth greyscale onto 0..255 by its nominal range (not by clipping)."""
-    a = np.asarray(img).astype(np.float32)
-    lo, hi = float(a.min()), float(a.max())
+    """Map high-bit-depth greyscale onto 0..255 by its nominal range (not by clipping), a strip of
+    rows at a time: a float copy of a whole 64-megapixel image would be 256 MB, and each
+    arithmetic step another."""
+    lo, hi = np.inf, -np.inf  # Pillow's getextrema refuses some of these modes (I;16B)
+    for _, strip in _strips(img):
+        lo, hi = min(lo, float(strip.min())), max(hi, float(strip.max()))
     if img.mode.startswith("I;16") or (img.mode == "I" and lo >= 0 and hi <= 65535):
         lo, hi = 0.0, 65535.0  # 16-bit samples (Pillow opens some as 32-bit 'I')
     elif img.mode == "F" and lo >= 0 and hi <= 1:
@@ -214,19 +263,30 @@ def _scale_to_uint8(img: Image.Image) -> np.ndarray:
     elif lo >= 0 and hi <= 255:
         lo, hi = 0.0, 255.0
     # otherwise: an unusual range; stretch what is there
-    return np.clip(np.round((a - lo) * (255.0 / max(hi - lo, 1e-12))), 0, 255).astype(np.uint8)
+    scale = 255.0 / max(hi - lo, 1e-12)
+    out = np.empty((img.height, img.width), dtype=np.uint8)
+    for top, strip in _strips(img):
+        out[top:top + len(strip)] = np.clip(np.round((strip - lo) * scale), 0, 255)
+    return out
 
 
-def expand_paths(patterns: list[str]) -> tuple[list[str], list[dict]]:
-    """Files, folders (recursively, skipping hidden entries and non-images) and globs.
+def _strips(img: Image.Image):
+    """(first row, float32 rows) of the image, _STRIP pixels at a time."""
+    rows = max(1, _STRIP // max(1, img.width))
+    for top in range(0, img.height, rows):
+        yield top, np.asarray(img.crop((0, top, img.width, min(top + rows, img.height))), dtype=np.float32)
+
+
+def expand_paths(patterns: list[str], skip_folder=None) -> tuple[list[str], list[dict]]:
+    """Files, folders (recursively, skipping hidden entries, non-images and the sub-folders for
+    which skip_folder(path) is true) and globs.
 
     Returns (paths, problems) where problems are {path, error} for patterns that matched nothing.
     """
     paths, problems = [], []
     for pattern in patterns:
         if os.path.isdir(pattern):
-            found = sorted(str(p) for p in Path(pattern).rglob("*")
-                           if p.is_file() and not is_hidden(p.relative_to(pattern)) and looks_like_image(p))
+            found = sorted(_images_under(pattern, skip_folder))
         elif os.path.exists(pattern):
             found = [pattern]
         else:
@@ -235,3 +295,12 @@ def expand_paths(patterns: list[str]) -> tuple[list[str], list[dict]]:
             problems.append({"path": pattern, "error": "no such file, or no images there"})
         paths.extend(found)
     return paths, problems
+
+
+def _images_under(folder: str, skip_folder=None) -> list[str]:
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = [d for d in dirnames if not is_hidden(d) and not (skip_folder and skip_folder(Path(dirpath) / d))]
+        paths = (Path(dirpath) / name for name in filenames if not is_hidden(name))
+        found += [str(p) for p in paths if p.is_file() and looks_like_image(p)]
+    return found

@@ -14,6 +14,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from fruitnet.outputs import spreadsheet_row
+
 __all__ = [
     "confusion_matrix",
     "normalize_rows",
@@ -135,9 +137,9 @@ def write_confusion_csv(
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
-        w.writerow(["true\\pred", *classes])
+        w.writerow(spreadsheet_row(["true\\pred", *classes]))
         for cls, row in zip(classes, cells):
-            w.writerow([cls, *row])
+            w.writerow(spreadsheet_row([cls, *row]))
     return path
 
 

@@ -29,6 +29,7 @@ from fruitnet.ood import MAX_BANK, SCORES, TRUST_PREFIX, TrustHead
 FORMAT_VERSION = 1
 DAMAGED = "damaged or incomplete model file (its header or tensors cannot be read); copy it again from the run folder"
 MAX_CLASSES = 10_000
+UNKNOWN = "unknown"  # the label of a photo that looks like none of the classes: never a class name
 # The original project: resnet18, 3 classes, 300x300 squashed, mean/std 0.5 per channel.
 LEGACY_CLASSES = ["cherry", "strawberry", "tomato"]
 LEGACY_PREPROCESSING = {"input_size": 300, "resize": "squash", "crop_pct": 1.0,
@@ -52,6 +53,7 @@ class Preprocessing(BaseModel):
     interpolation: Literal["bilinear", "bicubic", "nearest"]
     mean: list[_Unit] = Field(min_length=3, max_length=3)
     std: list[_Spread] = Field(min_length=3, max_length=3)
+    jpeg_draft: bool = False
 
 
 class Trust(BaseModel):
@@ -61,10 +63,20 @@ class Trust(BaseModel):
     temperature: float = Field(gt=0, le=1000)
     threshold: float = Field(ge=0, le=1)
     score: Literal[SCORES] = "energy"  # files from before the kNN score all used energy
+    recall: float | None = Field(default=None, gt=0, lt=1)
+
+
+class Training(BaseModel):
+    """The last epoch's numbers (serve shows the validation accuracy); other keys pass through."""
+
+    model_config = ConfigDict(strict=True, extra="allow")
+    val_accuracy: _Unit | None = None
+    best_val_accuracy: _Unit | None = None
 
 
 class ModelMeta(BaseModel):
-    """The metadata every fruitnet model file carries; other keys (training, ...) pass through."""
+    """The metadata every fruitnet model file carries.  Every key that fruitnet reads is typed here,
+    so a wrong type is refused at load, not met as a traceback later; other keys pass through."""
 
     model_config = ConfigDict(strict=True, extra="allow")
     format: Literal["fruitnet"]
@@ -73,10 +85,18 @@ class ModelMeta(BaseModel):
     backbone: str
     preprocessing: Preprocessing
     trust: Trust | None = None
+    training: Training | None = None
+    training_photos: list[Annotated[str, Field(max_length=64)]] | None = None  # fingerprints (evaluate warns)
+    tta: bool = False  # an ONNX file exported with --tta
+    exported_from: str | None = None
+    source: str | None = None
 
     @field_validator("classes")
     @classmethod
     def _unique(cls, classes: list[str]) -> list[str]:
+        if UNKNOWN in classes:  # training refuses such a folder; an edited file must not bring it back
+            raise ValueError(f"a class named {UNKNOWN!r} would be confused with the answer for photos of none "
+                             "of the classes")
         seen, twice = set(), []
         for c in classes:
             if c in seen and c not in twice:
@@ -206,6 +226,7 @@ def load_model(path: str | Path, legacy: bool | None = None) -> tuple[Classifier
     if trust:  # the in-distribution statistics (ood.TrustHead), shaped by the file's own tensors
         _check_trust(path, trust, meta, feature_dim=expected[1])
         model.trust = TrustHead(**trust)
+    _check_values(path, state, model.state_dict())
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
@@ -222,6 +243,25 @@ def _check_trust(path: Path, trust: dict[str, torch.Tensor], meta: dict, feature
             bank.dim() != 2 or bank.shape[1] != feature_dim or not 1 <= bank.shape[0] <= MAX_BANK)):
         raise ModelFileError(f"{path}: unexpected in-distribution statistics for the {score} score "
                              f"({', '.join(f'{k} {list(v.shape)}' for k, v in sorted(trust.items()))})")
+
+
+def _check_values(path: Path, state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    """Each tensor of the dtype the model holds, not empty, and finite: load_state_dict would cast
+    an int64 tensor silently, and one NaN makes every answer NaN (or every photo "unknown")."""
+    for name, tensor in state.items():
+        if not isinstance(tensor, torch.Tensor):
+            raise ModelFileError(f"{path}: {name} is not a tensor")
+        want = expected[name].dtype if name in expected else tensor.dtype  # a stray key: load_state_dict says
+        if tensor.dtype != want:
+            problem = f"is {tensor.dtype}, not {want}"
+        elif tensor.numel() == 0:
+            problem = "is empty"
+        elif tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            problem = "holds NaN or infinite values"
+        else:
+            continue
+        raise ModelFileError(f"{path}: tensor {name} {problem}; the model cannot give meaningful answers "
+                             "(copy the file again from its run folder, or train again)")
 
 
 def _load_legacy(path: Path) -> tuple[Classifier, dict]:
@@ -250,6 +290,7 @@ def _load_legacy(path: Path) -> tuple[Classifier, dict]:
                           "source": f"legacy model.pth ({path.name})"}, path)
     renamed = {("head." + k[3:] if k.startswith("fc.") else "body." + k): v for k, v in state.items()}
     model, _ = create_classifier("resnet18", n, weights="none")
+    _check_values(path, renamed, model.state_dict())
     try:
         model.load_state_dict(renamed)
     except RuntimeError as exc:

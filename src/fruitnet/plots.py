@@ -7,7 +7,9 @@ Agg backend, so it works on headless machines.
 
 from __future__ import annotations
 
+import functools
 import math
+import warnings
 from os import PathLike
 from pathlib import Path
 from typing import Any, Sequence
@@ -24,12 +26,25 @@ __all__ = ["plot_curves", "plot_confusion", "plot_prediction_grid", "plot_mistak
 
 THUMB_PX = 256
 MAX_COLS = 6
+MAX_LABEL = 40  # characters of a class name on the confusion matrix's axes
 FRAME = "0.55"  # the thin grey frame around every cell: white photos stay visible on the white page
 LOW_CONFIDENCE = 0.6  # a top probability below this, or
 NEAR_TIE = 0.1  # the top two closer than this, is marked "low confidence"
 COLORS = {"sure": "black", "low": "darkorange", "unknown": "tab:purple", "mistake": "red"}
 CAPTION_LEGEND = [("answer", COLORS["sure"]), ("low confidence ?", COLORS["low"]),
                   ("none of these (unknown)", COLORS["unknown"])]  # prediction_caption's colours
+
+
+def _literal(plot):
+    """Every text drawn as written: matplotlib reads '$...$' as mathtext, so a class or file name
+    such as 'tomato $2_$3' would be typeset, or crash the plot when it is not valid TeX.  A
+    character the font lacks (an emoji) is drawn as a box, without a warning per character."""
+    @functools.wraps(plot)
+    def draw(*args, **kwargs):
+        with plt.rc_context({"text.parse_math": False}), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", r"Glyph \d+ .* missing from font")
+            return plot(*args, **kwargs)
+    return draw
 
 
 def _save(fig: Any, path: str | PathLike[str], dpi: int = 100) -> Path:
@@ -55,6 +70,7 @@ def _num(v: Any) -> float:
 # --------------------------------------------------------------------------- curves
 
 
+@_literal
 def plot_curves(rows: list[dict], path: str | PathLike[str], note: str = "", x: str = "epoch") -> Path:
     """Loss and accuracy per epoch (or per `x`, e.g. the probe's L-BFGS iteration), train and
     val, in two side-by-side panels.
@@ -124,6 +140,7 @@ def plot_curves(rows: list[dict], path: str | PathLike[str], note: str = "", x: 
 # --------------------------------------------------------------------------- confusion
 
 
+@_literal
 def plot_confusion(
     matrix: Any,
     classes: Sequence[str],
@@ -138,7 +155,7 @@ def plot_confusion(
     given, the row percentage.
     """
     m = np.asarray(matrix, dtype=np.float64)
-    classes = [str(c) for c in classes]
+    classes = [_elide(str(c), MAX_LABEL) for c in classes]  # a class name may be 255 characters
     k = len(classes)
     if m.shape != (k, k):
         raise ValueError(f"matrix shape {m.shape} does not match {k} classes")
@@ -216,11 +233,14 @@ def _thumb(img: Any, max_px: int = THUMB_PX) -> np.ndarray:
 
 def _short_name(name: str, max_chars: int = 30) -> str:
     """A file name that fits under its tile: the middle elided, the start and the suffix kept."""
-    name = Path(str(name)).name
-    if len(name) <= max_chars:
-        return name
+    return _elide(Path(str(name)).name, max_chars)
+
+
+def _elide(text: str, max_chars: int) -> str:
+    if len(text) <= max_chars:
+        return text
     keep = max_chars - 1
-    return name[: keep - keep // 3] + "…" + name[-(keep // 3):]
+    return text[: keep - keep // 3] + "…" + text[-(keep // 3):]
 
 
 def _grid(
@@ -305,6 +325,7 @@ def prediction_caption(result: dict) -> tuple[str, str]:
     return f"{best} {probs[best]:.1%}", COLORS["sure"]
 
 
+@_literal
 def plot_prediction_grid(
     images: list[Image.Image],
     titles: list[str],
@@ -346,6 +367,7 @@ def spread_mistakes(mistakes: Sequence[dict], max_items: int = 24) -> tuple[list
     return chosen[: max(0, int(max_items))], len(mistakes)
 
 
+@_literal
 def plot_mistakes(
     images: list[Image.Image],
     true_labels: list[str],
@@ -390,6 +412,7 @@ def plot_mistakes(
 # --------------------------------------------------------------------------- calibration
 
 
+@_literal
 def plot_reliability(
     before: list[dict],
     after: list[dict],

@@ -29,7 +29,7 @@ from fruitnet.arithmetic import choose_arithmetic, resolve_device
 from fruitnet.config import InferenceOptions
 from fruitnet.errors import ModelFileError, UsageError
 from fruitnet.images import expand_paths  # noqa: F401  (here for the callers that import it from here)
-from fruitnet.model import load_model, validate_meta
+from fruitnet.model import UNKNOWN, load_model, validate_meta
 from fruitnet.preprocess import DecodeAhead, load, small_image_warning
 from fruitnet.transforms import eval_transform, input_batches
 
@@ -38,7 +38,6 @@ from fruitnet.transforms import eval_transform, input_batches
 # flipped had bf16 margins up to 0.027; twice that is re-checked.
 NEAR_TIE = 0.05
 ONNX_META_KEY = "fruitnet"  # the ONNX metadata_props key that carries the model file's metadata
-UNKNOWN = "unknown"  # the label of a photo that looks like none of the classes
 
 
 class Predictor:
@@ -78,6 +77,20 @@ class Predictor:
     def runtime(self) -> dict:
         """What runs the forward pass, for reports: {"runtime", "arithmetic", "tta"}."""
         raise NotImplementedError
+
+    def check_runs(self, path) -> None:
+        """One forward pass on seeded noise (a blank input leaves the features near 0, where
+        overflowing weights go unnoticed): ModelFileError if it fails or gives NaN or infinity (a
+        graph that asks for 48 GB, weights that overflow), so such a file is refused when it is
+        loaded, not at every photo."""
+        size = self.preprocessing["input_size"]
+        try:
+            outputs = self.forward(torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0)))
+        except Exception as exc:
+            raise ModelFileError(f"{path}: the model does not run ({exc.__class__.__name__}: "
+                                 f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+        if not all(bool(torch.isfinite(t).all()) for t in outputs if t is not None):
+            raise ModelFileError(f"{path}: the model's outputs are NaN or infinite; it cannot give meaningful answers")
 
     def load(self, path) -> Image.Image:
         """A file decoded as in training (preprocess.load: a JPEG draft decode where the model's
@@ -219,6 +232,7 @@ class OnnxPredictor(Predictor):
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads  # 0: onnxruntime's default (all cores)
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")  # leave idle cores to decoding
+        opts.log_severity_level = 4  # fatal only: a failure reaches the user as fruitnet's one line, not as ORT's log
         try:
             self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime raises its own types for unreadable files
@@ -243,6 +257,7 @@ class OnnxPredictor(Predictor):
         names = {o.name for o in self.session.get_outputs()}
         # files exported before calibration have only "logits"
         self.output_names = ["logits"] + (["score", "in_distribution"] if {"score", "in_distribution"} <= names else [])
+        self.check_runs(path)  # the graph is code from the file: run it once before trusting it
 
     def _check_shapes(self, path: Path, meta: dict) -> None:
         """The graph's input and output must be what the metadata says (named axes such as 'batch' match anything)."""

@@ -14,6 +14,8 @@ import time
 
 from tqdm import tqdm
 
+from fruitnet.outputs import printable
+
 LINE_FORMAT = "{desc}: {percentage:3.0f}% {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}]"
 LINE_FORMAT_NO_TOTAL = "{desc}: {n_fmt} [{elapsed}, {rate_fmt}]"
 
@@ -77,6 +79,7 @@ class Lines:
 def bar(iterable=None, *, total: int | None = None, desc: str = "", unit: str = "it", disable: bool = False):
     """A progress reporter for `iterable` (or for `update(n)` calls up to `total`), on stderr:
     a transient tqdm bar with rate and ETA on a terminal, plain lines otherwise."""
+    desc = printable(desc)  # it may name a folder
     if disable or sys.stderr.isatty():  # tqdm(disable=True) passes the iterable through
         return tqdm(iterable, total=total, desc=desc, unit=unit, leave=False, file=sys.stderr,
                     disable=disable)

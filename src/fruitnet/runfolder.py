@@ -26,39 +26,24 @@ from fruitnet import __version__
 from fruitnet.dataset import RUN_MARKER, Item, read_split, write_report, write_split
 from fruitnet.errors import UsageError
 from fruitnet.model import save_model
+from fruitnet.outputs import check_outputs
 
 METRIC_COLUMNS = ["epoch", "seconds", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr"]
 
 
-def check_output_path(out: Path, inside: list[str | Path] = (), kind: str = "output folder",
-                      may_exist: bool = False) -> Path:
-    """Refuse an output folder that exists (a non-empty folder, unless may_exist, or a file) or lies
-    inside a data folder."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"{out}: exists and is a file; --out needs a new {kind}")
-    if out.is_dir() and not may_exist and any(out.iterdir()):
-        raise UsageError(f"{out}: {kind} already exists and is not empty; choose another --out")
-    resolved = out.resolve()
-    for data in inside:
-        if data and (resolved == Path(data).resolve() or Path(data).resolve() in resolved.parents):
-            raise UsageError(f"{out}: inside the data folder {data}; fruitnet never writes there "
-                             "(the next scan would read its files as photos): choose an --out outside it")
-    return out
-
-
 def new_output_folder(out: str | Path | None, prefix: str, inside: list[str | Path] = (),
                       kind: str = "output folder") -> Path:
-    """Create `out` (checked as above), or runs/<prefix><timestamp>[-n] when None, with a marker
-    file: should the folder ever be moved into a photo folder, scan skips it instead of reading
-    its pictures as photos."""
+    """Create `out` (new or empty, outside the `inside` folders: outputs.check_outputs), or
+    runs/<prefix><timestamp>[-n] when None, with a marker file: should the folder ever be moved
+    into a photo folder, scan skips it instead of reading its pictures as photos."""
     if out is None:
         base = Path("runs") / f"{prefix}{datetime.now().strftime('%Y%m%d-%H%M%S')}"
         out, n = base, 1
         while out.exists():
             n += 1
             out = base.with_name(f"{base.name}-{n}")
-    path = check_output_path(Path(out), inside, kind)
+    path = Path(out)
+    check_outputs({"--out": path}, inputs=inside, folders={"--out"})
     path.mkdir(parents=True, exist_ok=True)
     (path / RUN_MARKER).write_text(json.dumps({"fruitnet": kind, "created": datetime.now().isoformat(timespec="seconds")}))
     return path
@@ -88,6 +73,10 @@ def read_run(path: Path) -> SavedRun:
     if not (path / "split.csv").is_file():
         raise UsageError(f"{path}: split.csv is missing; the run cannot be resumed")
     train_items, val_items = read_split(path / "split.csv")
+    stray = next((it for it in train_items + val_items if it.label not in config["classes"]), None)
+    if stray is not None:
+        raise UsageError(f"{path / 'split.csv'}: {stray.path} is in class {stray.label!r}, which the run does not "
+                         f"have ({', '.join(map(repr, config['classes']))}); the run cannot be resumed")
     checkpoint = None
     if (path / "checkpoint.pt").is_file():
         try:  # tensors and plain containers only: never code from the file

@@ -50,14 +50,16 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
 from fruitnet.config import InferenceOptions
-from fruitnet.errors import ImageError, ModelFileError
+from fruitnet.errors import ImageError
 from fruitnet.guard import (LIMIT_CONCURRENCY, LOOPBACK_NAMES, TIMEOUT_KEEP_ALIVE, TIMEOUT_REQUEST, Guard,
                             guarded_protocol, host_name, page_csp)
-from fruitnet.images import sniff_format
+from fruitnet.images import MAX_DECODE_BYTES, decode_cost, sniff_format
 from fruitnet.predictors import load_predictor
+from fruitnet.preprocess import draft_size
 
 MAX_FILES = 32  # per request
 MAX_BATCH = 32  # images per forward pass
+DECODE_BUDGET = MAX_DECODE_BYTES  # bytes all decodes in progress may take together: the largest photo's
 MB = 1024 * 1024
 
 log = logging.getLogger("uvicorn.error")
@@ -116,6 +118,31 @@ class Batcher:
                 loop.call_soon_threadsafe(_settle, future, result, error)
             if stop:
                 return
+
+
+class DecodeBudget:
+    """Uploads being decoded, bounded by the memory they take together (images.decode_cost, from
+    each file's header) and by the cores, not by the cores alone: a 16-core host must not decode
+    sixteen 359 kB TIFFs of 7999x7999 floats at once.  An upload waits until its cost fits in what
+    the others leave; alone, it always runs (load_image refuses one above MAX_DECODE_BYTES)."""
+
+    def __init__(self, total: int = DECODE_BUDGET, threads: int = 2):
+        self.total, self.used = total, 0
+        self.changed = asyncio.Condition()
+        self.threads = anyio.CapacityLimiter(threads)
+
+    async def run(self, cost: int, fn, *args):
+        """fn(*args) in a worker thread once `cost` bytes are free."""
+        async with self.changed:
+            await self.changed.wait_for(lambda: self.used == 0 or self.used + cost <= self.total)
+            self.used += cost
+        try:
+            return await anyio.to_thread.run_sync(fn, *args, limiter=self.threads)
+        finally:
+            with anyio.CancelScope(shield=True):  # a client that went away still gives its share back
+                async with self.changed:
+                    self.used -= cost
+                    self.changed.notify_all()
 
 
 def _settle(future: asyncio.Future, result, error) -> None:
@@ -199,10 +226,12 @@ def preprocess(predictor, data: bytes) -> torch.Tensor:
         raise Unusable(500, f"cannot be processed ({exc.__class__.__name__})") from None
 
 
-def explain_png(predictor, image, lock: threading.Lock) -> bytes:
-    """The model's view of one photo with the heat map of its best class, as PNG bytes."""
+def explain_png(predictor, data: bytes, lock: threading.Lock) -> bytes:
+    """The model's view of one upload with the heat map of its best class, as PNG bytes; Unusable
+    if the upload cannot be decoded."""
     from fruitnet.explain import model_view, overlay
 
+    image = decode(predictor, data)
     tensor = predictor.transform(image)[None]
     with lock:
         probs, _ = predictor.outputs(tensor)
@@ -253,13 +282,13 @@ def create_app(model_path: str | Path, options: InferenceOptions = InferenceOpti
     limit_concurrency: requests in progress beyond it are answered 503; allowed_hosts: Host names
     answered (None: any, for a service reachable under names we cannot know)."""
     predictor = load_predictor(model_path, options)
-    size = predictor.preprocessing["input_size"]
-    try:
-        predictor.logits(torch.zeros(1, 3, size, size))
-    except Exception as exc:
-        raise ModelFileError(f"{model_path}: the model does not run ({exc.__class__.__name__}: {exc})") from None
+    predictor.check_runs(model_path)  # an ONNX file has run once already; a .safetensors file runs here
     batcher = Batcher(predictor)
-    decoding = anyio.CapacityLimiter(max(2, os.cpu_count() or 2))  # more decodes than cores: only more memory
+    decoding = DecodeBudget(threads=max(2, os.cpu_count() or 2))  # more decodes than cores: only more memory
+    draft = draft_size(predictor.preprocessing)
+
+    def cost(data: bytes) -> int:
+        return decode_cost(io.BytesIO(data), draft)
     limit = max_upload_mb * MB
     page = (resources.files("fruitnet") / "web" / "index.html").read_text(encoding="utf-8")
     training = predictor.meta.get("training") or {}
@@ -314,7 +343,7 @@ def create_app(model_path: str | Path, options: InferenceOptions = InferenceOpti
                     data = await upload.read(limit + 1)
                     if len(data) > limit:
                         raise Unusable(413, f"file larger than the {max_upload_mb} MB limit")
-                    images.append((i, await anyio.to_thread.run_sync(preprocess, predictor, data, limiter=decoding)))
+                    images.append((i, await decoding.run(cost(data), preprocess, predictor, data)))
                 except Unusable as exc:
                     results[i].update(error=exc.reason, status=exc.status)
         if images:
@@ -339,11 +368,10 @@ def create_app(model_path: str | Path, options: InferenceOptions = InferenceOpti
             data = await upload.read(limit + 1)
         if len(data) > limit:
             return _error(413, f"file larger than the {max_upload_mb} MB limit")
-        try:
-            image = await anyio.to_thread.run_sync(decode, predictor, data, limiter=decoding)
+        try:  # the decoded photo lives until its heat map is drawn: all of it inside the budget
+            png = await decoding.run(cost(data), explain_png, predictor, data, batcher.lock)
         except Unusable as exc:
             return _error(exc.status, exc.reason)
-        png = await anyio.to_thread.run_sync(explain_png, predictor, image, batcher.lock)
         return Response(png, media_type="image/png")
 
     return app
