@@ -89,7 +89,7 @@ def extract(model, pretrained_body, paths: list[str], pre: dict) -> dict:
 
 
 def sets(run: Path, data: Path, classes: list[str]) -> dict[str, tuple[list[str], list[int]]]:
-    train_items, val_items = read_split(run / "split.csv")
+    train_items, val_items, _ = read_split(run / "split.csv")
     out = {"train": ([it.path for it in train_items], [classes.index(it.label) for it in train_items]),
            "val": ([it.path for it in val_items], [classes.index(it.label) for it in val_items])}
     for name, folder in (("fruits360", data / "fruits360"), ("grocery/tomato", data / "grocery" / "tomato"),

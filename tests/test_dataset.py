@@ -91,9 +91,10 @@ def test_split_csv_round_trip_resolves_from_any_working_directory(tmp_path, demo
     train, val = split(catalog, 0.25, seed=0)
     write_split(tmp_path / "split.csv", train, val)
     rows = list(csv.DictReader(open(tmp_path / "split.csv")))
-    assert set(rows[0]) == {"path", "class", "split", "sha256"}
+    assert set(rows[0]) == {"path", "class", "split", "sha256", "source"}
     monkeypatch.chdir(tmp_path)
-    t2, v2 = read_split(tmp_path / "split.csv")
+    t2, v2, negatives = read_split(tmp_path / "split.csv")
+    assert negatives == [] and {Path(r["source"]) for r in rows} == {(demo_data / "train").resolve()}
     assert all(Path(i.path).is_file() for i in t2 + v2)
     assert [(Path(i.path), i.label, i.sha256) for i in t2] == [(demo_data.parent / i.path, i.label, i.sha256)
                                                                for i in train]

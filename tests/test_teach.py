@@ -16,7 +16,8 @@ import pytest
 import torch
 from conftest import DEMO_DATA, run_cli
 
-from fruitnet.teach import Known, farthest_first, fit_threshold, leave_one_out_knn, rank
+from fruitnet.ood import fit_threshold
+from fruitnet.teach import Known, farthest_first, leave_one_out_knn, rank
 
 
 def digest(folder: Path) -> dict[str, str]:

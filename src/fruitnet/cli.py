@@ -21,7 +21,7 @@ from fruitnet.config import (DEFAULT_BACKBONE, RECIPE_ALIASES, RECIPES, RESUMABL
 from fruitnet.errors import FruitnetError, UsageError
 from fruitnet.guard import LIMIT_CONCURRENCY, TIMEOUT_KEEP_ALIVE, TIMEOUT_REQUEST
 from fruitnet.modelpath import check_model_argument
-from fruitnet.formats import EXPORTERS, WRITERS
+from fruitnet.formats import EXPORTERS, WRITERS, advice, answer_summary, unknown_share
 from fruitnet.outputs import check_outputs, printable
 
 
@@ -164,13 +164,14 @@ def cmd_train(args) -> int:
     try:  # under torchrun every process runs this; see fruitnet.distributed
         if args.resume:
             if args.data:
-                raise UsageError(f"give either DATA ({args.data}) or --resume {args.resume}, not both: "
+                raise UsageError(f"give either DATA ({' '.join(args.data)}) or --resume {args.resume}, not both: "
                                  "a resumed run trains on its own split")
             summary = resume_training(args.resume, **given)
-        elif args.data is None:
+        elif not args.data:
             raise UsageError("give a DATA folder to train on (DATA/<class>/<image>), or --resume RUN")
         else:
-            summary = train(TrainConfig(data=args.data, **given))
+            data = args.data[0] if len(args.data) == 1 else tuple(args.data)
+            summary = train(TrainConfig(data=data, **given))
     except KeyboardInterrupt:
         return 130
     except FruitnetError as exc:
@@ -201,6 +202,10 @@ def cmd_evaluate(args) -> int:
             print(printable(f"skipped {s['path']}: {s['reason']}"))
         print(f"{report['n']} images in {report['seconds']:.1f}s; outputs in {out}/: report.txt, report.json, "
               "confusion.png, confusion.csv, calibration.png, mistakes.png, predictions.csv")
+        print("\n".join(report["answers"]))
+        hint = advice(args.model, [args.data], 1 - report["coverage"], wrong=1 - report["accuracy"])
+        if hint:
+            print(hint)
     return 1 if report["skipped"] else 0
 
 
@@ -275,6 +280,11 @@ def cmd_predict(args) -> int:
     warned = sum("warning" in r for r in results)
     if warned and not args.json:
         print(f"{warned} photo(s) much smaller than the model's input: their answers rest on upscaled pixels")
+    if not args.json and good:
+        print("\n".join(answer_summary(results)))
+        hint = advice(args.model, args.paths, unknown_share(results))
+        if hint:
+            print(hint)
     return 1 if any("error" in r for r in results) else 0
 
 
@@ -405,7 +415,10 @@ def _train_parser(sub) -> None:
     p = sub.add_parser("train", help="fine-tune a pretrained backbone on DATA/<class>/<image>",
                        description="Fine-tune a pretrained backbone; the run folder holds the model files, "
                                    "metrics, curves and everything needed to repeat the run.")
-    p.add_argument("data", nargs="?", metavar="DATA", help="a folder of class folders: DATA/<class>/<image>")
+    p.add_argument("data", nargs="*", metavar="DATA",
+                   help="a folder of class folders, DATA/<class>/<image>; several folders merge class by class "
+                        "(e.g. photos/ labelled/); photos in a DATA/unknown/ folder are of none of the classes: the "
+                        "'unknown' verdict is fitted against them")
     _add_options(p, TrainConfig, given_only=True)
     p.add_argument("--resume", metavar="RUN", help="continue an interrupted run folder; only "
                    + ", ".join("--" + k for k in RESUMABLE) + " may be given again (others: exit 2)")

@@ -125,7 +125,7 @@ def _opt(default, help: str, **argparse):
 class TrainConfig:
     """What the user chose.  None for epochs, lr, weight_decay, batch_size: the recipe's."""
 
-    data: str | None = None
+    data: str | tuple[str, ...] | None = None  # one folder, or several merged class by class (train A/ B/)
     val_dir: str | None = _opt(None, "a separate labelled folder for validation (instead of splitting DATA)",
                                flag="--val", metavar="DIR")
     out: str | None = _opt(None, "run folder (default runs/<timestamp>); never overwritten", metavar="RUN")
@@ -198,6 +198,13 @@ class InferenceOptions:
 # On --resume these may change: they say how to run, not what to train.  Every other option is
 # refused (exit 2) rather than silently ignored.
 RESUMABLE = ("epochs", "device", "workers", "precision")
+
+
+def data_folders(config: TrainConfig) -> list[str]:
+    """The data folders, one or several (train A/ B/)."""
+    if config.data is None:
+        return []
+    return [config.data] if isinstance(config.data, str) else list(config.data)
 
 
 def recipe_name(config: TrainConfig) -> str:

@@ -24,6 +24,9 @@ from fruitnet.outputs import printable
 from fruitnet.progress import bar as progress_bar
 
 RUN_MARKER = "fruitnet-run.json"  # written into every run folder; config.json + metrics.csv for older runs
+# The answer for a photo of none of the classes, and the name of the folder of such photos
+# (DATA/unknown/: negatives, never a class; teach copies "none of these" there)
+UNKNOWN = "unknown"
 
 
 @dataclass
@@ -33,6 +36,7 @@ class Item:
     sha256: str = ""
     problem: str | None = None  # why the file cannot be used, None if it can
     phash: str = ""  # perceptual hash (pHash + dHash, 128 bits as hex) for near-duplicates
+    source: str = ""  # the data folder it was found in (train A/ B/)
 
 
 @dataclass
@@ -45,7 +49,13 @@ class Catalog:
 
     @property
     def usable(self) -> list[Item]:
-        return [it for it in self.items if it.problem is None]
+        """The usable photos of the classes."""
+        return [it for it in self.items if it.problem is None and it.label != UNKNOWN]
+
+    @property
+    def negatives(self) -> list[Item]:
+        """The usable photos in DATA/unknown/: photos of none of the classes."""
+        return [it for it in self.items if it.problem is None and it.label == UNKNOWN]
 
     @property
     def skipped(self) -> list[dict]:
@@ -103,7 +113,8 @@ class Catalog:
     def report(self) -> dict:
         groups = [g for g in self.groups() if len(g) > 1]
         return {"root": self.root, "classes": self.classes, "counts": self.counts(),
-                "usable": len(self.usable), "skipped": self.skipped, "ignored": self.ignored,
+                "usable": len(self.usable), "negatives": len(self.negatives), "skipped": self.skipped,
+                "ignored": self.ignored,
                 "run_folders": self.run_folders, "duplicates": self.duplicates(),
                 "near_duplicates": self.near_duplicates(groups),
                 "label_conflicts": [[it.path for it in g] for g in groups if len({it.label for it in g}) > 1],
@@ -327,8 +338,10 @@ def _ordered_map(pool: ThreadPoolExecutor, fn, args: list, window: int):
         yield pending.popleft().result()
 
 
-def scan(root: str | Path, progress: bool = True, workers: int = 4, draft_size: int = 256) -> Catalog:
-    """Read DATA/<class>/<image...>; class names are the sorted folder names.
+def scan(root: str | Path, progress: bool = True, workers: int = 4, draft_size: int = 256,
+         min_classes: int = 2) -> Catalog:
+    """Read DATA/<class>/<image...>; class names are the sorted folder names, except DATA/unknown/,
+    whose photos are negatives (Catalog.negatives): photos of none of the classes.
 
     Decodes every candidate once to find unusable files, one at a time per worker and with a
     bounded queue of jobs, so memory stays flat however large the folder is (only the catalog
@@ -355,7 +368,8 @@ def scan(root: str | Path, progress: bool = True, workers: int = 4, draft_size: 
         if is_run_folder(entry):
             ignored.append({"path": str(entry), "reason": RUN_FOLDER_REASON})
             continue
-        classes.append(entry.name)
+        if entry.name != UNKNOWN:
+            classes.append(entry.name)
         for dirpath, dirnames, filenames in os.walk(entry, onerror=unlistable):
             runs = {d for d in dirnames if is_run_folder(Path(dirpath) / d)}
             ignored += [{"path": str(Path(dirpath) / d), "reason": RUN_FOLDER_REASON} for d in sorted(runs)]
@@ -374,16 +388,18 @@ def scan(root: str | Path, progress: bool = True, workers: int = 4, draft_size: 
                 else:
                     ignored.append({"path": str(path), "reason": "not an image file"})
     loose = [i for i in ignored if i["reason"] == LOOSE and looks_like_image(i["path"])]
-    if len(classes) < 2 and loose:
+    if len(classes) < min_classes and loose:
         raise DataError(f"{root}: found {len(loose)} image(s) directly in {root}; put them in one folder per class: "
                         f"{root}/<class>/<image>")
-    if len(classes) < 2:
-        raise DataError(f"{root}: found {len(classes)} class folder(s) {classes}; need at least two "
-                        "(layout: DATA/<class>/<image>)")
+    if len(classes) < min_classes:
+        raise DataError(f"{root}: found {len(classes)} class folder(s) {classes}; need at least "
+                        f"{'two' if min_classes == 2 else min_classes} (layout: DATA/<class>/<image>)")
 
     def check(candidate) -> Item:
         path, label, problem = candidate
-        return Item(str(path), label, problem=problem) if problem else _check_file(path, label, draft_size)
+        item = Item(str(path), label, problem=problem) if problem else _check_file(path, label, draft_size)
+        item.source = str(root)
+        return item
 
     with ThreadPoolExecutor(workers) as pool:  # PIL decodes without the GIL
         jobs = _ordered_map(pool, check, candidates, 8 * workers)
@@ -411,6 +427,9 @@ def format_data_report(report: dict) -> str:
         n = sum(len(g) for g in report["near_duplicates"])
         lines.append(f"  {len(report['near_duplicates'])} groups of near-duplicates ({n} files: resized, "
                      "re-encoded or cropped copies)")
+    if report.get("negatives"):
+        lines.append(f"  {report['negatives']} photo(s) of none of the classes in unknown/: no class; the 'unknown' "
+                     "verdict is fitted against them")
     if report.get("kept_together", {}).get("groups"):
         kept = report["kept_together"]
         lines.append(f"  {kept['groups']} duplicate groups ({kept['files']} files) kept on one side of the split")
@@ -490,24 +509,41 @@ def split_warnings(classes: list[str], train: list[Item], val: list[Item]) -> li
     return warnings
 
 
-def write_split(path: Path, train: list[Item], val: list[Item]) -> None:
-    """Absolute paths, so that a run resumes from any working directory.  Written exactly (no
-    spreadsheet escaping, unlike every other CSV fruitnet writes): --resume reads it back, and it is
-    not meant for a spreadsheet."""
+def write_split(path: Path, train: list[Item], val: list[Item], negatives: list[Item] = ()) -> None:
+    """Absolute paths, so that a run resumes from any working directory, and each photo's data
+    folder (source).  Written exactly (no spreadsheet escaping, unlike every other CSV fruitnet
+    writes): --resume and teach read it back, and it is not meant for a spreadsheet."""
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["path", "class", "split", "sha256"])
-        for name, items in (("train", train), ("val", val)):
+        w.writerow(["path", "class", "split", "sha256", "source"])
+        for name, items in (("train", train), ("val", val), ("negative", negatives)):
             for it in items:
-                w.writerow([os.path.abspath(it.path), it.label, name, it.sha256])
+                w.writerow([os.path.abspath(it.path), it.label, name, it.sha256,
+                            os.path.abspath(it.source) if it.source else ""])
 
 
-def read_split(path: Path) -> tuple[list[Item], list[Item]]:
-    train, val = [], []
+def read_split(path: Path) -> tuple[list[Item], list[Item], list[Item]]:
+    """(train, val, negatives) as write_split wrote them."""
+    parts: dict[str, list[Item]] = {"train": [], "val": [], "negative": []}
     with open(path, newline="") as f:
         for row in csv.DictReader(f):
             if not {"path", "class", "split"} <= set(row):
                 raise DataError(f"{path}: not a fruitnet split.csv (columns path, class, split)")
-            item = Item(row["path"], row["class"], row.get("sha256") or "")
-            (train if row["split"] == "train" else val).append(item)
-    return train, val
+            item = Item(row["path"], row["class"], row.get("sha256") or "", source=row.get("source") or "")
+            parts["negative" if row["split"] == "negative" or row["class"] == UNKNOWN
+                  else "train" if row["split"] == "train" else "val"].append(item)
+    return parts["train"], parts["val"], parts["negative"]
+
+
+def scan_folders(roots: list[str | Path], progress: bool = True) -> Catalog:
+    """Several data folders as one (train A/ B/): class folders of the same name merge, each
+    photo keeps its folder as its source; the classes are all the folders' classes."""
+    catalogs = [scan(root, progress=progress, min_classes=0 if len(roots) > 1 else 2) for root in roots]
+    if len(catalogs) == 1:
+        return catalogs[0]
+    classes = sorted({c for cat in catalogs for c in cat.classes})
+    if len(classes) < 2:
+        raise DataError(f"{', '.join(map(str, roots))}: found {len(classes)} class(es) {classes} in all; need at least two")
+    return Catalog(" + ".join(str(r) for r in roots), classes, sorted((it for cat in catalogs for it in cat.items),
+                                                                    key=lambda it: it.path),
+                   [i for cat in catalogs for i in cat.ignored], [u for cat in catalogs for u in cat.unlisted])

@@ -17,6 +17,7 @@ from __future__ import annotations
 import csv
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,7 @@ import numpy as np
 from fruitnet.calibration import calibration_summary, reliability
 from fruitnet.dataset import is_run_folder, scan
 from fruitnet.errors import DataError
+from fruitnet.formats import answer_summary
 from fruitnet.images import load_image
 from fruitnet.metrics import classification_report, format_classification_report, write_confusion_csv
 from fruitnet.ood import auroc
@@ -45,10 +47,13 @@ def _first_few(paths: list[str], n: int = 3) -> str:
     return ", ".join(paths[:n]) + more
 
 
-def evaluation_warnings(meta: dict, items: list, results: list[dict]) -> list[str]:
-    """What makes these numbers untrustworthy: photos the model was trained on (the model file's
-    `training_photos` fingerprints), photos much smaller than its input."""
-    warnings = []
+def evaluation_warnings(meta: dict, items: list, results: list[dict], classes: list[str]) -> list[str]:
+    """What makes these numbers untrustworthy: classes with no photos here, photos the model was
+    trained on (the model file's `training_photos` fingerprints), photos much smaller than its input."""
+    absent = [c for c in meta["classes"] if c not in classes]
+    warnings = [f"no photos of {', '.join(absent)} here: the accuracy is over {', '.join(classes)} alone, and "
+                "the other classes' recall is not measured (their precision still counts mistakes into them)"] \
+        if absent else []
     trained_on = set(meta.get("training_photos") or ())
     seen = [it.path for it in items if it.sha256 and it.sha256[:16] in trained_on]
     if seen:
@@ -72,14 +77,14 @@ def evaluate(model_path, data, out: Path, options: InferenceOptions = InferenceO
     t0 = time.perf_counter()
     predictor = load_predictor(model_path, options)
     batch_size = options.batch_size
-    catalog = scan(data, progress=progress)
-    # DATA/unknown/ holds photos of none of the classes (a model never has a class of that name)
-    unknown_folder = UNKNOWN in catalog.classes
-    foreign = [c for c in catalog.classes if c not in predictor.classes and not (unknown_folder and c == UNKNOWN)]
+    catalog = scan(data, progress=progress, min_classes=1)
+    if unknown_dir is not None:  # a class folder given as --unknown DIR is that, not a class
+        catalog = _without_folder(catalog, Path(unknown_dir))
+    items, unknown_paths = catalog.usable, [it.path for it in catalog.negatives]  # DATA/unknown/: none of the classes
+    foreign = [c for c in catalog.classes if c not in predictor.classes]
     if foreign:
-        raise DataError(f"{data}: class folder(s) {foreign} unknown to the model, which knows {predictor.classes}")
-    items = [it for it in catalog.usable if it.label in predictor.classes]
-    unknown_paths = [it.path for it in catalog.usable if unknown_folder and it.label == UNKNOWN]
+        raise DataError(f"{data}: class folder(s) {foreign} are none of the model's classes ({', '.join(predictor.classes)}); "
+                        f"photos of none of them go in {Path(data) / 'unknown'}/ or --unknown DIR")
     if unknown_dir is not None:
         found, problems = expand_paths([str(unknown_dir)], skip_folder=is_run_folder)  # as scan skips them
         if problems:
@@ -98,7 +103,9 @@ def evaluate(model_path, data, out: Path, options: InferenceOptions = InferenceO
     report = classification_report(y_true, y_pred, predictor.classes)
     report.update(_trust_report(predictor, scored, [r for r in unknown_results if "error" not in r], y_true))
     report.update({"skipped": skipped, "model": str(model_path), "data": str(data), "tta": predictor.tta,
-                   "warnings": evaluation_warnings(predictor.meta, items, results),
+                   "answers": answer_summary([r for _, r in scored]),
+                   "absent_classes": [c for c in predictor.classes if c not in catalog.classes],
+                   "warnings": evaluation_warnings(predictor.meta, items, results, catalog.classes),
                    "seconds": round(time.perf_counter() - t0, 2)})
 
     out.mkdir(parents=True, exist_ok=True)
@@ -129,6 +136,15 @@ def evaluate(model_path, data, out: Path, options: InferenceOptions = InferenceO
     (out / "report.json").write_text(json.dumps(report, indent=2))
     (out / "report.txt").write_text(format_classification_report(report) + format_trust(report) + "\n")
     return report
+
+
+def _without_folder(catalog, folder: Path):
+    """The catalog without the class whose folder is `folder` (DATA/other given as --unknown DATA/other)."""
+    inside = [c for c in catalog.classes if (Path(catalog.root) / c).resolve() == folder.resolve()]
+    if not inside:
+        return catalog
+    return replace(catalog, classes=[c for c in catalog.classes if c not in inside],
+                   items=[it for it in catalog.items if it.label not in inside])
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:

@@ -20,6 +20,10 @@ from pathlib import Path
 from typing import Callable
 
 GRID_LIMIT = 64  # photos drawn in one grid
+LOW_CONFIDENCE = 0.6  # a top probability below this, or
+NEAR_TIE = 0.1  # the top two closer than this, is marked "low confidence"
+MANY_UNKNOWN = 0.2  # above this share of "unknown" answers (or of mistakes), the summary says what to do
+UNKNOWN = "unknown"  # dataset.UNKNOWN, the answer for a photo of none of the classes
 
 
 @dataclass(frozen=True)
@@ -99,3 +103,46 @@ EXPORTERS: dict[str, Exporter] = {
     "onnx": Exporter("fruitnet.export", "export_onnx", "ONNX, carrying the classes and preprocessing, checked against "
                                                        "PyTorch on real photos"),
 }
+
+
+def is_low_confidence(result: dict) -> bool:
+    """An answer whose top probability is under LOW_CONFIDENCE, or within NEAR_TIE of the second."""
+    top = sorted(result["probabilities"].values(), reverse=True) + [0.0]
+    return top[0] < LOW_CONFIDENCE or top[0] - top[1] < NEAR_TIE
+
+
+def answer_summary(results: list[dict]) -> list[str]:
+    """One line on the answers (answered, unknown, low confidence), and one per folder when the
+    photos come from several (the classes of a labelled tree)."""
+    good = [r for r in results if "error" not in r]
+    folders: dict[str, list[dict]] = defaultdict(list)
+    for r in good:
+        folders[Path(r["path"]).parent.name].append(r)
+    lines = [_summary(f"{len(good):,} photo(s)", good)]
+    if len(folders) > 1:
+        lines += [_summary(f"  {name}/: {len(rs):,}", rs) for name, rs in sorted(folders.items())]
+    return lines
+
+
+def _summary(what: str, results: list[dict]) -> str:
+    unknown = sum(r["label"] == UNKNOWN for r in results)
+    low = sum(r["label"] != UNKNOWN and is_low_confidence(r) for r in results)
+    share = lambda k: f"{k / max(1, len(results)):.0%}"  # noqa: E731
+    return (f"{what}: {len(results) - unknown:,} answered ({share(len(results) - unknown)}), {unknown:,} unknown "
+            f"({share(unknown)}), {low:,} answered with low confidence")
+
+
+def unknown_share(results: list[dict]) -> float:
+    good = [r for r in results if "error" not in r]
+    return sum(r["label"] == UNKNOWN for r in good) / max(1, len(good))
+
+
+def advice(model: str, paths: list[str], unknown: float, wrong: float | None = None) -> str | None:
+    """What to do when many answers are "unknown" (or, with labels, wrong): teach the model these
+    photos, or train again with photos like them."""
+    if unknown <= MANY_UNKNOWN and (wrong is None or wrong <= MANY_UNKNOWN):
+        return None
+    why = f"{unknown:.0%} of the answers are 'unknown'" if unknown > MANY_UNKNOWN else f"{wrong:.0%} are wrong"
+    return (f"{why}: these photos are unlike the ones the model learnt from. Teach it a few of them in a local page, "
+            f"in minutes: fruitnet teach {model} {' '.join(map(str, paths))} (docs/usage.md#teach), or add photos "
+            "like these to the training data and train again: fruitnet train DATA NEW/")

@@ -161,7 +161,8 @@ def format_classification_report(report: dict) -> str:
     lines.append("-" * len(header))
     for cls in classes:
         pc = per_class.get(cls, {})
-        vals = [f"{float(pc.get(c, 0.0)):>9.4f}" for c in cols[:-1]]
+        absent = not int(pc.get("support", 0))  # no photos of the class: its recall is not measured
+        vals = [f"{'-':>9}" if absent and c != "precision" else f"{float(pc.get(c, 0.0)):>9.4f}" for c in cols[:-1]]
         vals.append(f"{int(pc.get('support', 0)):>9d}")
         lines.append(f"{cls:<{name_w}}  " + "  ".join(vals))
 

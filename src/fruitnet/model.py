@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from fruitnet.backbones import BACKBONES, create_body, get_backbone
+from fruitnet.dataset import UNKNOWN  # the answer for a photo of none of the classes: never a class name
 from fruitnet.errors import ModelFileError
 from fruitnet.modelpath import check_model_argument
 from fruitnet.ood import MAX_BANK, SCORES, TRUST_PREFIX, TrustHead
@@ -29,7 +30,6 @@ from fruitnet.ood import MAX_BANK, SCORES, TRUST_PREFIX, TrustHead
 FORMAT_VERSION = 1
 DAMAGED = "damaged or incomplete model file (its header or tensors cannot be read); copy it again from the run folder"
 MAX_CLASSES = 10_000
-UNKNOWN = "unknown"  # the label of a photo that looks like none of the classes: never a class name
 # The original project: resnet18, 3 classes, 300x300 squashed, mean/std 0.5 per channel.
 LEGACY_CLASSES = ["cherry", "strawberry", "tomato"]
 LEGACY_PREPROCESSING = {"input_size": 300, "resize": "squash", "crop_pct": 1.0,
@@ -64,6 +64,7 @@ class Trust(BaseModel):
     threshold: float = Field(ge=0, le=1)
     score: Literal[SCORES] = "energy"  # files from before the kNN score all used energy
     recall: float | None = Field(default=None, gt=0, lt=1)
+    negatives: dict | None = None  # {n, rejected}: photos of none of the classes it was fitted against
 
 
 class Training(BaseModel):

@@ -153,14 +153,35 @@ def auroc(known: np.ndarray, unknown: np.ndarray) -> float:
     return float((ranks[:len(known)].sum() - len(known) * (len(known) + 1) / 2) / (len(known) * len(unknown)))
 
 
+NEGATIVE_SLACK = 0.05  # the threshold may rise by this share of validation photos to reject the negatives
+
+
+def fit_threshold(known_scores: torch.Tensor, negative_scores: torch.Tensor, recall: float,
+                  slack: float = NEGATIVE_SLACK) -> float:
+    """The in_distribution share below which a photo is "unknown": 1 - recall, raised (by at most
+    `slack`) to the level that rejects the most negatives (photos known to be of none of the
+    classes) at the least cost to known photos."""
+    base = round(1.0 - recall, 6)
+    if not len(negative_scores):
+        return base
+    ordered = known_scores.float().sort().values
+    shares = (ordered[None, :] <= negative_scores.float()[:, None]).float().mean(1)  # the negatives' in_distribution
+    candidates = sorted({base} | {round(float(v) + 1e-6, 6) for v in shares if base < float(v) + 1e-6 <= base + slack})
+    rejected = [(float((shares < t).float().mean()), -t) for t in candidates]
+    return -max(rejected)[1]
+
+
 @torch.no_grad()
 def fit_trust(model: nn.Module, val_features: torch.Tensor, val_targets: torch.Tensor,
-              recall: float = DEFAULT_RECALL, score: str = "energy", train_features: torch.Tensor | None = None) -> dict:
-    """Calibration and the unknown verdict for a trained classifier, from its own photos alone.
+              recall: float = DEFAULT_RECALL, score: str = "energy", train_features: torch.Tensor | None = None,
+              negative_features: torch.Tensor | None = None) -> dict:
+    """Calibration and the unknown verdict for a trained classifier, from its own photos.
 
     - temperature: fitted on the validation logits (NLL, LBFGS);
     - score "knn": a bank of the training photos' normalised features;
-    - threshold: the validation photos' scores, so that `recall` of them keep their label.
+    - threshold: the validation photos' scores, so that `recall` of them keep their label, raised
+      against the negatives (photos of none of the classes, from unknown/ folders) where given
+      (fit_threshold).
     Features are the body's pooled features (the head makes the logits). Attaches model.trust
     (a TrustHead, saved with the weights); returns the metadata for the model file's "trust" key.
     """
@@ -168,15 +189,22 @@ def fit_trust(model: nn.Module, val_features: torch.Tensor, val_targets: torch.T
     if score not in SCORES:
         raise ValueError(f"unknown in-distribution score {score!r}; known: {', '.join(SCORES)}")
     head = model.head
+    logits = lambda f: head(f.float().to(head.weight.device, head.weight.dtype)).float().cpu()  # noqa: E731
     val_features = val_features.float().cpu()
-    val_logits = head(val_features.to(head.weight.device, head.weight.dtype)).float().cpu()
+    val_logits = logits(val_features)
     temperature = fit_temperature(val_logits, val_targets)
     stats = {"bank": knn_bank(train_features.cpu())} if score == "knn" else {}
     val_scores = TrustHead(torch.zeros(1), **stats).score(val_logits, val_features)
     trust = TrustHead(val_scores, **stats)
     model.trust = trust.to(head.weight.device)
-    threshold = round(1.0 - recall, 6)
+    negatives = torch.zeros(0) if negative_features is None or not len(negative_features) else \
+        trust.score(logits(negative_features), negative_features.float().cpu())
+    threshold = fit_threshold(val_scores, negatives, recall)
     accepted = float((trust.in_distribution(val_scores) >= threshold).float().mean())
     calibration = calibration_summary(val_logits.numpy(), val_targets.cpu().numpy(), temperature)
-    return {"temperature": temperature, "score": score, "threshold": threshold, "recall": recall,
-            "n_val": len(val_logits), "val_accepted": accepted, "val_calibration": calibration}
+    fitted = {"temperature": temperature, "score": score, "threshold": threshold, "recall": recall,
+              "n_val": len(val_logits), "val_accepted": accepted, "val_calibration": calibration}
+    if len(negatives):
+        fitted["negatives"] = {"n": len(negatives),
+                               "rejected": float((trust.in_distribution(negatives) < threshold).float().mean())}
+    return fitted

@@ -21,6 +21,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from fruitnet.formats import is_low_confidence  # noqa: E402
+
 __all__ = ["plot_curves", "plot_confusion", "plot_prediction_grid", "plot_mistakes", "plot_reliability",
            "prediction_caption", "spread_mistakes"]
 
@@ -28,8 +30,6 @@ THUMB_PX = 256
 MAX_COLS = 6
 MAX_LABEL = 40  # characters of a class name on the confusion matrix's axes
 FRAME = "0.55"  # the thin grey frame around every cell: white photos stay visible on the white page
-LOW_CONFIDENCE = 0.6  # a top probability below this, or
-NEAR_TIE = 0.1  # the top two closer than this, is marked "low confidence"
 COLORS = {"sure": "black", "low": "darkorange", "unknown": "tab:purple", "mistake": "red"}
 CAPTION_LEGEND = [("answer", COLORS["sure"]), ("low confidence ?", COLORS["low"]),
                   ("none of these (unknown)", COLORS["unknown"])]  # prediction_caption's colours
@@ -312,7 +312,7 @@ def _message_png(text: str, path: str | PathLike[str]) -> Path:
 
 def prediction_caption(result: dict) -> tuple[str, str]:
     """The grid's title for one prediction and its colour: 'tomato 97.1%' (black); a top probability
-    under LOW_CONFIDENCE or the top two within NEAR_TIE: 'strawberry 49.7% ?' over 'low confidence
+    under formats.LOW_CONFIDENCE or the top two within formats.NEAR_TIE: 'strawberry 49.7% ?' over 'low confidence
     (cherry 48.1%)' (orange); an unknown verdict: 'none of these' over '(closest: tomato 61.0%)' (purple)."""
     probs = result["probabilities"]
     best = result.get("best_guess", result["label"])
@@ -320,7 +320,7 @@ def prediction_caption(result: dict) -> tuple[str, str]:
         return f"none of these\n(closest: {best} {probs[best]:.1%})", COLORS["unknown"]
     ranked = sorted(probs.items(), key=lambda kv: -kv[1])
     second, p2 = ranked[1] if len(ranked) > 1 else ("", 0.0)
-    if probs[best] < LOW_CONFIDENCE or probs[best] - p2 < NEAR_TIE:
+    if is_low_confidence(result):
         return f"{best} {probs[best]:.1%} ?\nlow confidence ({second} {p2:.1%})", COLORS["low"]
     return f"{best} {probs[best]:.1%}", COLORS["sure"]
 

@@ -16,7 +16,7 @@ import os
 import platform
 import shutil
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
 
@@ -58,6 +58,7 @@ class SavedRun:
     train_items: list[Item]
     val_items: list[Item]
     checkpoint: dict | None  # None: stopped before the first epoch ended
+    negatives: list[Item] = field(default_factory=list)  # photos of none of the classes (DATA/unknown/)
 
 
 def read_run(path: Path) -> SavedRun:
@@ -72,7 +73,7 @@ def read_run(path: Path) -> SavedRun:
                          "the run cannot be resumed") from None
     if not (path / "split.csv").is_file():
         raise UsageError(f"{path}: split.csv is missing; the run cannot be resumed")
-    train_items, val_items = read_split(path / "split.csv")
+    train_items, val_items, negatives = read_split(path / "split.csv")
     stray = next((it for it in train_items + val_items if it.label not in config["classes"]), None)
     if stray is not None:
         raise UsageError(f"{path / 'split.csv'}: {stray.path} is in class {stray.label!r}, which the run does not "
@@ -84,7 +85,7 @@ def read_run(path: Path) -> SavedRun:
         except Exception as exc:
             raise UsageError(f"{path / 'checkpoint.pt'}: not a fruitnet checkpoint ({exc.__class__.__name__}); "
                              "the run cannot be resumed") from None
-    return SavedRun(path, config, train_items, val_items, checkpoint)
+    return SavedRun(path, config, train_items, val_items, checkpoint, negatives)
 
 
 def machine_info() -> dict:
@@ -111,24 +112,23 @@ class RunFolder:
 
             self.writer = SummaryWriter(str(self.path / "tensorboard"))
 
-    def start(self, config, recipe, classes: list[str], report: dict, train_items: list[Item],
-              val_items: list[Item], details: dict) -> None:
-        """config.json (the config, the recipe and how the run was set up: `details`), split.csv,
-        the data report and an empty metrics.csv."""
+    def start(self, config, recipe, data, details: dict) -> None:
+        """config.json (the config, the recipe and how the run was set up: `details`), split.csv
+        (training.Data's photos), the data report and an empty metrics.csv."""
         if not self.active:
             return
         from fruitnet.backbones import get_backbone
         from fruitnet.pipeline import use_image_cache
 
         pre = get_backbone(config.backbone).preprocessing
-        record = {"train": asdict(config), "recipe": asdict(recipe), "classes": classes, "preprocessing": pre,
-                  **details, "image_cache": use_image_cache(config, pre, len(train_items) + len(val_items)),
+        record = {"train": asdict(config), "recipe": asdict(recipe), "classes": data.classes, "preprocessing": pre,
+                  **details, "image_cache": use_image_cache(config, pre, len(data.train) + len(data.val)),
                   "machine": machine_info(),
-                  "kept_together": None if config.val_dir else report.get("kept_together"),
-                  "excluded": len(report.get("excluded", [])), "command": sys.argv,
-                  "started": datetime.now().isoformat(timespec="seconds")}
-        write_report(report, self.path)
-        write_split(self.path / "split.csv", train_items, val_items)
+                  "kept_together": None if config.val_dir else data.report.get("kept_together"),
+                  "excluded": len(data.report.get("excluded", [])), "negatives": len(data.negatives),
+                  "command": sys.argv, "started": datetime.now().isoformat(timespec="seconds")}
+        write_report(data.report, self.path)
+        write_split(self.path / "split.csv", data.train, data.val, data.negatives)
         (self.path / "config.json").write_text(json.dumps(record, indent=2))
         self.write_metrics([])
 
@@ -172,17 +172,18 @@ class RunFolder:
             plot_curves(rows, self.path / "curves.png", note=note, x=x)
 
     def add_trust(self, best_epoch: int, last_epoch: int, recall: float, device, log=print, val_set=None,
-                  frozen_body: bool = False, train_set=None, train_features: torch.Tensor | None = None) -> dict | None:
+                  frozen_body: bool = False, train_set=None, train_features: torch.Tensor | None = None,
+                  negatives: list[Item] = ()) -> dict | None:
         """Add calibration and the unknown verdict (ood.fit_trust) to last.safetensors and best.safetensors.
 
         val_set (and train_set): the images as (tensor, class) pairs. frozen_body picks the score
         (ood.choose_score); the kNN bank comes from the training photos' features: the cached
-        ones (train_features) or else extracted from train_set.  Each file is fitted with its own
-        weights, in fp32 (the arithmetic of the library default and of ONNX); when best is last,
-        it is copied.  Returns the last file's trust metadata."""
+        ones (train_features) or else extracted from train_set; negatives: photos of none of the
+        classes the threshold is raised against.  Each file is fitted with its own weights, in
+        fp32 (the arithmetic of the library default and of ONNX); when best is last, it is copied.
+        Returns the last file's trust metadata."""
         if not self.active:
             return None
-        from fruitnet.features import from_dataset
         from fruitnet.model import load_model
         from fruitnet.ood import choose_score, fit_trust
 
@@ -195,20 +196,20 @@ class RunFolder:
                 continue
             model, meta = load_model(path)
             model.to(device)
-            same_body = body is not None and all(torch.equal(a, b) for a, b in zip(body, model.body.state_dict().values()))
-            if not same_body:  # a frozen body is the same in both files: its features are too
-                features = from_dataset(model.body, val_set, 64, device, desc=f"calibration: validation features ({name})",
-                                        shared=False).tensors
-                if score == "knn" and train_features is None:
-                    train_features = from_dataset(model.body, train_set, 64, device, shared=False,
-                                                  desc="unknown verdict: training features").tensors[0]
+            if body is None or not all(torch.equal(a, b) for a, b in zip(body, model.body.state_dict().values())):
+                # a frozen body is the same in both files: so are its features
+                features = _trust_features(model, meta, name, val_set, train_set, negatives, score, device,
+                                           train_features)
                 body = list(model.body.state_dict().values())
-            meta["trust"] = fitted[name] = fit_trust(model, *features, recall, score, train_features)
+            val_x, val_y, extra = features
+            meta["trust"] = fitted[name] = fit_trust(model, val_x, val_y, recall=recall, score=score, **extra)
             save_model(path, model, meta)
         t = fitted["last"]
+        against = (f"; raised against the {t['negatives']['n']} photos of none of the classes, "
+                   f"{t['negatives']['rejected']:.1%} of them rejected" if "negatives" in t else "")
         log(f"calibration: temperature {t['temperature']:.3f}, validation ECE {t['val_calibration']['ece_before']:.3f} -> "
             f"{t['val_calibration']['ece_after']:.3f}; unknown verdict ({score} score) below in_distribution "
-            f"{t['threshold']:g} (keeps {t['val_accepted']:.1%} of validation photos)")
+            f"{t['threshold']:g} (keeps {t['val_accepted']:.1%} of validation photos{against})")
         return t
 
     def finish(self, summary: dict, images: dict | None = None) -> None:
@@ -224,3 +225,20 @@ class RunFolder:
                 self.writer.add_image(tag, np.asarray(Image.open(png).convert("RGB")), summary["epochs"],
                                       dataformats="HWC")
             self.writer.close()
+
+
+def _trust_features(model, meta: dict, name: str, val_set, train_set, negatives: list[Item], score: str, device,
+                    train_features: torch.Tensor | None) -> tuple:
+    """What ood.fit_trust reads, from this file's body in fp32: (validation features, their
+    targets) and, as keywords, the training features (kNN score) and the negatives' features."""
+    from fruitnet.features import from_dataset, from_files
+
+    val = from_dataset(model.body, val_set, 64, device, desc=f"calibration: validation features ({name})",
+                       shared=False).tensors
+    if score == "knn" and train_features is None:
+        train_features = from_dataset(model.body, train_set, 64, device, shared=False,
+                                      desc="unknown verdict: training features").tensors[0]
+    rows, failed = from_files(model.body, [(it.path, it.sha256) for it in negatives], meta["preprocessing"], device,
+                              desc="unknown verdict: photos of none of the classes")
+    negative = torch.from_numpy(rows[[it.path not in failed for it in negatives]]) if len(negatives) else None
+    return val[0], val[1], {"train_features": train_features, "negative_features": negative}

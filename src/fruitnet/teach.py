@@ -43,7 +43,6 @@ from fruitnet.errors import UsageError
 from fruitnet.predictors import UNKNOWN
 
 NONE_LABEL = "none"  # what --labels and the page call "none of these"
-NEGATIVE_SLACK = 0.05  # the threshold may rise by this share of validation photos to reject the negatives
 LABELS_CSV = "labels.csv"
 
 
@@ -119,28 +118,12 @@ def leave_one_out_knn(x: np.ndarray, bank: torch.Tensor, in_bank: np.ndarray) ->
     return -(2 - 2 * kth).clamp_min(0).sqrt()
 
 
-def fit_threshold(known_scores: torch.Tensor, negative_scores: torch.Tensor, recall: float,
-                  slack: float = NEGATIVE_SLACK) -> float:
-    """The in_distribution share below which a photo is "unknown": 1 - recall, raised (by at most
-    `slack`) to the level that rejects the most negatives at the least cost to known photos."""
-    base = round(1.0 - recall, 6)
-    if not len(negative_scores):
-        return base
-    ordered = known_scores.sort().values
-    share = lambda s: float((ordered <= s).float().mean())  # noqa: E731  in_distribution of a score
-    candidates = sorted({base} | {share(s) + 1e-6 for s in negative_scores.tolist()
-                                  if base < share(s) + 1e-6 <= base + slack})
-    rejected = [(float((torch.tensor([share(s) for s in negative_scores.tolist()]) < t).float().mean()), -t)
-                for t in candidates]
-    return round(-max(rejected)[1], 6)
-
-
 def refit(train: Known, val: Known, labelled: Known, negatives: np.ndarray, n_classes: int, l2: float,
           recall: float, class_weights: list[float] | None = None) -> Refit:
     """Head, temperature, kNN bank and threshold from the training, validation and labelled photos
     (see the module's docstring)."""
     from fruitnet.calibration import fit_temperature
-    from fruitnet.ood import MAX_BANK, knn, knn_bank, normalise
+    from fruitnet.ood import MAX_BANK, fit_threshold, knn, knn_bank, normalise
 
     t0 = time.perf_counter()
     weight, bias = fit_head(train + labelled, n_classes, l2, class_weights)
@@ -235,21 +218,19 @@ def file_sha256(path: str) -> str:
 
 
 def run_photos(model_path: Path, classes: list[str]) -> tuple[list, list, list]:
-    """The model's own training and validation photos and its negatives ("unknown" rows), from the
-    split.csv of its run folder; photos gone since are left out."""
+    """The model's own training and validation photos and its negatives (photos of none of the
+    classes), from the split.csv of its run folder; photos gone since are left out."""
     from fruitnet.dataset import read_split
 
     split = model_path.parent / "split.csv"
     if not split.is_file():
         raise UsageError(f"{model_path}: teach refits on the photos the model was trained on, listed in split.csv "
                          "beside the model file; pass a best.safetensors inside its run folder")
-    train, val = read_split(split)
-    train, val = ([it for it in items if os.path.isfile(it.path)] for items in (train, val))
-    negatives = [it for it in train + val if it.label == UNKNOWN]
-    strange = sorted({it.label for it in train + val} - set(classes) - {UNKNOWN})
+    parts = [[it for it in items if os.path.isfile(it.path)] for items in read_split(split)]
+    strange = sorted({it.label for it in parts[0] + parts[1]} - set(classes))
     if strange:
         raise UsageError(f"{split}: classes {strange} are not the model's ({', '.join(classes)})")
-    return [it for it in train if it.label != UNKNOWN], [it for it in val if it.label != UNKNOWN], negatives
+    return tuple(parts)
 
 
 class Teacher:
@@ -489,8 +470,10 @@ class Teacher:
     def _write_split(self, path: Path, labels: list[Label]) -> None:
         from fruitnet.dataset import Item, write_split
 
-        added = [Item(lb.copy, UNKNOWN if lb.label == NONE_LABEL else lb.label, lb.sha256) for lb in labels]
-        write_split(path, self.train_items + self.run_negatives + added, self.val_items)
+        added = [Item(lb.copy, UNKNOWN if lb.label == NONE_LABEL else lb.label, lb.sha256, source=str(self.into))
+                 for lb in labels]
+        write_split(path, self.train_items + [it for it in added if it.label != UNKNOWN], self.val_items,
+                    self.run_negatives + [it for it in added if it.label == UNKNOWN])
 
     def _out_folder(self) -> Path:
         from fruitnet.runfolder import new_output_folder

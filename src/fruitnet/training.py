@@ -32,14 +32,13 @@ from fruitnet import distributed
 from fruitnet.arithmetic import Arithmetic, choose_arithmetic, resolve_device
 from fruitnet.backbones import get_backbone
 from fruitnet.balance import Balance, resolve_balance
-from fruitnet.config import Recipe, TrainConfig, recipe_for, resolve, resume_config
-from fruitnet.dataset import Item, apply_exclude, format_data_report, scan, split, split_warnings
+from fruitnet.config import Recipe, TrainConfig, data_folders, recipe_for, resolve, resume_config
+from fruitnet.dataset import Item, apply_exclude, format_data_report, scan, scan_folders, split, split_warnings
 from fruitnet.errors import DataError, UsageError
 from fruitnet.features import from_dataset
 from fruitnet.interrupts import Interrupts
 from fruitnet.model import Classifier, create_classifier
 from fruitnet.pipeline import Pipeline, build_pipeline, make_loader
-from fruitnet.predictors import UNKNOWN
 from fruitnet.progress import bar as progress_bar
 from fruitnet.runfolder import RunFolder, SavedRun, new_output_folder, read_run
 from fruitnet.wise import WiseFT, copy_state
@@ -51,6 +50,7 @@ class Data:
     report: dict
     train: list[Item]
     val: list[Item]
+    negatives: list[Item] = field(default_factory=list)  # photos of none of the classes (unknown/ folders)
 
 
 @dataclass
@@ -185,17 +185,16 @@ def prepare(config: TrainConfig, saved: SavedRun | None, log) -> Session:
 
 def read_data(config: TrainConfig, log=print) -> Data:
     """Scan and split (or scan --val); the data report carries the warnings the split deserves.
-    --exclude FILE leaves the listed photos out of both sides; near-duplicate groups (identical
-    files and perceptual-hash copies, dataset.py) stay on one side of the split."""
-    catalog = scan(config.data)
-    if UNKNOWN in catalog.classes:
-        raise DataError(f"{config.data}: a class folder named {UNKNOWN!r} would be confused with the answer "
-                        f"{UNKNOWN!r} that fruitnet gives for photos of none of the classes; rename it "
-                        "(e.g. 'other')")
+    Several data folders merge class by class; the photos in an unknown/ folder are negatives,
+    photos of none of the classes that the unknown verdict is fitted against.  --exclude FILE
+    leaves the listed photos out; near-duplicate groups (identical files and perceptual-hash
+    copies, dataset.py) stay on one side of the split."""
+    folders = data_folders(config)
+    catalog = scan_folders(folders)
     val_catalog = scan(config.val_dir) if config.val_dir else None
     if val_catalog and val_catalog.classes != catalog.classes:
         raise DataError(f"{config.val_dir}: classes {val_catalog.classes} differ from "
-                        f"{config.data}'s {catalog.classes}")
+                        f"{' + '.join(folders)}'s {catalog.classes}")
     catalogs, excluded = apply_exclude([c for c in (catalog, val_catalog) if c], config.exclude)
     catalog, val_catalog = catalogs[0], (catalogs[1] if val_catalog else None)
     report = {**catalog.report(), **excluded}
@@ -206,7 +205,8 @@ def read_data(config: TrainConfig, log=print) -> Data:
         train_items, val_items = split(catalog, config.val_fraction, config.seed)
     report["warnings"] = split_warnings(catalog.classes, train_items, val_items)
     log(format_data_report(report))
-    return Data(catalog.classes, report, train_items, val_items)
+    negatives = catalog.negatives + (val_catalog.negatives if val_catalog else [])
+    return Data(catalog.classes, report, train_items, val_items, negatives)
 
 
 def build_model(config: TrainConfig, n_classes: int, device: torch.device, arith: Arithmetic) -> tuple[Classifier, str]:
@@ -224,9 +224,10 @@ def open_run_folder(s: Session) -> None:
     if s.saved is not None:
         s.run = RunFolder(s.saved.path, active=world.is_main, tensorboard=s.config.tensorboard)
         return
-    path = distributed.on_main(new_output_folder, s.config.out, "", [s.config.data, s.config.val_dir], "run folder")
+    path = distributed.on_main(new_output_folder, s.config.out, "", [*data_folders(s.config), s.config.val_dir],
+                               "run folder")
     s.run = RunFolder(path, active=world.is_main, tensorboard=s.config.tensorboard)
-    s.run.start(s.config, s.recipe, s.data.classes, s.data.report, s.data.train, s.data.val, {
+    s.run.start(s.config, s.recipe, s.data, {
         "weights_source": s.weights_source, "device": str(s.device), "arithmetic": s.arith.as_dict(),
         "distributed": world.describe(s.config.batch_size), "balance": s.balance.as_dict()})
 
@@ -386,7 +387,7 @@ def finish(s: Session, progress: Progress) -> dict:
         cached = s.pipeline.feature_views[0].tensors[0] if s.pipeline.feature_views else None  # the plain view
         s.run.add_trust(progress.best["epoch"], progress.rows[-1]["epoch"], s.config.unknown_recall, s.device,
                         s.log, val_set=s.pipeline.val, train_set=s.pipeline.plain_train, train_features=cached,
-                        frozen_body=s.config.mode == "freeze")
+                        frozen_body=s.config.mode == "freeze", negatives=s.data.negatives)
     pipeline, data = s.pipeline, s.data
     summary = {"best_val_accuracy": progress.best["val_accuracy"], "best_epoch": progress.best["epoch"],
                "epochs": len(progress.rows), "seconds": round(progress.elapsed, 2),
@@ -510,14 +511,14 @@ def warm_up_head(s: Session) -> None:
 def _saved_data(saved: SavedRun, log) -> Data:
     """The run's own split; photos that have disappeared since are left out, and said so."""
     lists = []
-    for items in (saved.train_items, saved.val_items):
+    for items in (saved.train_items, saved.val_items, saved.negatives):
         missing = [it for it in items if not os.path.isfile(it.path)]
         for it in missing:
             log(f"skipped {it.path}: file no longer exists")
         lists.append([it for it in items if os.path.isfile(it.path)])
-    report = {"warnings": split_warnings(saved.config["classes"], *lists),
+    report = {"warnings": split_warnings(saved.config["classes"], *lists[:2]),
               "skipped": [{"path": it.path, "reason": "file no longer exists"}
-                          for items in (saved.train_items, saved.val_items) for it in items
+                          for items in (saved.train_items, saved.val_items, saved.negatives) for it in items
                           if not os.path.isfile(it.path)]}
     return Data(saved.config["classes"], report, *lists)
 
