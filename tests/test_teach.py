@@ -17,7 +17,7 @@ import torch
 from conftest import DEMO_DATA, run_cli
 
 from fruitnet.ood import fit_threshold
-from fruitnet.teach import Known, farthest_first, leave_one_out_knn, rank
+from fruitnet.teach import Known, farthest_first, rank
 
 
 def digest(folder: Path) -> dict[str, str]:
@@ -42,18 +42,18 @@ def labels_file(path: Path, rows: list[tuple[Path, str]]) -> Path:
 
 # --- the rules of a refit ------------------------------------------------------------------------
 
-def test_leave_one_out_scores_a_bank_row_without_itself():
-    from fruitnet.ood import knn, normalise
+def test_left_out_scores_a_bank_row_without_itself_and_its_copies():
+    from fruitnet.ood import knn, knn_left_out, normalise
 
     rng = np.random.default_rng(0)
-    x = rng.normal(size=(30, 8)).astype(np.float32)
-    bank = normalise(torch.from_numpy(x))
-    inside = knn(torch.from_numpy(x), bank, k=10)
-    left_out = leave_one_out_knn(x, bank, np.arange(30))
-    # with itself in the bank a row's k-th neighbour is nearer than without it
-    assert (left_out < inside).all()
-    expected = knn(torch.from_numpy(x[:1]), bank[1:], k=10)  # row 0 against the others alone
-    assert torch.allclose(left_out[:1], expected, atol=1e-6)
+    x = torch.from_numpy(rng.normal(size=(30, 8)).astype(np.float32))
+    bank = normalise(x)
+    inside = knn(x, bank, k=10)
+    alone = knn_left_out(x, bank, np.arange(30), np.arange(30), block=7)
+    assert (alone < inside).all()  # with itself in the bank a row's k-th neighbour is nearer
+    assert torch.allclose(alone[:1], knn(x[:1], bank[1:], k=10), atol=1e-6)  # row 0 against the others alone
+    pairs = np.arange(30) // 2  # rows 2i and 2i+1 are copies of each other: both left out
+    assert torch.allclose(knn_left_out(x, bank, pairs, pairs)[:1], knn(x[:1], bank[2:], k=10), atol=1e-6)
 
 
 def test_the_threshold_rises_against_negatives_but_never_past_the_slack():
@@ -77,7 +77,7 @@ def test_farthest_first_spreads_its_picks_and_coverage_starts_far_from_the_known
     assert first[0] // 20 == 2
 
 
-def test_every_ranking_is_an_order_of_all_the_photos(trained_model):
+def test_every_ranking_is_an_order_of_all_the_photos():
     from fruitnet.teach import Refit
 
     rng = np.random.default_rng(2)

@@ -308,6 +308,12 @@ LOOSE = "not inside a class folder"
 SHOWN = 5  # the report names this many duplicate groups and ignored files, then says how many more
 
 
+def _names(group: list[str], shown: int = 3) -> str:
+    """'a = b = c and 2,002 more': a group's first few names, on one line."""
+    more = f" and {len(group) - shown:,} more" if len(group) > shown else ""
+    return " = ".join(group[:shown]) + more
+
+
 def _first(entries: list[str], what: str) -> list[str]:
     more = [f"    and {len(entries) - SHOWN} more {what} (--json lists them all)"] if len(entries) > SHOWN else []
     return [f"    {e}" for e in entries[:SHOWN]] + more
@@ -419,23 +425,19 @@ def format_data_report(report: dict) -> str:
              f"  {len(report['classes'])} classes, {report['usable']} usable images"]
     width = max(len(c) for c in report["classes"])
     lines += [f"    {cls:<{width}}  {n}" for cls, n in report["counts"].items()]
-    if report["duplicates"]:
-        n = sum(len(g) for g in report["duplicates"])
-        lines.append(f"  {len(report['duplicates'])} group(s) of exact duplicates ({n} files):")
-        lines += _first([" = ".join(g) for g in report["duplicates"]], "groups")
-    if report.get("near_duplicates"):
-        n = sum(len(g) for g in report["near_duplicates"])
-        lines.append(f"  {len(report['near_duplicates'])} groups of near-duplicates ({n} files: resized, "
-                     "re-encoded or cropped copies)")
+    kept = report.get("kept_together") or {"groups": 0, "files": 0}
+    if kept["groups"]:  # the same counts as check --deep's before its feature-space copies
+        near = len(report.get("near_duplicates", []))
+        lines.append(f"  {kept['groups']} duplicate groups ({kept['files']} files), each kept on one side of the split: "
+                     f"{kept['groups'] - near} of identical files only, {near} with near-copies (resized, re-encoded "
+                     "or cropped)")
+        lines += _first([_names(g) for g in report["duplicates"]], "groups of identical files")
     if report.get("negatives"):
         lines.append(f"  {report['negatives']} photo(s) of none of the classes in unknown/: no class; the 'unknown' "
                      "verdict is fitted against them")
-    if report.get("kept_together", {}).get("groups"):
-        kept = report["kept_together"]
-        lines.append(f"  {kept['groups']} duplicate groups ({kept['files']} files) kept on one side of the split")
     if report.get("label_conflicts"):
         lines.append(f"  {len(report['label_conflicts'])} duplicate group(s) span two classes (label conflicts):")
-        lines += [f"    {' = '.join(g)}" for g in report["label_conflicts"]]
+        lines += _first([_names(g) for g in report["label_conflicts"]], "groups")
     if report.get("excluded"):
         lines.append(f"  {len(report['excluded'])} photo(s) left out by the exclude list")
     if report.get("exclude_unmatched"):

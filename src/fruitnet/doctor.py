@@ -3,12 +3,14 @@
 Plain check (fast, no torch needed for the findings): counts, exact duplicates (same bytes) and
 near-duplicates (perceptual hash, dataset.py), groups that span two classes (label conflicts),
 class imbalance.  --deep adds what only a trained eye sees:
-1. features of every photo from the pretrained body (the default backbone, offline weights), by features.from_files;
+1. features of every photo from the pretrained body (the default backbone, offline weights), by
+   features.from_files;
 2. out-of-fold class probabilities from a linear head (logistic regression), k-fold cross-validated
    with near-duplicate groups kept inside one fold, so no photo is judged by a model that saw its copy;
 3. cleanlab's Datalab on those features and probabilities: label issues (likely mislabelled photos,
-   with the class the data suggests), outliers (unlike anything in any class), near-duplicates in
-   feature space, class imbalance.
+   with the class the data suggests), near-duplicates in feature space, class imbalance;
+4. outliers by the score the default model's "unknown" verdict uses (ood.knn, the same features):
+   a photo far from its 10th most similar other photo, beyond Tukey's fence, is unlike the rest.
 Outputs go to a folder outside the data folder: report.json, photos.csv (every photo's scores) and
 a self-contained report.html (thumbnails inline as data URIs).  Nothing is written into DATA.
 """
@@ -160,68 +162,91 @@ def out_of_fold_probabilities(features: np.ndarray, labels: np.ndarray, groups: 
 
 def deep_findings(catalog: Catalog, backbone: str = DEFAULT_BACKBONE, folds: int = 5, seed: int = 0,
                   cache_dir: str | Path | None = None, progress: bool = True, log=print) -> dict:
-    """quick_findings plus label issues, outliers and feature-space near-duplicates (cleanlab Datalab)."""
+    """quick_findings plus label issues and feature-space near-duplicates (cleanlab Datalab), and
+    outliers by the unknown verdict's own score (ood.knn on the same features): each photo's
+    distance to its 10th most similar photo among the others (its own copies left out), flagged
+    beyond Tukey's fence (ood.far_out)."""
     import cleanlab
-    from cleanlab import Datalab
+
+    from fruitnet.ood import far_out
 
     usable = catalog.usable
     seconds = {}
     t = time.perf_counter()
     features = extract_features(usable, backbone, cache_dir=cache_dir, progress=progress)
     seconds["features"] = time.perf_counter() - t
-
     t = time.perf_counter()
-    index = {c: i for i, c in enumerate(catalog.classes)}
-    labels = np.array([index[it.label] for it in usable])
-    hash_groups = catalog.groups()
-    group_of = np.zeros(len(usable), dtype=int)
-    position = {it.path: i for i, it in enumerate(usable)}
-    for g, members in enumerate(hash_groups):
-        for it in members:
-            group_of[position[it.path]] = g
+    labels = np.array([catalog.classes.index(it.label) for it in usable])
+    group_of = _group_of(catalog)
     probs = out_of_fold_probabilities(features, labels, group_of, folds, seed)
     seconds["cross_validation"] = time.perf_counter() - t
     log(f"linear head, {folds}-fold cross-validated: out-of-fold accuracy {np.mean(probs.argmax(1) == labels):.3f}")
-
     t = time.perf_counter()
-    lab = Datalab(data={"label": np.array([it.label for it in usable])}, label_name="label", verbosity=0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        lab.find_issues(features=features, pred_probs=probs,
-                        issue_types={"label": {}, "outlier": {}, "class_imbalance": {},
-                                     "near_duplicate": {"threshold": NEAR_DUPLICATE_THRESHOLD}})
+    lab = _datalab(usable, features, probs)
     seconds["cleanlab"] = time.perf_counter() - t
+    distance = _outlier_distances(features, group_of)
 
-    label_issues = lab.get_issues("label")
-    outliers = lab.get_issues("outlier")
     near_sets = lab.get_info("near_duplicate")["near_duplicate_sets"]
     feature_pairs = [(i, int(j)) for i, js in enumerate(near_sets) for j in js]
     groups = _groups(catalog, feature_pairs)
-    imbalanced_classes = sorted({usable[i].label for i in
-                                 np.flatnonzero(lab.get_issues("class_imbalance")["is_class_imbalance_issue"])})
-
     findings = quick_findings(catalog)
     findings["duplicate_groups"] = _group_entries(usable, groups, feature_pairs)
-    findings["imbalance"]["cleanlab_flags"] = imbalanced_classes
+    findings["imbalance"]["cleanlab_flags"] = sorted({usable[i].label for i in np.flatnonzero(
+        lab.get_issues("class_imbalance")["is_class_imbalance_issue"])})
     suggested = [catalog.classes[k] for k in probs.argmax(1)]
-    label_score = label_issues["label_score"].to_numpy()
-    outlier_score = outliers["outlier_score"].to_numpy()
+    issues = lab.get_issues("label")
+    label_score = issues["label_score"].to_numpy()
     findings["label_issues"] = [
         {"path": usable[i].path, "label": usable[i].label, "suggested": suggested[i],
          "score": round(float(label_score[i]), 4), "probability_of_label": round(float(probs[i, labels[i]]), 4)}
-        for i in np.argsort(label_score, kind="stable") if label_issues["is_label_issue"].iloc[i]]
+        for i in np.argsort(label_score, kind="stable") if issues["is_label_issue"].iloc[i]]
     findings["outliers"] = [
-        {"path": usable[i].path, "label": usable[i].label, "score": round(float(outlier_score[i]), 4)}
-        for i in np.argsort(outlier_score, kind="stable") if outliers["is_outlier_issue"].iloc[i]]
+        {"path": usable[i].path, "label": usable[i].label, "score": round(float(distance[i]), 4)}
+        for i in np.argsort(-distance, kind="stable") if far_out(distance)[i]]
     findings["deep"] = {"backbone": backbone, "folds": folds, "seed": seed, "cleanlab": cleanlab.__version__,
                         "out_of_fold_accuracy": round(float(np.mean(probs.argmax(1) == labels)), 4),
                         "seconds": {k: round(v, 2) for k, v in seconds.items()}}
     group_index = {i: k for k, g in enumerate(g for g in groups if len(g) > 1) for i in g}
     findings["photos"] = [  # every photo's scores, for photos.csv (not report.json: it can be long)
         {"path": it.path, "label": it.label, "suggested": suggested[i], "label_score": round(float(label_score[i]), 6),
-         "outlier_score": round(float(outlier_score[i]), 6), "duplicate_group": group_index.get(i, "")}
+         "outlier_distance": round(float(distance[i]), 6), "duplicate_group": group_index.get(i, "")}
         for i, it in enumerate(usable)]
     return findings
+
+
+def _group_of(catalog: Catalog) -> np.ndarray:
+    """The split's duplicate group (identical files and perceptual-hash copies) of each usable photo."""
+    position = {it.path: i for i, it in enumerate(catalog.usable)}
+    group_of = np.zeros(len(position), dtype=int)
+    for g, members in enumerate(catalog.groups()):
+        for it in members:
+            group_of[position[it.path]] = g
+    return group_of
+
+
+def _datalab(usable: list[Item], features: np.ndarray, probs: np.ndarray):
+    """cleanlab's Datalab on the features and out-of-fold probabilities: label issues,
+    near-duplicates in feature space, class imbalance."""
+    from cleanlab import Datalab
+
+    lab = Datalab(data={"label": np.array([it.label for it in usable])}, label_name="label", verbosity=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lab.find_issues(features=features, pred_probs=probs,
+                        issue_types={"label": {}, "class_imbalance": {},
+                                     "near_duplicate": {"threshold": NEAR_DUPLICATE_THRESHOLD}})
+    return lab
+
+
+def _outlier_distances(features: np.ndarray, group_of: np.ndarray) -> np.ndarray:
+    """Each photo's kNN distance (ood.knn, the unknown verdict's score) to the other photos, its
+    own duplicate group left out."""
+    import torch
+
+    from fruitnet.ood import knn_left_out, normalise
+
+    x = torch.from_numpy(features)
+    return -knn_left_out(x, normalise(x), group_of, group_of).numpy()
 
 
 def suspects(findings: dict) -> list[str]:
@@ -256,9 +281,10 @@ def format_summary(findings: dict) -> str:
     groups = findings["duplicate_groups"]
     exact = [g for g in groups if g["exact"]]
     conflicts = [g for g in groups if g["label_conflict"]]
-    lines.append(f"  {len(groups)} duplicate groups ({sum(len(g['paths']) for g in groups)} files): "
-                 f"{len(exact)} of identical files, {len(groups) - len(exact)} of near-duplicates; "
-                 "the training split keeps each on one side")
+    lines.append(f"  {len(groups)} duplicate groups ({sum(len(g['paths']) for g in groups)} files), each kept on one "
+                 f"side of the split: {len(exact)} of identical files only, {len(groups) - len(exact)} with near-copies"
+                 + (" (--deep also joins copies found in feature space: more, or larger, groups than check alone)"
+                    if findings["deep"] is not None else ""))
     if conflicts:
         lines.append(f"  {len(conflicts)} group(s) span two classes (label conflicts):")
         lines += [f"    {' = '.join(f'{p} [{l}]' for p, l in zip(g['paths'], g['labels']))}" for g in conflicts[:10]]
@@ -269,7 +295,8 @@ def format_summary(findings: dict) -> str:
         lines += [f"    {e['path']}: {e['label']} -> {e['suggested']} ({e['score']:.3f})" for e in findings["label_issues"][:10]]
         if len(findings["label_issues"]) > 10:
             lines.append(f"    ... and {len(findings['label_issues']) - 10} more in report.html")
-        lines.append(f"  {len(findings['outliers'])} outliers (unlike any class; score):")
+        lines.append(f"  {len(findings['outliers'])} outliers (unlike the other photos, often fine photos of an "
+                     "unusual look; distance):")
         lines += [f"    {e['path']} [{e['label']}] ({e['score']:.3f})" for e in findings["outliers"][:10]]
         if len(findings["outliers"]) > 10:
             lines.append(f"    ... and {len(findings['outliers']) - 10} more in report.html")
@@ -328,78 +355,107 @@ figure img{background:#222}.path{color:#aaa}}
 
 
 def render_html(report: dict) -> str:
-    """One self-contained page: inline CSS, thumbnails as data URIs, no scripts, no external assets."""
-    esc = html.escape
-    thumbs: dict[str, str | None] = {}
+    """One self-contained page: inline CSS, thumbnails as data URIs, no scripts, no external assets.
+    What a user acts on comes first (likely mislabelled photos, outliers, label conflicts), then
+    the duplicate groups the split already handles."""
+    page = _Page(report)
+    parts = page.header() + page.counts()
+    if report["deep"]:
+        parts += page.mislabelled() + page.outliers()
+    parts += page.groups() + page.skipped()
+    return ("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
+            "<meta name='viewport' content='width=device-width,initial-scale=1'>"
+            f"<title>fruitnet check: {html.escape(report['root'])}</title><style>{_CSS}</style></head><body>"
+            + "\n".join(parts) + "</body></html>\n")
 
-    def figure(path: str, caption: str) -> str:
-        if path not in thumbs:
-            thumbs[path] = thumbnail_uri(path)
-        img = (f'<img src="{thumbs[path]}" alt="{esc(Path(path).name)}">' if thumbs[path]
+
+class _Page:
+    """report.html's sections, each a list of HTML fragments; thumbnails made once per photo."""
+
+    def __init__(self, report: dict):
+        self.report, self.thumbs = report, {}
+        self.suspect = {e["path"]: e["suggested"] for e in report.get("label_issues", [])}
+
+    def figure(self, path: str, caption: str) -> str:
+        esc = html.escape
+        if path not in self.thumbs:
+            self.thumbs[path] = thumbnail_uri(path)
+        img = (f'<img src="{self.thumbs[path]}" alt="{esc(Path(path).name)}">' if self.thumbs[path]
                else '<div class="bad">cannot be shown</div>')
         return f'<figure>{img}<figcaption>{caption}<br><span class="path">{esc(path)}</span></figcaption></figure>'
 
-    def more(n: int) -> str:
-        return f'<p class="note">... and {n - HTML_LIMIT} more in report.json</p>' if n > HTML_LIMIT else ""
+    @staticmethod
+    def more(n: int) -> list[str]:
+        return [f'<p class="note">... and {n - HTML_LIMIT} more in report.json</p>'] if n > HTML_LIMIT else []
 
-    counts, imb = report["counts"], report["imbalance"]
-    top = max(counts.values())
-    parts = [f"<h1>fruitnet check: {esc(report['root'])}</h1>",
-             f"<p>{len(report['classes'])} classes, {report['usable']} usable photos"
-             + (f"; deep check with {esc(report['deep']['backbone'])} features, {report['deep']['folds']}-fold "
-                f"linear head (out-of-fold accuracy {report['deep']['out_of_fold_accuracy']:.3f}), "
-                f"cleanlab {esc(report['deep']['cleanlab'])}" if report["deep"] else "; quick check (add --deep "
-                "for likely mislabelled photos and outliers)") + "</p>",
-             '<h2 id="balance">Class counts and balance</h2><table>']
-    parts += [f'<tr><td>{esc(c)}</td><td>{n}</td><td><span class="bar" style="width:{300 * n // max(top, 1)}px">'
-              "</span></td></tr>" for c, n in counts.items()]
-    parts.append(f"</table><p>largest / smallest = {imb['ratio']:.2f}: "
-                 + (f'<span class="bad">imbalanced</span> (above {imb["threshold"]}x); training weights the loss '
-                    "by class (<code>--balance auto</code>)" if imb["imbalanced"] else "balanced enough") + "</p>")
+    def header(self) -> list[str]:
+        report, esc = self.report, html.escape
+        deep = report["deep"]
+        groups = report["duplicate_groups"]
+        found = ([("mislabelled", "likely mislabelled", len(report["label_issues"])),
+                  ("outliers", "outliers", len(report["outliers"]))] if deep else []) + [
+            ("conflicts", "label conflicts", sum(g["label_conflict"] for g in groups)),
+            ("duplicates", "duplicate groups", sum(not g["label_conflict"] for g in groups))]
+        return [f"<h1>fruitnet check: {esc(report['root'])}</h1>",
+                f"<p>{len(report['classes'])} classes, {report['usable']} usable photos"
+                + (f"; deep check with {esc(deep['backbone'])} features, {deep['folds']}-fold linear head "
+                   f"(out-of-fold accuracy {deep['out_of_fold_accuracy']:.3f}), cleanlab {esc(deep['cleanlab'])}"
+                   if deep else "; quick check (add --deep for likely mislabelled photos and outliers)") + "</p>",
+                "<p>" + " &middot; ".join(f'<a href="#{a}">{n} {t}</a>' for a, t, n in found) + "</p>"]
 
-    groups = report["duplicate_groups"]
-    suspect = {e["path"]: e["suggested"] for e in report.get("label_issues", [])}
+    def counts(self) -> list[str]:
+        counts, imb, esc = self.report["counts"], self.report["imbalance"], html.escape
+        top = max(counts.values())
+        return (['<h2 id="balance">Class counts and balance</h2><table>']
+                + [f'<tr><td>{esc(c)}</td><td>{n}</td><td><span class="bar" style="width:{300 * n // max(top, 1)}px">'
+                   "</span></td></tr>" for c, n in counts.items()]
+                + [f"</table><p>largest / smallest = {imb['ratio']:.2f}: "
+                   + (f'<span class="bad">imbalanced</span> (above {imb["threshold"]}x); training weights the loss '
+                      "by class (<code>--balance auto</code>)" if imb["imbalanced"] else "balanced enough") + "</p>"])
 
-    def member(path: str, label: str, how: str) -> str:
-        flag = f" <span class='bad'>likely {esc(suspect[path])}</span>" if path in suspect else ""
-        return figure(path, f"<b>{esc(label)}</b>{flag} <span class='note'>({esc(how)})</span>")
+    def mislabelled(self) -> list[str]:
+        issues, esc = self.report["label_issues"], html.escape
+        return ([f'<h2 id="mislabelled">Likely mislabelled ({len(issues)})</h2><p class="note">Most suspicious first: '
+                 "move each to the class it shows, or leave it out with --write-exclude (delete the lines of the "
+                 "photos you keep). Score: cleanlab's label quality (0 = surely wrong, 1 = surely right).</p>"
+                 "<div class='grid'>"]
+                + [self.figure(e["path"], f"<span class='bad'>{esc(e['label'])}</span> &rarr; "
+                               f"<b>{esc(e['suggested'])}</b> ({e['score']:.3f})") for e in issues[:HTML_LIMIT]]
+                + ["</div>"] + self.more(len(issues)))
 
-    found = [("conflicts", "label conflicts", sum(g["label_conflict"] for g in groups)),
-             ("duplicates", "duplicate groups", sum(not g["label_conflict"] for g in groups))]
-    if report["deep"]:
-        found += [("mislabelled", "likely mislabelled", len(report["label_issues"])),
-                  ("outliers", "outliers", len(report["outliers"]))]
-    parts.insert(2, "<p>" + " &middot; ".join(f'<a href="#{a}">{n} {t}</a>' for a, t, n in found) + "</p>")
-    for title, anchor, chosen, note in (
-            ("Label conflicts: copies filed under different classes", "conflicts",
-             [g for g in groups if g["label_conflict"]], "At least one copy in each group is in the wrong folder."),
-            ("Near-duplicate and duplicate groups", "duplicates", [g for g in groups if not g["label_conflict"]],
-             "Each group is kept on one side of the training split, so validation never sees a copy of a "
-             "training photo.")):
-        parts.append(f'<h2 id="{anchor}">{title} ({len(chosen)})</h2><p class="note">{note}</p>')
-        for g in chosen[:HTML_LIMIT]:
-            how = ", ".join(g["found_by"])
-            parts.append(f'<div class="group{" conflict" if g["label_conflict"] else ""}">'
-                         + "".join(member(p, l, how) for p, l in zip(g["paths"], g["labels"])) + "</div>")
-        parts.append(more(len(chosen)))
+    def outliers(self) -> list[str]:
+        outliers, esc = self.report["outliers"], html.escape
+        return ([f'<h2 id="outliers">Outliers ({len(outliers)})</h2><p class="note">Photos unlike the rest, most '
+                 "unusual first: the model would likely answer 'unknown' for them. Often they are fine photos "
+                 "(a cut fruit, an unusual angle): keep them unless they show something else. Score: distance "
+                 "to the 10th most similar other photo (higher = more unusual).</p><div class='grid'>"]
+                + [self.figure(e["path"], f"in <b>{esc(e['label'])}</b> ({e['score']:.3f})")
+                   for e in outliers[:HTML_LIMIT]]
+                + ["</div>"] + self.more(len(outliers)))
 
-    if report["deep"]:
-        issues = report["label_issues"]
-        parts.append(f'<h2 id="mislabelled">Likely mislabelled ({len(issues)})</h2><p class="note">Most suspicious '
-                     "first. Score: cleanlab's label quality (0 = surely wrong, 1 = surely right).</p><div class='grid'>")
-        parts += [figure(e["path"], f"<span class='bad'>{esc(e['label'])}</span> &rarr; <b>{esc(e['suggested'])}</b> "
-                         f"({e['score']:.3f})") for e in issues[:HTML_LIMIT]]
-        parts.append("</div>" + more(len(issues)))
-        outliers = report["outliers"]
-        parts.append(f'<h2 id="outliers">Outliers ({len(outliers)})</h2><p class="note">Photos unlike anything in any '
-                     "class, most unusual first. Score: cleanlab's outlier score (low = unusual).</p><div class='grid'>")
-        parts += [figure(e["path"], f"in <b>{esc(e['label'])}</b> ({e['score']:.3f})") for e in outliers[:HTML_LIMIT]]
-        parts.append("</div>" + more(len(outliers)))
-    if report["skipped"]:
-        parts.append(f'<h2 id="skipped">Files that cannot be used ({len(report["skipped"])})</h2><table>')
-        parts += [f"<tr><td>{esc(s['path'])}</td><td>{esc(s['reason'])}</td></tr>" for s in report["skipped"]]
-        parts.append("</table>")
-    return ("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
-            "<meta name='viewport' content='width=device-width,initial-scale=1'>"
-            f"<title>fruitnet check: {esc(report['root'])}</title><style>{_CSS}</style></head><body>"
-            + "\n".join(parts) + "</body></html>\n")
+    def groups(self) -> list[str]:
+        groups, esc, parts = self.report["duplicate_groups"], html.escape, []
+
+        def member(path: str, label: str, how: str) -> str:
+            flag = f" <span class='bad'>likely {esc(self.suspect[path])}</span>" if path in self.suspect else ""
+            return self.figure(path, f"<b>{esc(label)}</b>{flag} <span class='note'>({esc(how)})</span>")
+
+        for title, anchor, chosen, note in (
+                ("Label conflicts: copies filed under different classes", "conflicts",
+                 [g for g in groups if g["label_conflict"]], "At least one copy in each group is in the wrong folder."),
+                ("Near-duplicate and duplicate groups", "duplicates", [g for g in groups if not g["label_conflict"]],
+                 "Nothing to do: each group is kept on one side of the training split, so validation never sees "
+                 "a copy of a training photo.")):
+            parts.append(f'<h2 id="{anchor}">{title} ({len(chosen)})</h2><p class="note">{note}</p>')
+            parts += [f'<div class="group{" conflict" if g["label_conflict"] else ""}">'
+                      + "".join(member(p, lb, ", ".join(g["found_by"])) for p, lb in zip(g["paths"], g["labels"]))
+                      + "</div>" for g in chosen[:HTML_LIMIT]]
+            parts += self.more(len(chosen))
+        return parts
+
+    def skipped(self) -> list[str]:
+        skipped, esc = self.report["skipped"], html.escape
+        if not skipped:
+            return []
+        return ([f'<h2 id="skipped">Files that cannot be used ({len(skipped)})</h2><table>']
+                + [f"<tr><td>{esc(s['path'])}</td><td>{esc(s['reason'])}</td></tr>" for s in skipped] + ["</table>"])

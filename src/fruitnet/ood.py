@@ -97,6 +97,28 @@ def knn(features: torch.Tensor, bank: torch.Tensor, k: int = KNN_K) -> torch.Ten
     return -(2 - 2 * kth).clamp_min(0).sqrt()
 
 
+def knn_left_out(features: torch.Tensor, bank: torch.Tensor, groups: np.ndarray, bank_groups: np.ndarray,
+                 k: int = KNN_K, block: int = 1024) -> torch.Tensor:
+    """knn() for rows whose own photos are in the bank: row i leaves out the bank rows of its own
+    group (groups[i] == bank_groups[j]: itself, and its copies), so it scores only by the others.
+    A block of rows at a time: memory stays at block x len(bank)."""
+    groups, bank_groups = torch.as_tensor(groups), torch.as_tensor(bank_groups)
+    scores = []
+    for start in range(0, len(features), block):
+        sim = normalise(features[start:start + block]) @ bank.T
+        sim[groups[start:start + block, None] == bank_groups[None, :]] = -2.0  # below any cosine similarity
+        kth = sim.topk(min(k, bank.shape[0] - 1), dim=1).values[:, -1]
+        scores.append(-(2 - 2 * kth).clamp_min(0).sqrt())
+    return torch.cat(scores) if scores else torch.zeros(0)
+
+
+def far_out(distances: np.ndarray) -> np.ndarray:
+    """Tukey's fence: the distances beyond the upper quartile by more than 1.5 times the
+    interquartile range (a textbook rule, not tuned here: bench/results/doctor.md)."""
+    q1, q3 = np.percentile(distances, [25, 75])
+    return distances > q3 + 1.5 * (q3 - q1)
+
+
 def knn_bank(features: torch.Tensor, limit: int = MAX_BANK) -> torch.Tensor:
     """The normalised training features, at most `limit` of them: an evenly spaced, deterministic
     sample of a larger set, so each class keeps about its share."""

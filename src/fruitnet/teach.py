@@ -106,24 +106,12 @@ def fit_head(known: Known, n_classes: int, l2: float, class_weights: list[float]
     return head.weight.detach().clone(), head.bias.detach().clone()
 
 
-def leave_one_out_knn(x: np.ndarray, bank: torch.Tensor, in_bank: np.ndarray) -> torch.Tensor:
-    """ood.knn for rows of x, where row i with in_bank[i] >= 0 is bank row in_bank[i] and is left
-    out of its own neighbours."""
-    from fruitnet.ood import KNN_K, normalise
-
-    sim = normalise(torch.from_numpy(x).float()) @ bank.T
-    rows = np.flatnonzero(in_bank >= 0)
-    sim[rows, torch.from_numpy(in_bank[rows])] = -2.0  # below any cosine similarity
-    kth = sim.topk(min(KNN_K, bank.shape[0] - 1), dim=1).values[:, -1]
-    return -(2 - 2 * kth).clamp_min(0).sqrt()
-
-
 def refit(train: Known, val: Known, labelled: Known, negatives: np.ndarray, n_classes: int, l2: float,
           recall: float, class_weights: list[float] | None = None) -> Refit:
     """Head, temperature, kNN bank and threshold from the training, validation and labelled photos
     (see the module's docstring)."""
     from fruitnet.calibration import fit_temperature
-    from fruitnet.ood import MAX_BANK, fit_threshold, knn, knn_bank, normalise
+    from fruitnet.ood import MAX_BANK, fit_threshold, knn, knn_bank, knn_left_out, normalise
 
     t0 = time.perf_counter()
     weight, bias = fit_head(train + labelled, n_classes, l2, class_weights)
@@ -131,8 +119,9 @@ def refit(train: Known, val: Known, labelled: Known, negatives: np.ndarray, n_cl
     bank = torch.cat([normalise(torch.from_numpy(labelled.x)), knn_bank(torch.from_numpy(train.x), keep)])
     val_logits = torch.from_numpy(val.x).float() @ weight.T + bias
     temperature = fit_temperature(val_logits, torch.from_numpy(val.y).long())
+    own = np.concatenate([np.arange(len(labelled)), np.full(len(bank) - len(labelled), -1)])  # labelled rows first
     known_scores = torch.cat([knn(torch.from_numpy(val.x).float(), bank),
-                              leave_one_out_knn(labelled.x, bank, np.arange(len(labelled)))])
+                              knn_left_out(torch.from_numpy(labelled.x).float(), bank, np.arange(len(labelled)), own)])
     negative_scores = knn(torch.from_numpy(negatives).float(), bank) if len(negatives) else torch.zeros(0)
     threshold = fit_threshold(known_scores, negative_scores, recall)
     return Refit(weight, bias, temperature, bank, known_scores.sort().values, threshold,
