@@ -372,12 +372,13 @@ def test_check_names_ignored_files_and_duplicate_groups_then_counts_the_rest(tmp
         (data / "cherry" / f"note{i}.txt").write_text("x")
     result = run_cli("check", data)
     assert result.returncode == 0, result.stderr
-    assert "7 group(s) of exact duplicates (14 files)" in result.stdout
+    assert "each kept on one side of the split" in result.stdout
     lines = result.stdout.splitlines()
-    start = next(i for i, line in enumerate(lines) if "group(s) of exact duplicates" in line) + 1
+    start = next(i for i, line in enumerate(lines) if "each kept on one side of the split" in line) + 1
     groups = [line for line in lines[start:start + 6] if " = " in line]  # the first five, then "and 2 more"
     assert len(groups) == 5 and all("copy" in g for g in groups)
-    assert "and 2 more groups (--json lists them all)" in result.stdout
+    assert "and 2 more groups of identical files (--json lists them all)" in result.stdout
+    assert "7 duplicate group(s) span two classes (label conflicts):" in result.stdout
     assert "7 other file(s) ignored (not a failure):" in result.stdout
     assert sum("note" in line and "not an image file" in line for line in result.stdout.splitlines()) == 5
     assert "and 2 more files" in result.stdout

@@ -319,11 +319,14 @@ def cmd_export(args) -> int:
 
 def cmd_serve(args) -> int:
     check_model_argument(args.model, command="serve")
+    check_outputs({"--collect": args.collect}, model=args.model, adds_to={"--collect"})
+    from fruitnet.collect import Collector
     from fruitnet.server import serve
 
+    collector = Collector(args.collect, args.collect_max_photos, args.collect_max_mb << 20) if args.collect else None
     return serve(args.model, _inference_options(args), host=args.host, port=args.port, max_upload_mb=args.max_upload_mb,
                  timeout_keep_alive=args.timeout_keep_alive, timeout_request=args.timeout_request,
-                 limit_concurrency=args.limit_concurrency)
+                 limit_concurrency=args.limit_concurrency, collector=collector)
 
 
 def cmd_teach(args) -> int:
@@ -480,6 +483,14 @@ def _serve_parser(sub) -> None:
                         f"stops arriving for this long (default: {TIMEOUT_REQUEST})")
     p.add_argument("--limit-concurrency", type=_positive_int, default=LIMIT_CONCURRENCY, metavar="N",
                    help=f"answer 503 (JSON, Retry-After) beyond N requests in progress (default: {LIMIT_CONCURRENCY})")
+    p.add_argument("--collect", metavar="DIR",
+                   help="keep a copy of each photo answered 'unknown' or with low confidence in DIR (added to), with "
+                        "its answer in DIR/collected.csv: teach the model from them with fruitnet teach MODEL DIR "
+                        "(off unless given)")
+    p.add_argument("--collect-max-photos", type=_positive_int, default=1000, metavar="N",
+                   help="stop collecting at N photos (default: 1000)")
+    p.add_argument("--collect-max-mb", type=_positive_int, default=500, metavar="MB",
+                   help="stop collecting at MB megabytes (default: 500)")
     _add_options(p, InferenceOptions, ("runtime", "precision", "device", "legacy", "unknown", "tta"))
     p.set_defaults(func=cmd_serve)
 

@@ -115,6 +115,11 @@ def sniff_format(path) -> str | None:
             head = f.read(16)
     except (OSError, ImageError):
         return None
+    return format_of(head)
+
+
+def format_of(head: bytes) -> str | None:
+    """The accepted format that these first bytes of a file announce, else None."""
     if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
         return "WEBP"
     return next((fmt for magic, fmt in _MAGIC if head.startswith(magic)), None)

@@ -49,11 +49,12 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
+from fruitnet.collect import Collector
 from fruitnet.config import InferenceOptions
 from fruitnet.errors import ImageError
 from fruitnet.guard import (LIMIT_CONCURRENCY, LOOPBACK_NAMES, TIMEOUT_KEEP_ALIVE, TIMEOUT_REQUEST, Guard,
                             guarded_protocol, host_name, page_csp)
-from fruitnet.images import MAX_DECODE_BYTES, decode_cost, sniff_format
+from fruitnet.images import MAX_DECODE_BYTES, decode_cost, format_of, sniff_format
 from fruitnet.predictors import load_predictor
 from fruitnet.preprocess import draft_size
 
@@ -274,13 +275,15 @@ def harden(app: FastAPI, page: str, max_body: int, limit_concurrency: int | None
 
 
 def create_app(model_path: str | Path, options: InferenceOptions = InferenceOptions(), max_upload_mb: int = 10,
-               limit_concurrency: int | None = None, allowed_hosts: set[str] | None = None) -> FastAPI:
+               limit_concurrency: int | None = None, allowed_hosts: set[str] | None = None,
+               collector: Collector | None = None) -> FastAPI:
     """The service for one model file, run as `options` say (with tta, the /explain heat maps stay
     the plain model's).  ModelFileError if the file is unusable or its model does not run: the
     service never starts on a model that would fail every request.
 
     limit_concurrency: requests in progress beyond it are answered 503; allowed_hosts: Host names
-    answered (None: any, for a service reachable under names we cannot know)."""
+    answered (None: any, for a service reachable under names we cannot know); collector: keeps the
+    photos answered "unknown" or with low confidence (serve --collect, collect.py)."""
     predictor = load_predictor(model_path, options)
     predictor.check_runs(model_path)  # an ONNX file has run once already; a .safetensors file runs here
     batcher = Batcher(predictor)
@@ -320,7 +323,8 @@ def create_app(model_path: str | Path, options: InferenceOptions = InferenceOpti
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "images": batcher.images, "forward_passes": batcher.passes}
+        return {"status": "ok", "images": batcher.images, "forward_passes": batcher.passes,
+                "collected": collector.count if collector else None}
 
     @app.get("/model")
     async def model():
@@ -333,7 +337,7 @@ def create_app(model_path: str | Path, options: InferenceOptions = InferenceOpti
                        if not (isinstance(u, UploadFile) and not u.filename and not u.size)]  # empty form slot
             if not uploads:
                 return _error(422, "no file: send one or more images in the multipart form field 'files'")
-            results, images = [], []
+            results, images, kept = [], [], {}
             for i, upload in enumerate(uploads):
                 name = upload.filename if isinstance(upload, UploadFile) and upload.filename else f"file {i + 1}"
                 results.append({"filename": name})
@@ -344,12 +348,16 @@ def create_app(model_path: str | Path, options: InferenceOptions = InferenceOpti
                     if len(data) > limit:
                         raise Unusable(413, f"file larger than the {max_upload_mb} MB limit")
                     images.append((i, await decoding.run(cost(data), preprocess, predictor, data)))
+                    kept[i] = data if collector else b""
                 except Unusable as exc:
                     results[i].update(error=exc.reason, status=exc.status)
         if images:
             probs, in_dist = await batcher.probabilities([im for _, im in images])
             for k, (i, _) in enumerate(images):
                 results[i].update(predictor.describe(probs[k], None if in_dist is None else in_dist[k]))
+            if collector:
+                await anyio.to_thread.run_sync(collector.keep, [(kept[i], format_of(kept[i][:16]), results[i])
+                                                                for i, _ in images])
         statuses = {r.pop("status") for r in results if "status" in r}
         if not images:
             status = statuses.pop() if len(statuses) == 1 else 400
@@ -379,7 +387,8 @@ def create_app(model_path: str | Path, options: InferenceOptions = InferenceOpti
 
 def serve(model_path: str | Path, options: InferenceOptions = InferenceOptions(), host: str = "127.0.0.1",
           port: int = 8000, max_upload_mb: int = 10, timeout_keep_alive: float = TIMEOUT_KEEP_ALIVE,
-          timeout_request: float = TIMEOUT_REQUEST, limit_concurrency: int = LIMIT_CONCURRENCY) -> int:
+          timeout_request: float = TIMEOUT_REQUEST, limit_concurrency: int = LIMIT_CONCURRENCY,
+          collector: Collector | None = None) -> int:
     """Run the service until Ctrl+C (0); 1 if it could not start (e.g. the port is in use).
 
     timeout_keep_alive: an idle connection is closed after it; timeout_request: a request whose
@@ -388,7 +397,7 @@ def serve(model_path: str | Path, options: InferenceOptions = InferenceOptions()
     Host names of this machine are answered (DNS rebinding)."""
     loopback = is_loopback(host)
     app = create_app(model_path, options, max_upload_mb, limit_concurrency,
-                     allowed_hosts={*LOOPBACK_NAMES, host_name(host)} if loopback else None)
+                     allowed_hosts={*LOOPBACK_NAMES, host_name(host)} if loopback else None, collector=collector)
     return run_app(app, host, port, timeout_keep_alive, timeout_request)
 
 
