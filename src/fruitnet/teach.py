@@ -358,6 +358,8 @@ class Teacher:
         self.labels.remove(found)
         if not any(lb.copy == found.copy for lb in self.labels):
             Path(found.copy).unlink(missing_ok=True)
+            if not any(Path(found.copy).parent.iterdir()):  # the folder the label made, now empty
+                Path(found.copy).parent.rmdir()
         if not quiet:
             self._write_labels()
         return found
