@@ -431,7 +431,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "beneath; low-confidence answers in orange with a '?', 'none of these (closest: ...)' in "
                         "purple (with --explain: the heat maps); replaces an existing FILE.png, never an input")
     p.add_argument("--explain", metavar="DIR",
-                   help="write one Grad-CAM overlay per photo into DIR, a new or empty folder: where the network looked (PyTorch models; "
+                   help="write one Grad-CAM overlay per photo into DIR, a new or empty folder: where the network "
+                        "looked (PyTorch models; "
                         "with --tta, the heat maps are still the plain model's, of the photo without its mirror)")
     _add_batch_size(p)
     _add_legacy(p)
