@@ -74,6 +74,8 @@ def main() -> None:
     parser.add_argument("--label", default="this commit", help="what --src is, for the table")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "scan-memory.md")
     args = parser.parse_args()
+    header = ["code", "near-identical photos", "files", "seconds", "peak memory (MB)",
+              "largest near-duplicate group / error"]
     rows = []
     for n in args.sizes:
         with tempfile.TemporaryDirectory() as tmp:
@@ -82,12 +84,10 @@ def main() -> None:
             r = run_check(data, args.src)
         rows.append([args.label, f"{n:,}", f"{size / 1e6:.1f} MB", f"{r['seconds']:.0f}", f"{r['peak_mb']:,.0f}",
                      r.get("largest_group", r.get("error"))])
-        print(table(["code", "near-identical photos", "files", "seconds", "peak memory (MB)", "largest near-duplicate group / error"],
-                     rows[-1:]), flush=True)
+        print(table(header, rows[-1:]), flush=True)
     section = (f"## `fruitnet check DIR --json` on N near-identical 64x64 PNGs ({args.label})\n\n"
                f"Machine: {machine()}\n\n{stamp()}\n\n"
-               + table(["code", "near-identical photos", "files", "seconds", "peak memory (MB)",
-                        "largest near-duplicate group / error"], rows) + "\n\n")
+               + table(header, rows) + "\n\n")
     with open(args.out, "a") as f:
         f.write(section)
     print(section)

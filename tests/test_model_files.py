@@ -57,7 +57,8 @@ def knn_stats(val_scores=None, bank=None):
     """A kNN TrustHead's tensors as fit_trust makes them (20 validation scores, a bank of 16 rows)."""
     generator = torch.Generator().manual_seed(0)
     default_bank = torch.nn.functional.normalize(torch.rand(16, 1280, generator=generator), dim=1)
-    return lambda state: {**state, "trust.val_scores": torch.linspace(-1.2, -0.8, 20) if val_scores is None else val_scores,
+    return lambda state: {**state,
+                          "trust.val_scores": torch.linspace(-1.2, -0.8, 20) if val_scores is None else val_scores,
                           "trust.bank": default_bank if bank is None else bank}
 
 
@@ -125,7 +126,8 @@ def test_serve_refuses_a_model_that_loads_but_answers_nan_or_infinity(plain, mod
 META_CASES = {
     "training-a-list": (lambda m: {**m, "training": [1, 2]}, "training: Input should be a valid dictionary"),
     "training-accuracy-a-string": (lambda m: {**m, "training": {"val_accuracy": "high"}}, "training.val_accuracy"),
-    "training-photos-a-number": (lambda m: {**m, "training_photos": 5}, "training_photos: Input should be a valid list"),
+    "training-photos-a-number": (lambda m: {**m, "training_photos": 5},
+                                 "training_photos: Input should be a valid list"),
     "tta-a-string": (lambda m: {**m, "tta": "yes"}, "tta: Input should be a valid boolean"),
     "jpeg-draft-a-string": (lambda m: {**m, "preprocessing": {**m["preprocessing"], "jpeg_draft": "no"}},
                             "preprocessing.jpeg_draft"),

@@ -450,7 +450,8 @@ def _predict_parser(sub) -> None:
     for name, writer in WRITERS.items():
         p.add_argument(f"--{name}", metavar=writer.metavar, help=writer.help)
     p.add_argument("--explain", metavar="DIR",
-                   help="write one Grad-CAM overlay per photo into DIR, a new or empty folder: where the network looked (PyTorch models; "
+                   help="write one Grad-CAM overlay per photo into DIR, a new or empty folder: where the network "
+                        "looked (PyTorch models; "
                         "with --tta, the heat maps are still the plain model's, of the photo without its mirror)")
     _add_options(p, InferenceOptions)
     p.set_defaults(func=cmd_predict)

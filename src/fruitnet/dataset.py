@@ -179,6 +179,7 @@ def near_duplicate_pairs(hashes: list[str], max_bits: int = NEAR_DUPLICATE_BITS,
 
 
 def any_close_pair(hashes: list[str], max_bits: int = NEAR_DUPLICATE_BITS) -> bool:
+    """Whether some two of the hashes are within max_bits bits (a repeated hash at once)."""
     distinct = {h for h in hashes if h}
     return len(distinct) < sum(map(bool, hashes)) or any(len(i) for i, _, _ in _close_pairs(list(distinct), max_bits))
 

@@ -188,9 +188,9 @@ def load_image(path, max_pixels: int = MAX_PIXELS, draft_size: int | None = None
                 if img.format in ("JPEG", "MPO") and w * h > MAX_JPEG_PIXELS_PER_BYTE * nbytes:
                     raise ImageError(path, f"truncated image data: {nbytes:,} bytes cannot hold a {w}x{h} JPEG")
                 _draft(img, draft_size)
-                if decode_bytes(img) > max_bytes:
+                if (cost := decode_bytes(img)) > max_bytes:
                     raise ImageError(path, f"decoding its {img.width}x{img.height} {img.mode} pixels would take "
-                                           f"{decode_bytes(img) / 1e6:,.0f} MB, over the {max_bytes / 1e6:,.0f} MB limit")
+                                           f"{cost / 1e6:,.0f} MB, over the {max_bytes / 1e6:,.0f} MB limit")
                 img.load()  # decode everything now: truncated data raises here, not later
                 # a new image, independent of the file we are about to close; 8-bit before it is copied
                 img = _upright(_to_8bit(img))
