@@ -26,6 +26,7 @@ from fruitnet.config import Recipe, TrainConfig
 from fruitnet.dataset import Item
 from fruitnet.errors import ImageError
 from fruitnet.features import from_dataset
+from fruitnet.outputs import printable
 from fruitnet.progress import bar as progress_bar
 from fruitnet.transforms import Decode, TensorTransform, resize_size
 
@@ -152,7 +153,7 @@ def build_pipeline(config: TrainConfig, recipe: Recipe, pre: dict, classes: list
                    progress, "decoding (train)")
     val = Photos(val_items, classes, pre, TensorTransform(pre), cache, progress, "decoding (val)")
     for d in train.dropped + val.dropped:
-        log(f"skipped {d['path']}: {d['reason']} (changed or removed since the scan)")
+        log(printable(f"skipped {d['path']}: {d['reason']} (changed or removed since the scan)"))
     pipeline = Pipeline(train, train.with_transform(TensorTransform(pre)), val, recipe, config.epochs, batch_size,
                         config.seed, 0 if cache else config.workers, torch.Generator().manual_seed(config.seed))
     if config.balance == "sampler":  # every class drawn equally often (balance.py)

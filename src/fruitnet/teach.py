@@ -40,6 +40,7 @@ import torch
 
 from fruitnet.config import TEACH_STRATEGIES as STRATEGIES
 from fruitnet.errors import UsageError
+from fruitnet.outputs import printable
 from fruitnet.predictors import UNKNOWN
 
 NONE_LABEL = "none"  # what --labels and the page call "none of these"
@@ -291,7 +292,7 @@ class Teacher:
                 pool[sha] = path
         failed |= self.features([(p, s) for s, p in pool.items()], "features (new photos)")
         for path, reason in failed.items():
-            self.log(f"skipped {path}: {reason}")
+            self.log(printable(f"skipped {path}: {reason}"))
         self.pool = [(p, s) for s, p in pool.items() if p not in failed]
         self.train_known = self.known([(it.sha256, it.label) for it in train])
         self.val_known = self.known([(it.sha256, it.label) for it in val])

@@ -37,6 +37,7 @@ from fruitnet.dataset import Item, apply_exclude, format_data_report, scan, scan
 from fruitnet.errors import DataError, UsageError
 from fruitnet.features import from_dataset
 from fruitnet.interrupts import Interrupts
+from fruitnet.outputs import printable
 from fruitnet.model import Classifier, create_classifier
 from fruitnet.pipeline import Pipeline, build_pipeline, make_loader
 from fruitnet.progress import bar as progress_bar
@@ -514,7 +515,7 @@ def _saved_data(saved: SavedRun, log) -> Data:
     for items in (saved.train_items, saved.val_items, saved.negatives):
         missing = [it for it in items if not os.path.isfile(it.path)]
         for it in missing:
-            log(f"skipped {it.path}: file no longer exists")
+            log(printable(f"skipped {it.path}: file no longer exists"))
         lists.append([it for it in items if os.path.isfile(it.path)])
     report = {"warnings": split_warnings(saved.config["classes"], *lists[:2]),
               "skipped": [{"path": it.path, "reason": "file no longer exists"}
