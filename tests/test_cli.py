@@ -113,9 +113,10 @@ def test_predict_table_shows_every_class_probability(trained_model, demo_data):
     photo = sorted((demo_data / "test" / "strawberry").glob("*.jpg"))[0]
     result = run_cli("predict", trained_model, photo)
     assert result.returncode == 0
-    header, row = result.stdout.strip().splitlines()[-2:]
+    header, row, summary = result.stdout.strip().splitlines()[-3:]
     assert header.split()[-3:] == ["cherry", "strawberry", "tomato"]
     assert row.split()[1] == "strawberry"
+    assert summary.startswith("1 photo(s): 1 answered (100%)")
 
 
 PEAK_RSS = """
@@ -260,13 +261,14 @@ def test_outputs_never_land_in_the_data_folder_or_on_existing_files(tmp_path, de
     assert sorted(p.relative_to(data) for p in data.rglob("*")) == before
 
 
-def test_a_class_named_unknown_is_refused_before_training(tmp_path, demo_data):
+def test_a_folder_named_unknown_is_no_class_and_is_said_so(tmp_path, demo_data):
     for cls in ("cherry", "unknown"):
         (tmp_path / "data" / cls).mkdir(parents=True)
         for src in sorted((demo_data / "test" / "cherry").glob("*.jpg"))[:2]:
             (tmp_path / "data" / cls / src.name).write_bytes(src.read_bytes())
     result = run_cli("train", tmp_path / "data", "--backbone", "efficientnet_lite0", "--out", tmp_path / "run")
-    assert result.returncode == 2 and "named 'unknown'" in result.stderr and "Traceback" not in result.stderr
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "unknown/ holds photos of none of the classes, not a class" in result.stderr
     assert not (tmp_path / "run").exists()
 
 

@@ -314,3 +314,17 @@ def test_chains_are_split_at_stricter_distances_and_copies_stay_together():
     assert sorted(paths) == [[0, 1, 2, 3, 4, 30], [5, 6, 7, 8, 9, 31], [10, 11, 12, 13, 14], [15, 16, 17, 18, 19],
                              [20, 21, 22, 23, 24], [25, 26, 27, 28, 29]]
     assert [len(g) for g in _catalog(hashes, shas).groups(near_duplicates=False)].count(2) == 1
+
+
+def test_a_huge_label_conflict_group_is_printed_as_its_first_names_and_a_count():
+    from fruitnet.dataset import format_data_report
+
+    group = [f"photos/{'cherry' if i % 2 else 'tomato'}/frame{i:04d}.jpg" for i in range(2005)]
+    report = {"root": "photos", "classes": ["cherry", "tomato"], "counts": {"cherry": 1002, "tomato": 1003},
+              "usable": 2005, "duplicates": [], "near_duplicates": [group],
+              "kept_together": {"groups": 1, "files": 2005}, "label_conflicts": [group], "skipped": [], "ignored": []}
+    text = format_data_report(report)
+    line = next(line for line in text.splitlines() if "frame0000" in line and "label" not in line)
+    assert line.endswith("and 2,002 more") and len(line) < 200
+    assert "1 duplicate groups (2005 files), each kept on one side of the split: 0 of identical files only, 1 with " \
+           "near-copies" in text

@@ -191,3 +191,10 @@ def test_quick_check_groups_match_the_split_and_studio_frames_do_not_chain_acros
     assert max(len(g["paths"]) for g in findings["duplicate_groups"]) <= findings["usable"] // 10
     assert not any(g["label_conflict"] for g in findings["duplicate_groups"])
     assert findings["imbalance"]["imbalanced"] and findings["imbalance"]["smallest"] == "strawberry"
+
+
+def test_report_html_puts_what_to_act_on_first_and_says_outliers_are_often_fine(checked):
+    page = (checked["out"] / "report.html").read_text()
+    order = [page.index(f'<h2 id="{anchor}">') for anchor in ("mislabelled", "outliers", "conflicts", "duplicates")]
+    assert order == sorted(order)
+    assert "Often they are fine photos" in page and "Nothing to do: each group is kept on one side" in page

@@ -184,3 +184,14 @@ def test_any_failure_on_one_file_is_that_files_error(good_model, demo_data, monk
     assert rows[1]["error"] == "not enough memory to process it"
     assert rows[2]["error"] == "cannot be processed (ZeroDivisionError: division by zero)"
     assert rows[0]["label"] and rows[3]["label"]
+
+
+def test_a_text_file_given_as_the_model_is_called_what_it_is(tmp_path):
+    from conftest import DEMO_DATA, run_cli
+
+    notes = tmp_path / "README.md"
+    notes.write_text("# my notes\nnot a model\n")
+    result = run_cli("predict", notes, DEMO_DATA / "test" / "cherry")
+    assert result.returncode == 2
+    assert "not the original project's model.pth (it is a text file)" in result.stderr
+    assert "Python objects" not in result.stderr and len(result.stderr.strip().splitlines()) == 1

@@ -187,11 +187,11 @@ def cmd_evaluate(args) -> int:
     check_model_argument(args.model, [args.data], "evaluate")  # before torch: an argument error is instant
     from fruitnet.evaluate import evaluate, format_trust
     from fruitnet.metrics import format_classification_report
-    from fruitnet.runfolder import new_output_folder
+    from fruitnet.runfolder import output_folder
 
-    out = new_output_folder(args.out, "eval-", [args.data, args.unknown_dir], "evaluation folder")
-    report = evaluate(args.model, args.data, out, _inference_options(args), unknown_dir=args.unknown_dir,
-                      progress=not args.json)
+    with output_folder(args.out, "eval-", [args.data, args.unknown_dir], "evaluation folder") as out:
+        report = evaluate(args.model, args.data, out, _inference_options(args), unknown_dir=args.unknown_dir,
+                          progress=not args.json)
     if args.json:
         print(json.dumps(report))
         for warning in report["warnings"]:  # also on stderr: a script reading the JSON may not look

@@ -399,7 +399,9 @@ def scan(root: str | Path, progress: bool = True, workers: int = 4, draft_size: 
         raise DataError(f"{root}: found {len(loose)} image(s) directly in {root}; put them in one folder per class: "
                         f"{root}/<class>/<image>")
     if len(classes) < min_classes:
-        raise DataError(f"{root}: found {len(classes)} class folder(s) {classes}; need at least "
+        negatives = f" ({UNKNOWN}/ holds photos of none of the classes, not a class)" \
+            if (root / UNKNOWN).is_dir() else ""
+        raise DataError(f"{root}: found {len(classes)} class folder(s) {classes}{negatives}; need at least "
                         f"{'two' if min_classes == 2 else min_classes} (layout: DATA/<class>/<image>)")
 
     def check(candidate) -> Item:

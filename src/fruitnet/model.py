@@ -265,8 +265,27 @@ def _check_values(path: Path, state: dict[str, torch.Tensor], expected: dict[str
                              "(copy the file again from its run folder, or train again)")
 
 
+def _looks_like_text(path: Path) -> bool:
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    try:
+        return all(c.isprintable() or c.isspace() for c in head.decode("utf-8"))
+    except UnicodeDecodeError:
+        return False
+
+
+def _is_torch_file(path: Path) -> bool:
+    """What torch.save writes: a zip archive, or (before PyTorch 1.6) a pickle."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    return head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"
+
+
 def _load_legacy(path: Path) -> tuple[Classifier, dict]:
     neither = f"{path}: neither a fruitnet model file (.safetensors) nor the original project's model.pth"
+    if not _is_torch_file(path):
+        raise ModelFileError(f"{neither}{' (it is a text file)' if _looks_like_text(path) else ''}; pass a run's "
+                             "best.safetensors, an exported .onnx file or the original model.pth")
     try:
         with warnings.catch_warnings():  # torch warns about pickle protocols it then reads fine
             warnings.simplefilter("ignore")

@@ -16,6 +16,7 @@ import os
 import platform
 import shutil
 import sys
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -47,6 +48,21 @@ def new_output_folder(out: str | Path | None, prefix: str, inside: list[str | Pa
     path.mkdir(parents=True, exist_ok=True)
     (path / RUN_MARKER).write_text(json.dumps({"fruitnet": kind, "created": datetime.now().isoformat(timespec="seconds")}))
     return path
+
+
+@contextmanager
+def output_folder(out: str | Path | None, prefix: str, inside: list[str | Path] = (), kind: str = "output folder"):
+    """new_output_folder for a job that may fail: if the block raises, the folder goes again (an
+    empty folder given as --out is left empty), so the same command can simply be run again."""
+    was_empty_folder = out is not None and Path(out).is_dir()
+    path = new_output_folder(out, prefix, inside, kind)
+    try:
+        yield path
+    except BaseException:
+        shutil.rmtree(path, ignore_errors=True)
+        if was_empty_folder:
+            path.mkdir()
+        raise
 
 
 @dataclass
@@ -207,9 +223,12 @@ class RunFolder:
         t = fitted["last"]
         against = (f"; raised against the {t['negatives']['n']} photos of none of the classes, "
                    f"{t['negatives']['rejected']:.1%} of them rejected" if "negatives" in t else "")
-        log(f"calibration: temperature {t['temperature']:.3f}, validation ECE {t['val_calibration']['ece_before']:.3f} -> "
-            f"{t['val_calibration']['ece_after']:.3f}; unknown verdict ({score} score) below in_distribution "
-            f"{t['threshold']:g} (keeps {t['val_accepted']:.1%} of validation photos{against})")
+        log(f"calibration: temperature {t['temperature']:.3f} (the logits are divided by it so that an answer "
+            "given with 90% is right about 90% of the time; fitted by likelihood on the validation photos, so their "
+            f"own calibration error can move either way: ECE {t['val_calibration']['ece_before']:.3f} -> "
+            f"{t['val_calibration']['ece_after']:.3f})")
+        log(f"unknown verdict ({score} score) below in_distribution {t['threshold']:g} (keeps "
+            f"{t['val_accepted']:.1%} of validation photos{against})")
         return t
 
     def finish(self, summary: dict, images: dict | None = None) -> None:

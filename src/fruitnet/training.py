@@ -41,7 +41,7 @@ from fruitnet.outputs import printable
 from fruitnet.model import Classifier, create_classifier
 from fruitnet.pipeline import Pipeline, build_pipeline, make_loader
 from fruitnet.progress import bar as progress_bar
-from fruitnet.runfolder import RunFolder, SavedRun, new_output_folder, read_run
+from fruitnet.runfolder import RunFolder, SavedRun, output_folder, read_run
 from fruitnet.wise import WiseFT, copy_state
 
 
@@ -225,12 +225,15 @@ def open_run_folder(s: Session) -> None:
     if s.saved is not None:
         s.run = RunFolder(s.saved.path, active=world.is_main, tensorboard=s.config.tensorboard)
         return
-    path = distributed.on_main(new_output_folder, s.config.out, "", [*data_folders(s.config), s.config.val_dir],
-                               "run folder")
+    def make(out):  # the folder and its records, or, if that fails halfway, no folder
+        with output_folder(out, "", [*data_folders(s.config), s.config.val_dir], "run folder") as path:
+            RunFolder(path).start(s.config, s.recipe, s.data, details)
+        return path
+
+    details = {"weights_source": s.weights_source, "device": str(s.device), "arithmetic": s.arith.as_dict(),
+               "distributed": world.describe(s.config.batch_size), "balance": s.balance.as_dict()}
+    path = distributed.on_main(make, s.config.out)
     s.run = RunFolder(path, active=world.is_main, tensorboard=s.config.tensorboard)
-    s.run.start(s.config, s.recipe, s.data, {
-        "weights_source": s.weights_source, "device": str(s.device), "arithmetic": s.arith.as_dict(),
-        "distributed": world.describe(s.config.batch_size), "balance": s.balance.as_dict()})
 
 
 def describe_pipeline(s: Session) -> None:
