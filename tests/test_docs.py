@@ -61,7 +61,15 @@ def test_the_generated_option_tables_are_what_the_parsers_say_now():
                       "run PYTHONPATH=src python scripts/usage.py"
 
 
-def test_the_generator_rewrites_a_stale_block(tmp_path):
+def test_a_new_option_makes_the_tables_stale(monkeypatch):
+    from fruitnet import formats
+
+    monkeypatch.setitem(formats.WRITERS, "markdown", formats.Writer(lambda *a: None, "FILE.md", "a Markdown table"))
+    assert "`--markdown FILE.md`" in usage.render("predict")
+    assert usage.generated(USAGE.read_text())["predict"] != usage.render("predict")
+
+
+def test_the_generator_rewrites_a_stale_block():
     text = USAGE.read_text()
     stale = text.replace("| `--tensorboard` |", "| `--tensorboard-old` |", 1)
     assert stale != text and usage.update(stale) == text
@@ -147,3 +155,10 @@ def test_the_readme_starts_with_setup_and_test_commands_that_ci_runs():
     ci_setup = [re.sub(r" -q\b", "", line) for line in ci if line.startswith(("python3 -m venv", ".venv/bin/pip"))]
     assert setup.split(" && ")[:len(ci_setup)] == ci_setup
     assert setup.endswith("&& .venv/bin/fruitnet demo")
+
+
+def test_the_module_map_names_every_module():
+    text = (REPO / "docs" / "architecture.md").read_text()
+    modules = sorted(p.name for p in (REPO / "src" / "fruitnet").glob("*.py"))
+    missing = [m for m in modules if f"`{m}`" not in text]
+    assert not missing, f"docs/architecture.md's module map lacks {', '.join(missing)}"
