@@ -125,7 +125,8 @@ def test_a_registered_backbone_loads_weights_from_a_file(registered, tmp_path, c
     weights = tmp_path / "tiny.pt"
     torch.save(tiny_body().state_dict(), weights)
     assert "tiny" in cli.build_parser().parse_args(["train", str(TRAIN), "--backbone", "tiny"]).backbone
-    code = cli.main(["train", str(TRAIN), "--backbone", "tiny", "--weights", str(weights), "--out", str(tmp_path / "run")])
+    code = cli.main(["train", str(TRAIN), "--backbone", "tiny", "--weights", str(weights),
+                     "--out", str(tmp_path / "run")])
     assert code == 0
     assert json.loads((tmp_path / "run" / "config.json").read_text())["weights_source"] == str(weights.resolve())
     assert cli.main(["train", str(TRAIN), "--backbone", "tiny", "--out", str(tmp_path / "run2")]) == 2
