@@ -1,6 +1,8 @@
-"""fruitnet: fine-tune an ImageNet-pretrained CNN on a folder of photos, then evaluate, predict, export and serve it.
+"""fruitnet: fine-tune an ImageNet-pretrained CNN on a folder of photos, then evaluate, predict, export, serve
+and teach it.
 
-Exit codes: 0 success, 1 the job failed or some inputs could not be used, 2 unusable arguments or data.
+Exit codes: 0 success, 1 the job failed or some inputs could not be used, 2 unusable arguments or data,
+130 interrupted.
 """
 
 # Argument parsing only: every command is a call into the library, imported when the command

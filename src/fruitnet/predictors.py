@@ -34,7 +34,7 @@ from fruitnet.preprocess import DecodeAhead, load, small_image_warning
 from fruitnet.transforms import eval_transform, input_batches
 
 # bf16: a photo whose top two probabilities are closer than this is run again in fp32.  Measured on
-# webfruit (README, bf16 and fp32): bf16 moved a probability by at most 0.047, and the labels it
+# webfruit (bf16 and fp32; no bench file, see docs/results.md): bf16 moved a probability by at most 0.047, and the labels it
 # flipped had bf16 margins up to 0.027; twice that is re-checked.
 NEAR_TIE = 0.05
 ONNX_META_KEY = "fruitnet"  # the ONNX metadata_props key that carries the model file's metadata

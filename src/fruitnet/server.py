@@ -1,4 +1,4 @@
-"""HTTP API and web page for a model file: create_app(model_path, max_upload_mb) and serve().
+"""HTTP API and web page for a model file: create_app(model_path, options, ...) and serve().
 
 GET /          the web page (src/fruitnet/web/index.html: no external assets, works offline)
 POST /predict  multipart form field `files` (repeatable) -> [{filename, label, probabilities}, ...]; with a
@@ -6,7 +6,8 @@ POST /predict  multipart form field `files` (repeatable) -> [{filename, label, p
                label "unknown" for a photo that looks like none of the classes
 POST /explain  multipart form field `file` (one photo) -> PNG: the model's view with its Grad-CAM heat map
                for the best class (501 with the reason for an ONNX model: no gradients there)
-GET /health    {"status": "ok", "images": classified so far, "forward_passes": ...}
+GET /health    {"status": "ok", "images": classified so far, "forward_passes": ..., "collected": photos kept
+               by --collect (None without it)}
 GET /model     classes, backbone, preprocessing, validation accuracy, limits, calibration and verdict, explain,
                runtime and "tta" (whether each photo is averaged with its mirror image: serve --tta, or an
                ONNX file exported with --tta)

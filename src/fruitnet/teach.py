@@ -5,8 +5,8 @@ model file that records where it came from.
 Why it is fast: the body stays as it is (the pretrained one for the default frozen models), so
 every photo goes through it once (features.from_files, cached by content) and a refit is a
 logistic regression on a few hundred feature rows (training.fit_linear_head).  A fine-tuned
-model is taught the same way, through its head: its body keeps its fine-tuning (for a full
-fine-tune on the new photos: `fruitnet train photos/ labelled/ --mode unfreeze`).
+model (`--mode unfreeze`, whose verdict is the energy of its logits, not kNN) is refused with the
+command that teaches it instead: `fruitnet train photos/ labelled/ --mode unfreeze`.
 
 What a refit does, given the model's own training and validation photos (its run folder's
 split.csv) and the labelled photos:
