@@ -1,7 +1,8 @@
 """Teaching benchmark (issue 18): a simulated user teaches the default model photos from a new source.
 
-    .venv/bin/python bench/bench_teach.py                  # the README's table: 3 seeds, K = 15, 30, 60
+    .venv/bin/python bench/bench_teach.py                  # docs/results.md's table: 3 seeds, K = 15, 30, 60
     .venv/bin/python bench/bench_teach.py --seeds 0 --k 15  # a quick look
+    .venv/bin/python bench/bench_teach.py --page-only        # the page alone: key to next photo, in Chromium
 
 The model: `fruitnet train webfruit` with the defaults (seed 0), trained once.  The new source:
 fruits360, split at random into halves per seed: the pool the user labels from, and the half the
@@ -11,12 +12,16 @@ after the last refit.  The refits and rankings are fruitnet.teach's own (refit, 
 features a teach session caches.  Columns, on the other half of fruits360 unless said: accuracy of
 the best class, share answered (not "unknown"), accuracy among the answered, share of
 grocery/other answered "unknown", accuracy on webfruit's validation split, refit seconds.  Nothing
-is tuned on grocery/: it only measures.  Writes bench/results/teach.md.
+is tuned on grocery/: it only measures.  The page part drives `fruitnet teach` in headless
+Chromium: 25 photos labelled by keyboard (refits every 5), the time from each key to the next
+photo on screen (the page records it), and the refits the service reports.  Writes
+bench/results/teach.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import tempfile
@@ -72,6 +77,7 @@ def main() -> None:
     ap.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=STRATEGIES)
     ap.add_argument("--cache", default=str(REPO / ".bench-cache"), help="feature cache (default: .bench-cache)")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "teach.md"))
+    ap.add_argument("--page-only", action="store_true", help="measure the page alone (no simulation)")
     args = ap.parse_args()
     for name in ("webfruit", "fruits360", "grocery"):
         if not (SHARED / name).is_dir():
@@ -81,6 +87,10 @@ def main() -> None:
         t = time.perf_counter()
         model = trained_model(Path(tmp))
         print(f"trained the default model on webfruit in {time.perf_counter() - t:.0f}s", flush=True)
+        page = page_latency(model, Path(tmp), args.cache)
+        if args.page_only:
+            print(page)
+            return
         f360 = scan(SHARED / "fruits360", progress=False).usable
         other = [it for it in scan(SHARED / "grocery", progress=False).usable if it.label == "other"]
         teacher = Teacher(model, [str(SHARED / "fruits360")], cache=args.cache, log=lambda *a: None, progress=False)
@@ -93,7 +103,8 @@ def main() -> None:
             "webfruit val", "refit s"]
     text = (f"# Teaching the default model fruits360 (bench/bench_teach.py)\n\n{header}\n"
             f"{len(source)} fruits360 photos, halves per seed; {len(other_x)} grocery/other photos; "
-            f"seeds {args.seeds}; labels in batches of {BATCH}, a refit after each.\n\n" + table(cols, rows) + "\n")
+            f"seeds {args.seeds}; labels in batches of {BATCH}, a refit after each.\n\n" + table(cols, rows) + "\n\n"
+            + page + "\n")
     Path(args.out).write_text(text)
     print(text)
 
@@ -120,3 +131,46 @@ def run(teacher: Teacher, source: Known, other: np.ndarray, val: Known, args) ->
 
 if __name__ == "__main__":
     main()
+
+
+def page_latency(model: Path, tmp: Path, cache: str) -> str:
+    """The page in headless Chromium: key to next photo (ms), and the refits (s), over 25 labels."""
+    sys.path.insert(0, str(REPO / "tests"))
+    from conftest import CHROMEDRIVER, CHROMIUM
+    from quick_model import serving
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run",
+                "--disable-component-update", "--disable-sync", f"--user-data-dir={tmp / 'chromium'}"):
+        options.add_argument(arg)
+    switches, classes = [], ["cherry", "strawberry", "tomato"]
+    with serving(model, SHARED / "fruits360", "--into", tmp / "labelled", "--out", tmp / "taught", "--cache", cache,
+                 command="teach", timeout=900) as served:
+        driver = webdriver.Chrome(options=options, service=Service(CHROMEDRIVER))
+        try:
+            driver.get(served.url + "/")
+            wait = WebDriverWait(driver, 120)
+            wait.until(lambda d: d.find_element(By.ID, "photo").get_attribute("src"))
+            body = driver.find_element(By.TAG_NAME, "body")
+            for _ in range(25):
+                name = driver.find_element(By.ID, "name").text
+                body.send_keys(str(classes.index(Path(name).parent.name) + 1))
+                wait.until(lambda d: d.find_element(By.ID, "name").text != name and d.find_element(
+                    By.TAG_NAME, "body").get_attribute("data-switch-ms"))
+                switches.append(float(driver.find_element(By.TAG_NAME, "body").get_attribute("data-switch-ms")))
+                driver.execute_script("delete document.body.dataset.switchMs")
+            wait.until(lambda d: "new model:" in d.find_element(By.ID, "retrain-status").text)
+        finally:
+            driver.quit()
+    history = json.loads((tmp / "taught" / "teach.json").read_text())["history"]
+    refits = [h["refit_seconds"] for h in history]
+    return (f"The page (headless Chromium, 25 fruits360 photos labelled by key, a refit every 5): key to the next "
+            f"photo on screen median {statistics.median(switches):.0f} ms, slowest {max(switches):.0f} ms; "
+            f"{len(refits)} refits, {statistics.mean(refits):.1f} s on average (slowest {max(refits):.1f} s); the "
+            f"last one: {history[-1]['new_answered']['before']:.1%} -> {history[-1]['new_answered']['after']:.1%} "
+            "of the new photos answered.")

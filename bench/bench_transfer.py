@@ -1,6 +1,6 @@
 """Cross-source benchmark (issue 8): train with fruitnet on one source of photos, test on the others.
 
-    .venv/bin/python bench/bench_transfer.py --tta --scaling      # the README's table: 3 seeds, TTA, 4,500 photos
+    .venv/bin/python bench/bench_transfer.py --tta --scaling      # docs/results.md's table: 3 seeds, TTA, 4,500 photos
     .venv/bin/python bench/bench_transfer.py --variants lite1-fast lite1-fast-nowise --seeds 0
     .venv/bin/python bench/bench_transfer.py --list                # what each variant is
 

@@ -9,6 +9,7 @@ import json
 import signal
 
 import pytest
+from conftest import DEMO_DATA
 
 from fruitnet import cli
 
@@ -83,8 +84,17 @@ def test_ctrl_c_at_each_point_of_training_exits_130_and_the_run_resumes(point, d
 def test_ctrl_c_during_the_scan_exits_130_and_leaves_nothing(demo_data, tmp_path, monkeypatch, capsys):
     from fruitnet import training
 
-    interrupt_once(monkeypatch, training, "scan")
+    interrupt_once(monkeypatch, training, "scan_folders")
     run = tmp_path / "run"
     code, out = train_cli(capsys, demo_data / "test", *ARGS, "--out", run)
     assert code == 130 and "interrupted before the run folder was made: nothing was written" in out, out
     assert not run.exists()
+
+
+def test_ctrl_c_during_predict_is_one_line_and_exit_130(trained_model, monkeypatch, capsys):
+    from fruitnet import predictors
+
+    interrupt_once(monkeypatch, predictors.Predictor, "predict_paths")
+    code = cli.main(["predict", str(trained_model), str(DEMO_DATA / "test")])
+    err = capsys.readouterr().err
+    assert code == 130 and err.strip().splitlines()[-1] == "fruitnet predict: interrupted" and "Traceback" not in err

@@ -193,5 +193,5 @@ def test_a_text_file_given_as_the_model_is_called_what_it_is(tmp_path):
     notes.write_text("# my notes\nnot a model\n")
     result = run_cli("predict", notes, DEMO_DATA / "test" / "cherry")
     assert result.returncode == 2
-    assert "not the original project's model.pth (it is a text file)" in result.stderr
+    assert "nor the original project's model.pth (it is a text file)" in result.stderr
     assert "Python objects" not in result.stderr and len(result.stderr.strip().splitlines()) == 1

@@ -557,6 +557,9 @@ def main(argv: list[str] | None = None) -> int:
     except FruitnetError as exc:  # expected errors: one line, their own exit code; anything else is a bug
         print(printable(f"fruitnet {args.command}: error: {exc}"), file=sys.stderr)
         return exc.exit_code
+    except KeyboardInterrupt:  # Ctrl-C: one line, the shell's code for it (train says more: how to resume)
+        print(f"\nfruitnet {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -38,5 +38,5 @@ def run_demo(out: Path | None = None) -> dict:
           f"  evaluation/confusion.png   confusion matrix on the held-out images\n"
           f"  evaluation/mistakes.png    the most confident mistakes\n"
           f"  predictions.png            a grid of predictions\n"
-          "Note: studio shots are easy; real photos are harder (see the README's results).")
+          "Note: studio shots are easy; real photos are harder (see docs/results.md).")
     return {"summary": summary, "report": report, "out": str(out)}
