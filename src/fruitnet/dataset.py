@@ -345,6 +345,26 @@ def _ordered_map(pool: ThreadPoolExecutor, fn, args: list, window: int):
         yield pending.popleft().result()
 
 
+def _walk_class(folder: Path, candidates: list, ignored: list, unlistable) -> None:
+    """The image files under one class folder, as (path, class, problem) candidates; everything
+    else (run folders, special files, other files) into `ignored` with the reason."""
+    for dirpath, dirnames, filenames in os.walk(folder, onerror=unlistable):
+        runs = {d for d in dirnames if is_run_folder(Path(dirpath) / d)}
+        ignored += [{"path": str(Path(dirpath) / d), "reason": RUN_FOLDER_REASON} for d in sorted(runs)]
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d not in runs)
+        for name in sorted(n for n in filenames if not n.startswith(".")):
+            path = Path(dirpath) / name
+            kind = special_file_kind(path)  # checked before anything opens it: a FIFO would block
+            if kind and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
+                candidates.append((path, folder.name, f"not a regular file ({kind})"))
+            elif kind:
+                ignored.append({"path": str(path), "reason": f"not a regular file ({kind})"})
+            elif looks_like_image(path):
+                candidates.append((path, folder.name, None))
+            else:
+                ignored.append({"path": str(path), "reason": "not an image file"})
+
+
 def scan(root: str | Path, progress: bool = True, workers: int = 4, draft_size: int = 256,
          min_classes: int = 2) -> Catalog:
     """Read DATA/<class>/<image...>; class names are the sorted folder names, except DATA/unknown/,
@@ -377,23 +397,7 @@ def scan(root: str | Path, progress: bool = True, workers: int = 4, draft_size: 
             continue
         if entry.name != UNKNOWN:
             classes.append(entry.name)
-        for dirpath, dirnames, filenames in os.walk(entry, onerror=unlistable):
-            runs = {d for d in dirnames if is_run_folder(Path(dirpath) / d)}
-            ignored += [{"path": str(Path(dirpath) / d), "reason": RUN_FOLDER_REASON} for d in sorted(runs)]
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d not in runs)
-            for name in sorted(filenames):
-                path = Path(dirpath) / name
-                if name.startswith("."):
-                    continue
-                kind = special_file_kind(path)  # checked before anything opens it: a FIFO would block
-                if kind and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
-                    candidates.append((path, entry.name, f"not a regular file ({kind})"))
-                elif kind:
-                    ignored.append({"path": str(path), "reason": f"not a regular file ({kind})"})
-                elif looks_like_image(path):
-                    candidates.append((path, entry.name, None))
-                else:
-                    ignored.append({"path": str(path), "reason": "not an image file"})
+        _walk_class(entry, candidates, ignored, unlistable)
     loose = [i for i in ignored if i["reason"] == LOOSE and looks_like_image(i["path"])]
     if len(classes) < min_classes and loose:
         raise DataError(f"{root}: found {len(loose)} image(s) directly in {root}; put them in one folder per class: "

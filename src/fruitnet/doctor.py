@@ -20,7 +20,6 @@ from __future__ import annotations
 import base64
 import csv
 import html
-import io
 import json
 import os
 import time
@@ -34,7 +33,7 @@ from fruitnet.balance import IMBALANCE_RATIO, imbalance_ratio
 from fruitnet.config import DEFAULT_BACKBONE
 from fruitnet.dataset import RUN_MARKER, Catalog, Item, any_close_pair, connected_groups
 from fruitnet.errors import ImageError
-from fruitnet.images import load_image
+from fruitnet.images import thumbnail_jpeg
 from fruitnet.outputs import check_outputs, printable, spreadsheet_row
 
 # Datalab calls two photos near-duplicates when their feature distance is under this fraction of the
@@ -330,14 +329,8 @@ def write_outputs(findings: dict, out: Path) -> list[Path]:
 
 def thumbnail_uri(path: str, size: int = 160) -> str | None:
     """A small JPEG of the photo as a data: URI (report.html carries its pictures inside itself)."""
-    try:
-        img = load_image(path, draft_size=size)
-    except ImageError:
-        return None
-    img.thumbnail((size, size))
-    buf = io.BytesIO()
-    img.save(buf, "JPEG", quality=75)
-    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+    data = thumbnail_jpeg(path, size, quality=75)
+    return None if data is None else "data:image/jpeg;base64," + base64.b64encode(data).decode("ascii")
 
 
 _CSS = """
@@ -413,25 +406,25 @@ class _Page:
                    + (f'<span class="bad">imbalanced</span> (above {imb["threshold"]}x); training weights the loss '
                       "by class (<code>--balance auto</code>)" if imb["imbalanced"] else "balanced enough") + "</p>"])
 
+    def gallery(self, anchor: str, title: str, note: str, entries: list[dict], caption) -> list[str]:
+        return ([f'<h2 id="{anchor}">{title} ({len(entries)})</h2><p class="note">{note}</p><div class=\'grid\'>']
+                + [self.figure(e["path"], caption(e)) for e in entries[:HTML_LIMIT]] + ["</div>"]
+                + self.more(len(entries)))
+
     def mislabelled(self) -> list[str]:
-        issues, esc = self.report["label_issues"], html.escape
-        return ([f'<h2 id="mislabelled">Likely mislabelled ({len(issues)})</h2><p class="note">Most suspicious first: '
-                 "move each to the class it shows, or leave it out with --write-exclude (delete the lines of the "
-                 "photos you keep). Score: cleanlab's label quality (0 = surely wrong, 1 = surely right).</p>"
-                 "<div class='grid'>"]
-                + [self.figure(e["path"], f"<span class='bad'>{esc(e['label'])}</span> &rarr; "
-                               f"<b>{esc(e['suggested'])}</b> ({e['score']:.3f})") for e in issues[:HTML_LIMIT]]
-                + ["</div>"] + self.more(len(issues)))
+        esc = html.escape
+        return self.gallery("mislabelled", "Likely mislabelled", "Most suspicious first: move each to the class it "
+                            "shows, or leave it out with --write-exclude (delete the lines of the photos you keep). "
+                            "Score: cleanlab's label quality (0 = surely wrong, 1 = surely right).",
+                            self.report["label_issues"], lambda e: f"<span class='bad'>{esc(e['label'])}</span> "
+                            f"&rarr; <b>{esc(e['suggested'])}</b> ({e['score']:.3f})")
 
     def outliers(self) -> list[str]:
-        outliers, esc = self.report["outliers"], html.escape
-        return ([f'<h2 id="outliers">Outliers ({len(outliers)})</h2><p class="note">Photos unlike the rest, most '
-                 "unusual first: the model would likely answer 'unknown' for them. Often they are fine photos "
-                 "(a cut fruit, an unusual angle): keep them unless they show something else. Score: distance "
-                 "to the 10th most similar other photo (higher = more unusual).</p><div class='grid'>"]
-                + [self.figure(e["path"], f"in <b>{esc(e['label'])}</b> ({e['score']:.3f})")
-                   for e in outliers[:HTML_LIMIT]]
-                + ["</div>"] + self.more(len(outliers)))
+        return self.gallery("outliers", "Outliers", "Photos unlike the rest, most unusual first: the model would "
+                            "likely answer 'unknown' for them. Often they are fine photos (a cut fruit, an unusual "
+                            "angle): keep them unless they show something else. Score: distance to the 10th most "
+                            "similar other photo (higher = more unusual).", self.report["outliers"],
+                            lambda e: f"in <b>{html.escape(e['label'])}</b> ({e['score']:.3f})")
 
     def groups(self) -> list[str]:
         groups, esc, parts = self.report["duplicate_groups"], html.escape, []

@@ -76,45 +76,58 @@ def evaluate(model_path, data, out: Path, options: InferenceOptions = InferenceO
     calibration.png, mistakes.png and predictions.csv into out.  The model runs as `options` say."""
     t0 = time.perf_counter()
     predictor = load_predictor(model_path, options)
-    batch_size = options.batch_size
-    catalog = scan(data, progress=progress, min_classes=1)
-    if unknown_dir is not None:  # a class folder given as --unknown DIR is that, not a class
-        catalog = _without_folder(catalog, Path(unknown_dir))
-    items, unknown_paths = catalog.usable, [it.path for it in catalog.negatives]  # DATA/unknown/: none of the classes
-    foreign = [c for c in catalog.classes if c not in predictor.classes]
-    if foreign:
-        raise DataError(f"{data}: class folder(s) {foreign} are none of the model's classes ({', '.join(predictor.classes)}); "
-                        f"photos of none of them go in {Path(data) / 'unknown'}/ or --unknown DIR")
-    if unknown_dir is not None:
-        found, problems = expand_paths([str(unknown_dir)], skip_folder=is_run_folder)  # as scan skips them
-        if problems:
-            raise DataError(f"--unknown {unknown_dir}: no such folder, or no images there")
-        unknown_paths += found
+    catalog, unknown_paths = _photos(data, unknown_dir, predictor.classes, progress)
+    items = catalog.usable
     with progress_bar(total=len(items) + len(unknown_paths), desc="evaluating", unit="img",
                       disable=not progress) as bar:
-        results = predictor.predict_paths([it.path for it in items], batch_size, progress=bar.update, raw=True)
-        unknown_results = predictor.predict_paths(unknown_paths, batch_size, progress=bar.update, raw=True)
+        results = predictor.predict_paths([it.path for it in items], options.batch_size, progress=bar.update, raw=True)
+        unknown_results = predictor.predict_paths(unknown_paths, options.batch_size, progress=bar.update, raw=True)
     skipped = catalog.skipped + [{"path": r["path"], "reason": r["error"]} for r in results + unknown_results
                                  if "error" in r]
     scored = [(it, r) for it, r in zip(items, results) if "error" not in r]
+    unknown_results = [r for r in unknown_results if "error" not in r]
     index = {c: i for i, c in enumerate(predictor.classes)}
     y_true = [index[it.label] for it, _ in scored]
-    y_pred = [index[_best(r)] for _, r in scored]
-    report = classification_report(y_true, y_pred, predictor.classes)
-    report.update(_trust_report(predictor, scored, [r for r in unknown_results if "error" not in r], y_true))
+    report = classification_report(y_true, [index[_best(r)] for _, r in scored], predictor.classes)
+    report.update(_trust_report(predictor, scored, unknown_results, y_true))
     report.update({"skipped": skipped, "model": str(model_path), "data": str(data), "tta": predictor.tta,
                    "answers": answer_summary([r for _, r in scored]),
                    "absent_classes": [c for c in predictor.classes if c not in catalog.classes],
                    "warnings": evaluation_warnings(predictor.meta, items, results, catalog.classes),
                    "seconds": round(time.perf_counter() - t0, 2)})
+    _write_outputs(out, report, predictor, scored, unknown_results, y_true)
+    return report
 
-    out.mkdir(parents=True, exist_ok=True)
+
+def _photos(data, unknown_dir, classes: list[str], progress: bool) -> tuple:
+    """The labelled photos (a catalog whose classes are some of the model's) and the paths of the
+    photos of none of the classes (DATA/unknown/ and --unknown DIR)."""
+    catalog = scan(data, progress=progress, min_classes=1)
+    if unknown_dir is not None:  # a class folder given as --unknown DIR is that, not a class
+        catalog = _without_folder(catalog, Path(unknown_dir))
+    foreign = [c for c in catalog.classes if c not in classes]
+    if foreign:
+        raise DataError(f"{data}: class folder(s) {foreign} are none of the model's classes ({', '.join(classes)}); "
+                        f"photos of none of them go in {Path(data) / 'unknown'}/ or --unknown DIR")
+    unknown_paths = [it.path for it in catalog.negatives]
+    if unknown_dir is not None:
+        found, problems = expand_paths([str(unknown_dir)], skip_folder=is_run_folder)  # as scan skips them
+        if problems:
+            raise DataError(f"--unknown {unknown_dir}: no such folder, or no images there")
+        unknown_paths += found
+    return catalog, unknown_paths
+
+
+def _write_outputs(out: Path, report: dict, predictor, scored: list, unknown_results: list, y_true: list) -> None:
+    """report.json and .txt, the confusion CSVs and picture, calibration.png, predictions.csv, mistakes.png."""
     from fruitnet.plots import plot_confusion, plot_reliability
 
-    write_confusion_csv(out / "confusion.csv", report["confusion_matrix"], predictor.classes)
-    write_confusion_csv(out / "confusion_normalized.csv", report["confusion_matrix_normalized"],
-                        predictor.classes, normalized=True)
-    plot_confusion(report["confusion_matrix"], predictor.classes, out / "confusion.png",
+    classes = predictor.classes
+    out.mkdir(parents=True, exist_ok=True)
+    write_confusion_csv(out / "confusion.csv", report["confusion_matrix"], classes)
+    write_confusion_csv(out / "confusion_normalized.csv", report["confusion_matrix_normalized"], classes,
+                        normalized=True)
+    plot_confusion(report["confusion_matrix"], classes, out / "confusion.png",
                    normalized_matrix=report["confusion_matrix_normalized"])
     cal = report["calibration"]
     if scored:
@@ -124,18 +137,17 @@ def evaluate(model_path, data, out: Path, options: InferenceOptions = InferenceO
     with open(out / "predictions.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(spreadsheet_row(["path", "true", "predicted", "confidence", "verdict", "in_distribution",
-                                    "warning"] + [f"p_{c}" for c in predictor.classes]))
-        for it, r in scored + [(None, r) for r in unknown_results if "error" not in r]:
+                                    "warning"] + [f"p_{c}" for c in classes]))
+        for it, r in scored + [(None, r) for r in unknown_results]:
             probs = r["probabilities"]
             w.writerow(spreadsheet_row([r["path"], it.label if it else UNKNOWN, _best(r), probs[_best(r)], r["label"],
                                         r.get("in_distribution", ""), r.get("warning", "")]
-                                       + [probs[c] for c in predictor.classes]))
+                                       + [probs[c] for c in classes]))
     mistakes = [{"true": it.label, "predicted": _best(r), "confidence": r["probabilities"][_best(r)], "result": r}
                 for it, r in scored if _best(r) != it.label]
     _plot_mistakes(predictor, mistakes, out / "mistakes.png")
     (out / "report.json").write_text(json.dumps(report, indent=2))
     (out / "report.txt").write_text(format_classification_report(report) + format_trust(report) + "\n")
-    return report
 
 
 def _without_folder(catalog, folder: Path):

@@ -309,3 +309,18 @@ def _images_under(folder: str, skip_folder=None) -> list[str]:
         paths = (Path(dirpath) / name for name in filenames if not is_hidden(name))
         found += [str(p) for p in paths if p.is_file() and looks_like_image(p)]
     return found
+
+
+def thumbnail_jpeg(path, side: int, quality: int = 80) -> bytes | None:
+    """A JPEG of the photo at most `side` pixels on its longer side (for pages and reports), or
+    None when the file cannot be used."""
+    import io
+
+    try:
+        image = load_image(path, draft_size=side)
+    except ImageError:
+        return None
+    image.thumbnail((side, side))
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=quality)
+    return buffer.getvalue()

@@ -119,22 +119,24 @@ def plot_curves(rows: list[dict], path: str | PathLike[str], note: str = "", x: 
     if losses.size and losses.min() >= 0:
         ax_loss.set_ylim(bottom=0.0, top=max(float(losses.max()) * 1.08, 1e-3))
 
-    val_acc = series["val_accuracy"]
-    if x != "epoch" and np.isfinite(val_acc).any():  # a single fit: the model kept is the last one
-        title = f"val accuracy {val_acc[np.isfinite(val_acc)][-1] * 100:.2f}% after {len(rows)} {x}s"
-    elif np.isfinite(val_acc).any():
-        best = int(np.nanargmax(np.where(np.isfinite(val_acc), val_acc, -np.inf)))
-        ep = epochs[best]
-        ep_txt = f"{int(ep)}" if np.isfinite(ep) and ep == round(ep) else f"{ep:g}"
-        title = f"best val accuracy {val_acc[best] * 100:.2f}% at {x} {ep_txt}"
-        ax_acc.axvline(ep, color="tab:orange", linestyle=":", alpha=0.7)
-    elif not rows:
-        title = f"no {x}s recorded"
-    else:
-        title = "no validation data"
+    title = _curves_title(rows, series["val_accuracy"], epochs, x, ax_acc)
     fig.suptitle(title + (f"\n{note}" if note else ""))
     fig.tight_layout()
     return _save(fig, path)
+
+
+def _curves_title(rows: list[dict], val_acc: np.ndarray, epochs: np.ndarray, x: str, ax_acc) -> str:
+    """The best validation accuracy and where it was (marked on the accuracy panel), or, for a
+    single fit, the last one."""
+    if x != "epoch" and np.isfinite(val_acc).any():  # a single fit: the model kept is the last one
+        return f"val accuracy {val_acc[np.isfinite(val_acc)][-1] * 100:.2f}% after {len(rows)} {x}s"
+    if np.isfinite(val_acc).any():
+        best = int(np.nanargmax(np.where(np.isfinite(val_acc), val_acc, -np.inf)))
+        ep = epochs[best]
+        ep_txt = f"{int(ep)}" if np.isfinite(ep) and ep == round(ep) else f"{ep:g}"
+        ax_acc.axvline(ep, color="tab:orange", linestyle=":", alpha=0.7)
+        return f"best val accuracy {val_acc[best] * 100:.2f}% at {x} {ep_txt}"
+    return f"no {x}s recorded" if not rows else "no validation data"
 
 
 # --------------------------------------------------------------------------- confusion
@@ -197,6 +199,14 @@ def plot_confusion(
     ax.grid(which="minor", color="white", linewidth=1.0)
     ax.tick_params(which="minor", length=0)
 
+    _annotate_cells(ax, m, norm, shade, cmap, cell_fs)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _annotate_cells(ax, m: np.ndarray, norm: np.ndarray | None, shade: np.ndarray, cmap, fontsize: int) -> None:
+    """Each cell's count (and row percentage), white on dark cells and black on light ones."""
+    k = len(m)
     for i in range(k):
         for j in range(k):
             count = m[i, j]
@@ -206,11 +216,8 @@ def plot_confusion(
                 txt = f"{count_txt}\n{norm[i, j] * 100:.0f}%" if k > 8 else f"{count_txt}\n{norm[i, j] * 100:.1f}%"
             r, g, b, _ = cmap(float(np.clip(shade[i, j], 0, 1)))
             luminance = 0.299 * r + 0.587 * g + 0.114 * b
-            color = "white" if luminance < 0.5 else "black"
-            ax.text(j, i, txt, ha="center", va="center", color=color, fontsize=cell_fs,
-                    linespacing=1.1)
-    fig.tight_layout()
-    return _save(fig, path)
+            ax.text(j, i, txt, ha="center", va="center", color="white" if luminance < 0.5 else "black",
+                    fontsize=fontsize, linespacing=1.1)
 
 
 # --------------------------------------------------------------------------- image grids

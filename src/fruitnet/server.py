@@ -275,6 +275,79 @@ def harden(app: FastAPI, page: str, max_body: int, limit_concurrency: int | None
         return _error(500, f"internal error ({exc.__class__.__name__})")
 
 
+class Service:
+    """One model file behind the HTTP API: its predictor, the thread that runs it (Batcher), the
+    decode budget, the upload limit and, with serve --collect, the collector."""
+
+    def __init__(self, model_path: str | Path, options: InferenceOptions, max_upload_mb: int,
+                 collector: Collector | None):
+        self.predictor = load_predictor(model_path, options)
+        self.predictor.check_runs(model_path)  # an ONNX file has run once already; a .safetensors file runs here
+        self.batcher = Batcher(self.predictor)
+        self.decoding = DecodeBudget(threads=max(2, os.cpu_count() or 2))  # more decodes than cores: only memory
+        self.draft = draft_size(self.predictor.preprocessing)
+        self.max_upload_mb, self.limit, self.collector = max_upload_mb, max_upload_mb * MB, collector
+        self.info = self._model_info(Path(model_path).name)
+
+    def _model_info(self, name: str) -> dict:
+        predictor = self.predictor
+        training = predictor.meta.get("training") or {}
+        return {"file": name, **predictor.runtime(), "classes": predictor.classes,
+                "backbone": predictor.meta.get("backbone"), "preprocessing": predictor.meta.get("preprocessing"),
+                "validation_accuracy": training.get("val_accuracy", training.get("best_val_accuracy")),
+                "training": training or None, "max_upload_mb": self.max_upload_mb, "max_files": MAX_FILES,
+                "trust": predictor.trust_info(),
+                "explain": {"available": predictor.explain_unavailable is None,
+                            "reason": predictor.explain_unavailable}}
+
+    def cost(self, data: bytes) -> int:
+        return decode_cost(io.BytesIO(data), self.draft)
+
+    async def read(self, upload) -> bytes:
+        """One upload's bytes; Unusable if it is no file or too large."""
+        if not isinstance(upload, UploadFile):
+            raise Unusable(422, "not a file (a text field)")
+        data = await upload.read(self.limit + 1)
+        if len(data) > self.limit:
+            raise Unusable(413, f"file larger than the {self.max_upload_mb} MB limit")
+        return data
+
+    async def predict(self, uploads: list) -> list[dict] | JSONResponse:
+        """One result per upload, in order: the answer, or the file's error (see the module docstring)."""
+        results, images, kept = [], [], {}
+        for i, upload in enumerate(uploads):
+            name = upload.filename if isinstance(upload, UploadFile) and upload.filename else f"file {i + 1}"
+            results.append({"filename": name})
+            try:
+                data = await self.read(upload)
+                images.append((i, await self.decoding.run(self.cost(data), preprocess, self.predictor, data)))
+                kept[i] = data if self.collector else b""
+            except Unusable as exc:
+                results[i].update(error=exc.reason, status=exc.status)
+        if images:
+            probs, in_dist = await self.batcher.probabilities([im for _, im in images])
+            for k, (i, _) in enumerate(images):
+                results[i].update(self.predictor.describe(probs[k], None if in_dist is None else in_dist[k]))
+            if self.collector:
+                await anyio.to_thread.run_sync(self.collector.keep, [(kept[i], format_of(kept[i][:16]), results[i])
+                                                                     for i, _ in images])
+        statuses = {r.pop("status") for r in results if "status" in r}
+        if not images:
+            status = statuses.pop() if len(statuses) == 1 else 400
+            message = "no usable image: " + "; ".join(f"{r['filename']}: {r['error']}" for r in results)
+            return _error(status, message, results=results)
+        return results
+
+    async def explain(self, upload) -> Response:
+        """The model's view of one photo with the heat map of its best class, as PNG."""
+        try:  # the decoded photo lives until its heat map is drawn: all of it inside the budget
+            data = await self.read(upload)
+            png = await self.decoding.run(self.cost(data), explain_png, self.predictor, data, self.batcher.lock)
+        except Unusable as exc:
+            return _error(exc.status, exc.reason)
+        return Response(png, media_type="image/png")
+
+
 def create_app(model_path: str | Path, options: InferenceOptions = InferenceOptions(), max_upload_mb: int = 10,
                limit_concurrency: int | None = None, allowed_hosts: set[str] | None = None,
                collector: Collector | None = None) -> FastAPI:
@@ -285,38 +358,16 @@ def create_app(model_path: str | Path, options: InferenceOptions = InferenceOpti
     limit_concurrency: requests in progress beyond it are answered 503; allowed_hosts: Host names
     answered (None: any, for a service reachable under names we cannot know); collector: keeps the
     photos answered "unknown" or with low confidence (serve --collect, collect.py)."""
-    predictor = load_predictor(model_path, options)
-    predictor.check_runs(model_path)  # an ONNX file has run once already; a .safetensors file runs here
-    batcher = Batcher(predictor)
-    decoding = DecodeBudget(threads=max(2, os.cpu_count() or 2))  # more decodes than cores: only more memory
-    draft = draft_size(predictor.preprocessing)
-
-    def cost(data: bytes) -> int:
-        return decode_cost(io.BytesIO(data), draft)
-    limit = max_upload_mb * MB
+    service = Service(model_path, options, max_upload_mb, collector)
     page = (resources.files("fruitnet") / "web" / "index.html").read_text(encoding="utf-8")
-    training = predictor.meta.get("training") or {}
-    model_info = {
-        "file": Path(model_path).name,
-        **predictor.runtime(),
-        "classes": predictor.classes,
-        "backbone": predictor.meta.get("backbone"),
-        "preprocessing": predictor.meta.get("preprocessing"),
-        "validation_accuracy": training.get("val_accuracy", training.get("best_val_accuracy")),
-        "training": training or None,
-        "max_upload_mb": max_upload_mb,
-        "max_files": MAX_FILES,
-        "trust": predictor.trust_info(),
-        "explain": {"available": predictor.explain_unavailable is None, "reason": predictor.explain_unavailable},
-    }
 
     @asynccontextmanager
     async def lifespan(app):
         yield
-        batcher.close()
+        service.batcher.close()
 
     app = FastAPI(title="fruitnet", lifespan=lifespan, docs_url=None, redoc_url=None)
-    harden(app, page, MAX_FILES * limit + MB, limit_concurrency, allowed_hosts)
+    harden(app, page, MAX_FILES * service.limit + MB, limit_concurrency, allowed_hosts)
 
     @app.get("/", response_class=HTMLResponse)
     async def index():
@@ -324,12 +375,12 @@ def create_app(model_path: str | Path, options: InferenceOptions = InferenceOpti
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "images": batcher.images, "forward_passes": batcher.passes,
+        return {"status": "ok", "images": service.batcher.images, "forward_passes": service.batcher.passes,
                 "collected": collector.count if collector else None}
 
     @app.get("/model")
     async def model():
-        return model_info
+        return service.info
 
     @app.post("/predict")
     async def predict(request: Request):
@@ -338,50 +389,17 @@ def create_app(model_path: str | Path, options: InferenceOptions = InferenceOpti
                        if not (isinstance(u, UploadFile) and not u.filename and not u.size)]  # empty form slot
             if not uploads:
                 return _error(422, "no file: send one or more images in the multipart form field 'files'")
-            results, images, kept = [], [], {}
-            for i, upload in enumerate(uploads):
-                name = upload.filename if isinstance(upload, UploadFile) and upload.filename else f"file {i + 1}"
-                results.append({"filename": name})
-                try:
-                    if not isinstance(upload, UploadFile):
-                        raise Unusable(422, "not a file (a text field)")
-                    data = await upload.read(limit + 1)
-                    if len(data) > limit:
-                        raise Unusable(413, f"file larger than the {max_upload_mb} MB limit")
-                    images.append((i, await decoding.run(cost(data), preprocess, predictor, data)))
-                    kept[i] = data if collector else b""
-                except Unusable as exc:
-                    results[i].update(error=exc.reason, status=exc.status)
-        if images:
-            probs, in_dist = await batcher.probabilities([im for _, im in images])
-            for k, (i, _) in enumerate(images):
-                results[i].update(predictor.describe(probs[k], None if in_dist is None else in_dist[k]))
-            if collector:
-                await anyio.to_thread.run_sync(collector.keep, [(kept[i], format_of(kept[i][:16]), results[i])
-                                                                for i, _ in images])
-        statuses = {r.pop("status") for r in results if "status" in r}
-        if not images:
-            status = statuses.pop() if len(statuses) == 1 else 400
-            message = "no usable image: " + "; ".join(f"{r['filename']}: {r['error']}" for r in results)
-            return _error(status, message, results=results)
-        return results
+            return await service.predict(uploads)
 
     @app.post("/explain")
     async def explain(request: Request):
-        if predictor.explain_unavailable:
-            return _error(501, predictor.explain_unavailable)
+        if service.predictor.explain_unavailable:  # said before any upload is read
+            return _error(501, service.predictor.explain_unavailable)
         async with request.form(max_files=1, max_fields=1) as form:
             upload = form.get("file")
             if not isinstance(upload, UploadFile) or not (upload.filename or upload.size):
                 return _error(422, "no file: send one image in the multipart form field 'file'")
-            data = await upload.read(limit + 1)
-        if len(data) > limit:
-            return _error(413, f"file larger than the {max_upload_mb} MB limit")
-        try:  # the decoded photo lives until its heat map is drawn: all of it inside the budget
-            png = await decoding.run(cost(data), explain_png, predictor, data, batcher.lock)
-        except Unusable as exc:
-            return _error(exc.status, exc.reason)
-        return Response(png, media_type="image/png")
+            return await service.explain(upload)
 
     return app
 

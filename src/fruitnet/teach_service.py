@@ -30,6 +30,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, Response
 
 from fruitnet.errors import FruitnetError
+from fruitnet.images import thumbnail_jpeg
 from fruitnet.server import MB, _error, harden
 from fruitnet.teach import Teacher
 
@@ -43,7 +44,6 @@ def create_teach_app(teacher: Teacher, strategy: str = "coverage", retrain_every
     app = FastAPI(title="fruitnet teach", docs_url=None, redoc_url=None)
     harden(app, page, MB, limit_concurrency, allowed_hosts)
     lock = threading.Lock()
-    pool = {sha: path for path, sha in teacher.pool}
 
     def ranking() -> list[dict]:
         with lock:
@@ -65,11 +65,20 @@ def create_teach_app(teacher: Teacher, strategy: str = "coverage", retrain_every
                 "retrain_every": retrain_every, "ranking": ranked,
                 "numbers": teacher.history[-1] if teacher.history else None}
 
+    _photo_routes(app, teacher, lock)
+    _label_routes(app, teacher, lock, ranking)
+    return app
+
+
+def _photo_routes(app: FastAPI, teacher: Teacher, lock: threading.Lock) -> None:
+    """The new photos, by content hash only: a path from the page is never opened."""
+    pool = {sha: path for path, sha in teacher.pool}
+
     @app.get("/api/photo/{sha256}")
     async def photo(sha256: str, size: int = 640):
         if sha256 not in pool:
             return _error(404, "no such photo")
-        data = await anyio.to_thread.run_sync(_jpeg, pool[sha256], max(32, min(size, MAX_SIDE)))
+        data = await anyio.to_thread.run_sync(thumbnail_jpeg, pool[sha256], max(32, min(size, MAX_SIDE)), 85)
         return Response(data, media_type="image/jpeg") if data else _error(415, "cannot be shown")
 
     @app.get("/api/explain/{sha256}")
@@ -79,9 +88,14 @@ def create_teach_app(teacher: Teacher, strategy: str = "coverage", retrain_every
         return Response(await anyio.to_thread.run_sync(_heat_map, teacher, lock, pool[sha256]),
                         media_type="image/png")
 
+
+def _label_routes(app: FastAPI, teacher: Teacher, lock: threading.Lock, ranking) -> None:
     @app.post("/api/label")
     async def label(request: Request):
-        body = await request.json()
+        try:
+            body = await request.json()
+        except ValueError:
+            body = None
         if not isinstance(body, dict) or not isinstance(body.get("sha256"), str) or not isinstance(body.get("label"), str):
             return _error(422, 'send {"sha256": ..., "label": ...}')
         try:
@@ -101,22 +115,6 @@ def create_teach_app(teacher: Teacher, strategy: str = "coverage", retrain_every
     async def retrain():
         numbers = await anyio.to_thread.run_sync(teacher.retrain, lock)
         return {"numbers": numbers, "ranking": await anyio.to_thread.run_sync(ranking)}
-
-    return app
-
-
-def _jpeg(path: str, side: int) -> bytes | None:
-    from fruitnet.errors import ImageError
-    from fruitnet.images import load_image
-
-    try:
-        image = load_image(path, draft_size=side)
-    except ImageError:
-        return None
-    image.thumbnail((side, side))
-    buffer = io.BytesIO()
-    image.save(buffer, "JPEG", quality=85)
-    return buffer.getvalue()
 
 
 def _heat_map(teacher: Teacher, lock: threading.Lock, path: str) -> bytes:
