@@ -504,7 +504,8 @@ def _teach_parser(sub) -> None:
                                    "a local web page (or from a CSV), and refit the model's last layer and its "
                                    "'unknown' verdict in seconds. The taught model is a new file; the new photos "
                                    "and the training photos are never changed.")
-    _add_model(p, "model file (a run's best.safetensors, with its split.csv beside it)")
+    p.add_argument("model", metavar="MODEL", help="the model file: a run's best.safetensors (or a taught one), with "
+                   "its split.csv beside it; a model with a frozen body (the default)")
     p.add_argument("new", nargs="+", metavar="NEW", help="new photos: folders (searched recursively), files or globs")
     p.add_argument("--into", metavar="DIR", default="labelled",
                    help="where labelled photos are copied: DIR/<class>/, 'none of these' into DIR/unknown/, with "
