@@ -7,9 +7,9 @@
    the model files, from the training and validation split alone.
 2. Calibration: ECE (15 bins) and NLL on the webfruit validation split and on fruits360 (a shifted
    set), with the raw logits and with the model file's temperature.
-3. Unknown detection, for every score tried (see fruitnet.ood), each fitted on the training
+3. Unknown detection, for every score tried (see fruitnet.unknown), each fitted on the training
    split and thresholded on the validation split alone (accept --unknown-recall of it); the
-   row marked "shipped" is the score the model file carries (ood.choose_score):
+   row marked "shipped" is the score the model file carries (unknown.choose_score):
    AUROC webfruit-val vs grocery/other and (webfruit-val + grocery/tomato) vs grocery/other; at
    the threshold, the share of grocery/other rejected and of each known set accepted. Nothing is
    tuned on grocery/; the settings (k = 10 for kNN, Ledoit-Wolf shrinkage) were fixed beforehand.
@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fruitnet import ood
+from fruitnet import unknown
 from fruitnet.calibration import expected_calibration_error, nll
 from fruitnet.dataset import read_split
 from fruitnet.images import load_image
@@ -138,24 +138,24 @@ def scores(f: dict, temperature: float, shipped: str) -> dict[str, dict[str, tor
     """Every candidate score on every set: {score name: {set name: scores}} (higher = more in-distribution)."""
     tr = f["train"]
     n_classes = f["val"]["logits"].shape[1]
-    means, prec = ood.class_gaussian(tr["feat"], tr["y"], n_classes)
-    pmeans, pprec = ood.class_gaussian(tr["pfeat"], tr["y"], n_classes)
-    bank, pbank = ood.knn_bank(tr["feat"]), ood.knn_bank(tr["pfeat"])  # as shipped: at most ood.MAX_BANK photos
+    means, prec = unknown.class_gaussian(tr["feat"], tr["y"], n_classes)
+    pmeans, pprec = unknown.class_gaussian(tr["pfeat"], tr["y"], n_classes)
+    bank, pbank = unknown.knn_bank(tr["feat"]), unknown.knn_bank(tr["pfeat"])  # as shipped: at most unknown.MAX_BANK photos
     mark = lambda score: " (shipped)" if shipped == score else ""  # noqa: E731
     energy_name, maha_name = "energy" + mark("energy"), "Mahalanobis, the model's body"
     fns = {
-        "MSP (max softmax probability)": lambda s: ood.msp(s["logits"]),
-        "MSP, temperature-scaled": lambda s: ood.msp(s["logits"], temperature),
-        energy_name: lambda s: ood.energy(s["logits"]),
-        maha_name: lambda s: ood.mahalanobis(s["feat"], means, prec),
-        f"kNN (k={ood.KNN_K}), the model's body" + mark("knn"): lambda s: ood.knn(s["feat"], bank),
-        "Mahalanobis, pretrained body": lambda s: ood.mahalanobis(s["pfeat"], pmeans, pprec),
-        f"kNN (k={ood.KNN_K}), pretrained body": lambda s: ood.knn(s["pfeat"], pbank),
+        "MSP (max softmax probability)": lambda s: unknown.msp(s["logits"]),
+        "MSP, temperature-scaled": lambda s: unknown.msp(s["logits"], temperature),
+        energy_name: lambda s: unknown.energy(s["logits"]),
+        maha_name: lambda s: unknown.mahalanobis(s["feat"], means, prec),
+        f"kNN (k={unknown.KNN_K}), the model's body" + mark("knn"): lambda s: unknown.knn(s["feat"], bank),
+        "Mahalanobis, pretrained body": lambda s: unknown.mahalanobis(s["pfeat"], pmeans, pprec),
+        f"kNN (k={unknown.KNN_K}), pretrained body": lambda s: unknown.knn(s["pfeat"], pbank),
     }
     out = {name: {k: fn(v) for k, v in f.items() if k != "train"} for name, fn in fns.items()}
     # both must find the photo typical: the lower of its two validation ranks (a blank photo can sit
     # near the feature clusters' middle, but gives weak logits)
-    maha, en = ood.TrustHead(out[maha_name]["val"]), ood.TrustHead(out[energy_name]["val"])  # ranks among val
+    maha, en = unknown.UnknownVerdict(out[maha_name]["val"]), unknown.UnknownVerdict(out[energy_name]["val"])  # ranks among val
     out["lower rank of Mahalanobis and energy"] = {
         k: torch.minimum(maha.in_distribution(out[maha_name][k]), en.in_distribution(out[energy_name][k]))
         for k in out[maha_name]}
@@ -163,7 +163,7 @@ def scores(f: dict, temperature: float, shipped: str) -> dict[str, dict[str, tor
 
 
 def threshold(val_scores: torch.Tensor, recall: float) -> float:
-    """The same rule as ood.TrustHead: accept a photo when the share of validation photos scoring
+    """The same rule as unknown.UnknownVerdict: accept a photo when the share of validation photos scoring
     no higher than it is at least 1 - recall."""
     s = val_scores.sort().values
     n = len(s)
@@ -184,8 +184,8 @@ def ood_table(all_scores: dict, recall: float) -> list[str]:
         thr = threshold(s["val"], recall)
         known = torch.cat([s["val"], s["grocery/tomato"]])
         acc = {k: float((v >= thr).float().mean()) for k, v in s.items()}
-        rows.append(f"| {name} | {ood.auroc(s['val'], s['grocery/other']):.3f} | "
-                    f"{ood.auroc(known, s['grocery/other']):.3f} | {pct(1 - acc['grocery/other'])} | "
+        rows.append(f"| {name} | {unknown.auroc(s['val'], s['grocery/other']):.3f} | "
+                    f"{unknown.auroc(known, s['grocery/other']):.3f} | {pct(1 - acc['grocery/other'])} | "
                     f"{pct(acc['val'])} | {pct(acc['grocery/tomato'])} | {pct(float((known >= thr).float().mean()))} | "
                     f"{int((s['squares'] < thr).sum())} |")
     return rows
@@ -248,7 +248,7 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
     parser.add_argument("--out", type=Path, default=Path("/tmp/trust-bench/run"),
                         help="run folder for the training (must not exist)")
-    parser.add_argument("--unknown-recall", type=float, default=ood.DEFAULT_RECALL)
+    parser.add_argument("--unknown-recall", type=float, default=unknown.DEFAULT_RECALL)
     args = parser.parse_args()
     torch.manual_seed(0)
 

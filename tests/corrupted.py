@@ -1,4 +1,4 @@
-"""Seeded corrupted copies of a class-folder tree, for measuring the data doctor.
+"""Seeded corrupted copies of a class-folder tree, for measuring the data check.
 
 Usage::
 

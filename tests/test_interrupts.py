@@ -47,7 +47,7 @@ def train_cli(capsys, *args) -> tuple[int, str]:
 
 
 def points():
-    from fruitnet import ood, pipeline, plots, runfolder, training
+    from fruitnet import unknown, pipeline, plots, runfolder, training
 
     return {  # name: (what to patch, recipe arguments)
         "feature pass": (lambda: (pipeline, "from_dataset"), []),
@@ -55,7 +55,7 @@ def points():
         "probe fit": (lambda: (training, "_scores"), []),
         "end of epoch": (lambda: (runfolder.RunFolder, "end_epoch"), []),
         "drawing curves (an import turned into ImportError)": (lambda: (plots, "plot_curves"), []),
-        "calibration": (lambda: (ood, "fit_trust"), []),
+        "calibration": (lambda: (unknown, "fit_trust"), []),
         "final writes": (lambda: (runfolder.RunFolder, "finish"), []),
     }
 

@@ -54,7 +54,7 @@ KNN = {"temperature": 1.0, "threshold": 0.05, "score": "knn"}
 
 
 def knn_stats(val_scores=None, bank=None):
-    """A kNN TrustHead's tensors as fit_trust makes them (20 validation scores, a bank of 16 rows)."""
+    """A kNN UnknownVerdict's tensors as fit_trust makes them (20 validation scores, a bank of 16 rows)."""
     generator = torch.Generator().manual_seed(0)
     default_bank = torch.nn.functional.normalize(torch.rand(16, 1280, generator=generator), dim=1)
     return lambda state: {**state,

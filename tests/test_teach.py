@@ -16,7 +16,7 @@ import pytest
 import torch
 from conftest import DEMO_DATA, run_cli
 
-from fruitnet.ood import fit_threshold
+from fruitnet.unknown import fit_threshold
 from fruitnet.teach import Known, farthest_first, rank
 
 
@@ -43,7 +43,7 @@ def labels_file(path: Path, rows: list[tuple[Path, str]]) -> Path:
 # --- the rules of a refit ------------------------------------------------------------------------
 
 def test_left_out_scores_a_bank_row_without_itself_and_its_copies():
-    from fruitnet.ood import knn, knn_left_out, normalise
+    from fruitnet.unknown import knn, knn_left_out, normalise
 
     rng = np.random.default_rng(0)
     x = torch.from_numpy(rng.normal(size=(30, 8)).astype(np.float32))

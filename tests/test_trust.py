@@ -17,14 +17,14 @@ from conftest import DEMO_DATA, run_cli, shared_folder
 from PIL import Image, ImageDraw
 from quick_model import CLASSES, make_quick_model
 
-from fruitnet import ood
+from fruitnet import unknown
 from fruitnet.calibration import MAX_TEMPERATURE, expected_calibration_error, fit_temperature, nll
 from fruitnet.dataset import read_split
 from fruitnet.evaluate import evaluate
 from fruitnet.explain import model_view
 from fruitnet.export import export_onnx
 from fruitnet.model import load_model, save_model
-from fruitnet.ood import auroc
+from fruitnet.unknown import auroc
 from fruitnet.predictors import OnnxPredictor, TorchPredictor, expand_paths
 
 KNOWN = sorted(str(p) for p in (DEMO_DATA / "test").rglob("*.jpg"))  # Fruits-360, CC BY-SA 4.0
@@ -82,7 +82,7 @@ def test_training_stores_calibration_and_statistics_in_both_model_files(trained_
         assert cal["temperature"] == trust["temperature"] and cal["nll_after"] <= cal["nll_before"] + 0.01
         scores = model.trust.val_scores
         assert len(scores) == trust["n_val"] and torch.all(scores[1:] >= scores[:-1])
-        bank = model.trust.bank  # every training photo (fewer than ood.MAX_BANK), normalised
+        bank = model.trust.bank  # every training photo (fewer than unknown.MAX_BANK), normalised
         assert bank.shape == (len(read_split(trained_model.parent / "split.csv")[0]), model.head.in_features)
         assert torch.allclose(bank.norm(dim=1), torch.ones(len(bank)), atol=1e-5)
 
@@ -95,7 +95,7 @@ def test_knn_bank_holds_the_training_photos_features(trained_model):
     train_items = read_split(trained_model.parent / "split.csv")[0]
     x = torch.stack([predictor.transform(Image.open(it.path).convert("RGB")) for it in train_items])
     with torch.no_grad():
-        features = ood.normalise(model.body(x))
+        features = unknown.normalise(model.body(x))
     similarity = features @ model.trust.bank.T
     assert torch.equal(similarity.argmax(0), torch.arange(len(train_items)))
     assert float(similarity.diagonal().min()) > 0.99
@@ -103,19 +103,19 @@ def test_knn_bank_holds_the_training_photos_features(trained_model):
 
 def test_knn_bank_keeps_an_even_sample_of_a_large_training_set():
     features = torch.arange(1, 3001, dtype=torch.float32)[:, None] * torch.tensor([[1.0, 0.0]]) + torch.tensor([[0.0, 1.0]])
-    bank = ood.knn_bank(features, limit=1000)
+    bank = unknown.knn_bank(features, limit=1000)
     assert bank.shape == (1000, 2) and torch.allclose(bank.norm(dim=1), torch.ones(1000))
-    assert torch.allclose(bank[0], ood.normalise(features[:1])[0]) and torch.allclose(bank[-1], ood.normalise(features[-1:])[0])
-    assert torch.equal(ood.knn_bank(features[:500], limit=1000), ood.normalise(features[:500]))
+    assert torch.allclose(bank[0], unknown.normalise(features[:1])[0]) and torch.allclose(bank[-1], unknown.normalise(features[-1:])[0])
+    assert torch.equal(unknown.knn_bank(features[:500], limit=1000), unknown.normalise(features[:500]))
 
 
 def test_knn_score_on_a_known_case():
-    bank = ood.normalise(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]))
+    bank = unknown.normalise(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]))
     features = torch.tensor([[2.0, 0.0], [0.0, -3.0]])
     # k = 2: (2, 0) is at distance 0 from the first row and sqrt(2 - 2 cos 45°) from the third;
     # (0, -3) points away: sqrt(2) from the first row (90°), then sqrt(2 + sqrt 2) from the third (135°)
-    assert ood.knn(features, bank, k=2).tolist() == pytest.approx([-(2 - 2 ** 0.5) ** 0.5, -(2 + 2 ** 0.5) ** 0.5])
-    assert ood.knn(features, bank, k=1).tolist() == pytest.approx([0.0, -(2 ** 0.5)], abs=1e-3)
+    assert unknown.knn(features, bank, k=2).tolist() == pytest.approx([-(2 - 2 ** 0.5) ** 0.5, -(2 + 2 ** 0.5) ** 0.5])
+    assert unknown.knn(features, bank, k=1).tolist() == pytest.approx([0.0, -(2 ** 0.5)], abs=1e-3)
 
 
 def test_ledoit_wolf_matches_scikit_learn():
@@ -124,7 +124,7 @@ def test_ledoit_wolf_matches_scikit_learn():
     x = torch.randn(40, 60, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * torch.linspace(0.1, 3, 60)
     x = x - x.mean(0)  # more dimensions than rows, as with a few photos and 1,280 features
     theirs, _ = sklearn_ledoit_wolf(x.numpy(), assume_centered=True)
-    assert np.allclose(ood.ledoit_wolf(x).numpy(), theirs, rtol=1e-9, atol=1e-12)
+    assert np.allclose(unknown.ledoit_wolf(x).numpy(), theirs, rtol=1e-9, atol=1e-12)
 
 
 def test_mahalanobis_score_on_a_known_case():
@@ -132,13 +132,13 @@ def test_mahalanobis_score_on_a_known_case():
     precision = torch.diag(torch.tensor([1.0, 4.0]))
     features = torch.tensor([[1.0, 1.0], [9.0, 0.0], [5.0, 0.0]])
     # (1, 1): 1 + 4 to the first mean; (9, 0): 1 to the second; (5, 0): 25 to either
-    assert ood.mahalanobis(features, means, precision).tolist() == [-5.0, -1.0, -25.0]
+    assert unknown.mahalanobis(features, means, precision).tolist() == [-5.0, -1.0, -25.0]
 
 
 @pytest.mark.parametrize("change, words", [
     (lambda state, trust: state.pop("trust.bank"), "for the knn score"),
     (lambda state, trust: state.update({"trust.bank": state["trust.bank"][:, :5].contiguous()}), ", 5]"),  # a bank as wide as another body's features
-    (lambda state, trust: state.update({"trust.bank": state["trust.bank"].repeat(20, 1)}), "0, 1280]"),  # more rows than ood.MAX_BANK
+    (lambda state, trust: state.update({"trust.bank": state["trust.bank"].repeat(20, 1)}), "0, 1280]"),  # more rows than unknown.MAX_BANK
     (lambda state, trust: trust.update(score="energy"), "for the energy score"),
 ])
 def test_model_file_with_statistics_that_do_not_fit_its_score_is_refused(trained_model, tmp_path, change, words):

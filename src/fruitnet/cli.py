@@ -138,21 +138,21 @@ def cmd_check(args) -> int:
         print(json.dumps(report, indent=2) if args.json else format_data_report(report))
         return 1 if report["skipped"] else 0
 
-    from fruitnet import doctor
+    from fruitnet import datacheck
 
-    out = doctor.output_folder(args.out, args.data)  # the default one too is refused if inside DATA
+    out = datacheck.output_folder(args.out, args.data)  # the default one too is refused if inside DATA
     catalog = scan(args.data, progress=not args.json)
     log = (lambda *a: None) if args.json else print
-    findings = (doctor.deep_findings(catalog, backbone=args.backbone, folds=args.folds, seed=args.seed,
+    findings = (datacheck.deep_findings(catalog, backbone=args.backbone, folds=args.folds, seed=args.seed,
                                      progress=not args.json, log=log)
-                if args.deep else doctor.quick_findings(catalog))
-    written = doctor.write_outputs(findings, out)
+                if args.deep else datacheck.quick_findings(catalog))
+    written = datacheck.write_outputs(findings, out)
     if args.write_exclude:
-        written.append(doctor.write_exclude(findings, args.write_exclude))
+        written.append(datacheck.write_exclude(findings, args.write_exclude))
     if args.json:
         print(json.dumps({k: v for k, v in findings.items() if k != "photos"}, indent=2))
     else:
-        print(doctor.format_summary(findings))
+        print(datacheck.format_summary(findings))
         print("wrote " + ", ".join(str(p) for p in written))
     return 1 if findings["skipped"] else 0
 

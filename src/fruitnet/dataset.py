@@ -123,7 +123,7 @@ class Catalog:
 
 # Near-duplicates: pHash (low frequencies of the DCT of a 32x32 grey thumbnail) and dHash (signs of
 # horizontal gradients of a 9x8 one), 64 bits each, compared together.  Measured on webfruit
-# (bench/bench_doctor.py, notes/doctor-readme.md): copies resized to 60-90% or re-encoded at JPEG
+# (bench/bench_check.py, notes/doctor-readme.md): copies resized to 60-90% or re-encoded at JPEG
 # quality 50-80 stay within 6 bits, copies cropped by 2-5% per side are within 22 bits in 95% of
 # cases, and every pair of distinct webfruit photos within 22 bits is a real near-copy.  The same
 # bits as the imagehash package's phash + dhash, 5x faster: PIL's reducing_gap shrinks by whole

@@ -28,7 +28,7 @@ from fruitnet.errors import DataError
 from fruitnet.formats import answer_summary
 from fruitnet.images import load_image
 from fruitnet.metrics import classification_report, format_classification_report, write_confusion_csv
-from fruitnet.ood import auroc
+from fruitnet.unknown import auroc
 from fruitnet.config import InferenceOptions
 from fruitnet.outputs import spreadsheet_row
 from fruitnet.predictors import UNKNOWN, expand_paths, load_predictor

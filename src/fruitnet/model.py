@@ -25,7 +25,7 @@ from fruitnet.backbones import BACKBONES, create_body, get_backbone
 from fruitnet.dataset import UNKNOWN  # the answer for a photo of none of the classes: never a class name
 from fruitnet.errors import ModelFileError
 from fruitnet.modelpath import check_model_argument
-from fruitnet.ood import MAX_BANK, SCORES, TRUST_PREFIX, TrustHead
+from fruitnet.unknown import MAX_BANK, SCORES, TRUST_PREFIX, UnknownVerdict
 
 FORMAT_VERSION = 1
 DAMAGED = "damaged or incomplete model file (its header or tensors cannot be read); copy it again from the run folder"
@@ -57,7 +57,7 @@ class Preprocessing(BaseModel):
 
 
 class Trust(BaseModel):
-    """Calibration and the unknown verdict (ood.fit_trust); files made before them have none."""
+    """Calibration and the unknown verdict (unknown.fit_trust); files made before them have none."""
 
     model_config = ConfigDict(strict=True, extra="allow")
     temperature: float = Field(gt=0, le=1000)
@@ -143,7 +143,7 @@ class Classifier(nn.Module):
         super().__init__()
         self.body = body
         self.head = nn.Linear(feature_dim, num_classes)
-        self.trust: TrustHead | None = None  # set at the end of training (ood.fit_trust); old files have none
+        self.trust: UnknownVerdict | None = None  # set at the end of training (unknown.fit_trust); old files have none
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.body(x))
@@ -224,9 +224,9 @@ def load_model(path: str | Path, legacy: bool | None = None) -> tuple[Classifier
         raise ModelFileError(f"{path}: {DAMAGED}") from None
     model, _ = create_classifier(meta["backbone"], len(meta["classes"]), weights="none")
     trust = {k[len(TRUST_PREFIX):]: state[k] for k in state if k.startswith(TRUST_PREFIX)}
-    if trust:  # the in-distribution statistics (ood.TrustHead), shaped by the file's own tensors
+    if trust:  # the in-distribution statistics (unknown.UnknownVerdict), shaped by the file's own tensors
         _check_trust(path, trust, meta, feature_dim=expected[1])
-        model.trust = TrustHead(**trust)
+        model.trust = UnknownVerdict(**trust)
     _check_values(path, state, model.state_dict())
     try:
         model.load_state_dict(state)

@@ -4,7 +4,7 @@ Every consumer (predict, evaluate, serve, export's parity check) talks to a Pred
 - `classes`, `meta` (the model file's metadata) and `preprocessing` (from that metadata);
 - `transform(image)`: PIL RGB -> normalised tensor, built from the metadata, never re-typed;
 - `forward(batch)`: logits, and where the model file has them the in-distribution score and
-  share (ood.TrustHead); the one thing each runtime does its own way;
+  share (unknown.UnknownVerdict); the one thing each runtime does its own way;
 - `outputs(batch)`, `probabilities(images)`, `predict_paths(paths)`, `describe(row)`: shared,
   built on the above. Probabilities are calibrated (the logits divided by the model file's
   temperature, 1 for files made before calibration), and a photo whose in_distribution is below

@@ -190,10 +190,10 @@ class RunFolder:
     def add_trust(self, best_epoch: int, last_epoch: int, recall: float, device, log=print, val_set=None,
                   frozen_body: bool = False, train_set=None, train_features: torch.Tensor | None = None,
                   negatives: list[Item] = ()) -> dict | None:
-        """Add calibration and the unknown verdict (ood.fit_trust) to last.safetensors and best.safetensors.
+        """Add calibration and the unknown verdict (unknown.fit_trust) to last.safetensors and best.safetensors.
 
         val_set (and train_set): the images as (tensor, class) pairs. frozen_body picks the score
-        (ood.choose_score); the kNN bank comes from the training photos' features: the cached
+        (unknown.choose_score); the kNN bank comes from the training photos' features: the cached
         ones (train_features) or else extracted from train_set; negatives: photos of none of the
         classes the threshold is raised against.  Each file is fitted with its own weights, in
         fp32 (the arithmetic of the library default and of ONNX); when best is last, it is copied.
@@ -201,7 +201,7 @@ class RunFolder:
         if not self.active:
             return None
         from fruitnet.model import load_model
-        from fruitnet.ood import choose_score, fit_trust
+        from fruitnet.unknown import choose_score, fit_trust
 
         score = choose_score(frozen_body)
         fitted, features, body = {}, None, None
@@ -248,7 +248,7 @@ class RunFolder:
 
 def _trust_features(model, meta: dict, name: str, val_set, train_set, negatives: list[Item], score: str, device,
                     train_features: torch.Tensor | None) -> tuple:
-    """What ood.fit_trust reads, from this file's body in fp32: (validation features, their
+    """What unknown.fit_trust reads, from this file's body in fp32: (validation features, their
     targets) and, as keywords, the training features (kNN score) and the negatives' features."""
     from fruitnet.features import from_dataset, from_files
 

@@ -11,8 +11,8 @@ command that teaches it instead: `fruitnet train photos/ labelled/ --mode unfree
 What a refit does, given the model's own training and validation photos (its run folder's
 split.csv) and the labelled photos:
 - the head is fitted on the training photos plus every labelled photo of a class;
-- the kNN bank (ood.py) holds the training photos plus every labelled photo of a class (these
-  always, the training photos sampled down to ood.MAX_BANK in all);
+- the kNN bank (unknown.py) holds the training photos plus every labelled photo of a class (these
+  always, the training photos sampled down to unknown.MAX_BANK in all);
 - the threshold: the in-distribution share is measured against the validation photos and the
   labelled photos, each labelled photo scored against the bank without itself (leave one out),
   so a photo counts as known only as far as the others make it typical; photos labelled "none
@@ -85,9 +85,9 @@ class Refit:
         return (logits / self.temperature).softmax(1).numpy()
 
     def in_distribution(self, x: np.ndarray) -> np.ndarray:
-        from fruitnet.ood import TrustHead
+        from fruitnet.unknown import UnknownVerdict
 
-        trust = TrustHead(self.val_scores, self.bank)
+        trust = UnknownVerdict(self.val_scores, self.bank)
         return trust.in_distribution(trust.score(None, torch.from_numpy(x).float())).numpy()
 
     def answers(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -112,7 +112,7 @@ def refit(train: Known, val: Known, labelled: Known, negatives: np.ndarray, n_cl
     """Head, temperature, kNN bank and threshold from the training, validation and labelled photos
     (see the module's docstring)."""
     from fruitnet.calibration import fit_temperature
-    from fruitnet.ood import MAX_BANK, fit_threshold, knn, knn_bank, knn_left_out, normalise
+    from fruitnet.unknown import MAX_BANK, fit_threshold, knn, knn_bank, knn_left_out, normalise
 
     t0 = time.perf_counter()
     weight, bias = fit_head(train + labelled, n_classes, l2, class_weights)
@@ -152,7 +152,7 @@ def farthest_first(x: np.ndarray, centres: torch.Tensor | None, count: int) -> t
     """Greedy k-center: up to `count` rows of x, each the one farthest (cosine) from the centres and
     from the rows picked before it (with no centres, the first pick is the most typical row).
     Returns the picks and every row's similarity to its nearest centre or pick."""
-    from fruitnet.ood import normalise
+    from fruitnet.unknown import normalise
 
     v = normalise(torch.from_numpy(x).float())
     if centres is not None and len(centres):
@@ -434,13 +434,13 @@ class Teacher:
         photos it was fitted on: a later teach session starts from it) and OUT/teach.json."""
         from fruitnet.calibration import calibration_summary
         from fruitnet.model import save_model
-        from fruitnet.ood import TrustHead
+        from fruitnet.unknown import UnknownVerdict
 
         out = self._out_folder()
         with torch.no_grad():
             self.model.head.weight.copy_(fit.weight)
             self.model.head.bias.copy_(fit.bias)
-        self.model.trust = TrustHead(fit.val_scores, fit.bank)
+        self.model.trust = UnknownVerdict(fit.val_scores, fit.bank)
         val_logits = (torch.from_numpy(val.x).float() @ fit.weight.T + fit.bias).numpy()
         accepted = float((self.model.trust.in_distribution(fit.val_scores) >= fit.threshold).float().mean())
         trust = {"temperature": fit.temperature, "score": "knn", "threshold": fit.threshold, "recall": self.recall,

@@ -1,4 +1,4 @@
-"""The data doctor: `fruitnet check DATA [--deep]`, shown as pictures.
+"""The data check: `fruitnet check DATA [--deep]`, shown as pictures.
 
 Plain check (fast, no torch needed for the findings): counts, exact duplicates (same bytes) and
 near-duplicates (perceptual hash, dataset.py), groups that span two classes (label conflicts),
@@ -9,7 +9,7 @@ class imbalance.  --deep adds what only a trained eye sees:
    with near-duplicate groups kept inside one fold, so no photo is judged by a model that saw its copy;
 3. cleanlab's Datalab on those features and probabilities: label issues (likely mislabelled photos,
    with the class the data suggests), near-duplicates in feature space, class imbalance;
-4. outliers by the score the default model's "unknown" verdict uses (ood.knn, the same features):
+4. outliers by the score the default model's "unknown" verdict uses (unknown.knn, the same features):
    a photo far from its 10th most similar other photo, beyond Tukey's fence, is unlike the rest.
 Outputs go to a folder outside the data folder: report.json, photos.csv (every photo's scores) and
 a self-contained report.html (thumbnails inline as data URIs).  Nothing is written into DATA.
@@ -39,7 +39,7 @@ from fruitnet.outputs import check_outputs, printable, spreadsheet_row
 # Datalab calls two photos near-duplicates when their feature distance is under this fraction of the
 # median nearest-neighbour distance.  Its default, 0.13, found under half of webfruit's resized or
 # cropped copies in feature space; at 0.3 it finds 25 of 30, and the extra pairs it finds in the
-# unmodified webfruit are crops, flips and watermarked versions of one photo (bench_doctor.py).
+# unmodified webfruit are crops, flips and watermarked versions of one photo (bench_check.py).
 NEAR_DUPLICATE_THRESHOLD = 0.3
 HTML_LIMIT = 200  # photos or groups shown per section of report.html; report.json has them all
 
@@ -162,12 +162,12 @@ def out_of_fold_probabilities(features: np.ndarray, labels: np.ndarray, groups: 
 def deep_findings(catalog: Catalog, backbone: str = DEFAULT_BACKBONE, folds: int = 5, seed: int = 0,
                   cache_dir: str | Path | None = None, progress: bool = True, log=print) -> dict:
     """quick_findings plus label issues and feature-space near-duplicates (cleanlab Datalab), and
-    outliers by the unknown verdict's own score (ood.knn on the same features): each photo's
+    outliers by the unknown verdict's own score (unknown.knn on the same features): each photo's
     distance to its 10th most similar photo among the others (its own copies left out), flagged
-    beyond Tukey's fence (ood.far_out)."""
+    beyond Tukey's fence (unknown.far_out)."""
     import cleanlab
 
-    from fruitnet.ood import far_out
+    from fruitnet.unknown import far_out
 
     usable = catalog.usable
     seconds = {}
@@ -238,11 +238,11 @@ def _datalab(usable: list[Item], features: np.ndarray, probs: np.ndarray):
 
 
 def _outlier_distances(features: np.ndarray, group_of: np.ndarray) -> np.ndarray:
-    """Each photo's kNN distance (ood.knn, the unknown verdict's score) to the other photos, its
+    """Each photo's kNN distance (unknown.knn, the unknown verdict's score) to the other photos, its
     own duplicate group left out."""
     import torch
 
-    from fruitnet.ood import knn_left_out, normalise
+    from fruitnet.unknown import knn_left_out, normalise
 
     x = torch.from_numpy(features)
     return -knn_left_out(x, normalise(x), group_of, group_of).numpy()

@@ -34,7 +34,7 @@ from fruitnet.calibration import calibration_summary, fit_temperature
 from fruitnet.config import UNKNOWN_RECALL as DEFAULT_RECALL
 from fruitnet.config import check_unknown_recall
 
-TRUST_PREFIX = "trust."  # the TrustHead's tensors in the model file's state dict
+TRUST_PREFIX = "trust."  # the UnknownVerdict's tensors in the model file's state dict
 
 
 def msp(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -114,7 +114,7 @@ def knn_left_out(features: torch.Tensor, bank: torch.Tensor, groups: np.ndarray,
 
 def far_out(distances: np.ndarray) -> np.ndarray:
     """Tukey's fence: the distances beyond the upper quartile by more than 1.5 times the
-    interquartile range (a textbook rule, not tuned here: bench/results/doctor.md)."""
+    interquartile range (a textbook rule, not tuned here: bench/results/check.md)."""
     q1, q3 = np.percentile(distances, [25, 75])
     return distances > q3 + 1.5 * (q3 - q1)
 
@@ -135,7 +135,7 @@ def choose_score(frozen_body: bool) -> str:
     return "knn" if frozen_body else "energy"
 
 
-class TrustHead(nn.Module):
+class UnknownVerdict(nn.Module):
     """(logits, pooled features) -> (score, in_distribution).
 
     Its buffers travel in the model file (safetensors) and the ONNX graph: the validation photos'
@@ -205,7 +205,7 @@ def fit_trust(model: nn.Module, val_features: torch.Tensor, val_targets: torch.T
       against the negatives (photos of none of the classes, from unknown/ folders) where given
       (fit_threshold).
     Features are the body's pooled features (the head makes the logits). Attaches model.trust
-    (a TrustHead, saved with the weights); returns the metadata for the model file's "trust" key.
+    (a UnknownVerdict, saved with the weights); returns the metadata for the model file's "trust" key.
     """
     recall = check_unknown_recall(recall)
     if score not in SCORES:
@@ -216,8 +216,8 @@ def fit_trust(model: nn.Module, val_features: torch.Tensor, val_targets: torch.T
     val_logits = logits(val_features)
     temperature = fit_temperature(val_logits, val_targets)
     stats = {"bank": knn_bank(train_features.cpu())} if score == "knn" else {}
-    val_scores = TrustHead(torch.zeros(1), **stats).score(val_logits, val_features)
-    trust = TrustHead(val_scores, **stats)
+    val_scores = UnknownVerdict(torch.zeros(1), **stats).score(val_logits, val_features)
+    trust = UnknownVerdict(val_scores, **stats)
     model.trust = trust.to(head.weight.device)
     negatives = torch.zeros(0) if negative_features is None or not len(negative_features) else \
         trust.score(logits(negative_features), negative_features.float().cpu())

@@ -1,10 +1,10 @@
-"""The data doctor, measured (issue 10): findings on corrupted copies of webfruit, the same figures on
+"""The data check, measured (issue 10): findings on corrupted copies of webfruit, the same figures on
 the unmodified webfruit, `check --deep` wall time, --balance on fruits360, near-duplicate-aware split.
 
-    .venv/bin/python bench/bench_doctor.py                      # all parts, ~25 min on 2 CPU cores
-    .venv/bin/python bench/bench_doctor.py --parts corrupted clean
+    .venv/bin/python bench/bench_check.py                      # all parts, ~25 min on 2 CPU cores
+    .venv/bin/python bench/bench_check.py --parts corrupted clean
 
-Writes markdown tables to bench/results/doctor.md (stamped with the git commit and the command).
+Writes markdown tables to bench/results/check.md (stamped with the git commit and the command).
 Corrupted copies are symlink trees plus new near-copy files in a temporary folder; ../shared/data is
 only read.  grocery/other is used to measure outliers only (no threshold is tuned on it).
 Features are cached under /tmp/doctor-bench (per photo, by sha256) except in the timing part.
@@ -31,7 +31,7 @@ CACHE = Path("/tmp/doctor-bench")
 from corrupted import build_corrupted  # noqa: E402
 
 from fruitnet.dataset import near_duplicate_pairs, scan, split  # noqa: E402
-from fruitnet.doctor import deep_findings  # noqa: E402
+from fruitnet.datacheck import deep_findings  # noqa: E402
 
 
 def table(header: list[str], rows: list[list]) -> str:
@@ -202,7 +202,7 @@ PARTS = {"corrupted": corrupted_part, "clean": clean_part, "timing": timing_part
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--parts", nargs="+", default=list(PARTS), choices=list(PARTS))
-    parser.add_argument("--out", default=str(REPO / "bench" / "results" / "doctor.md"))
+    parser.add_argument("--out", default=str(REPO / "bench" / "results" / "datacheck.md"))
     parser.add_argument("--mode", default="unfreeze", choices=["unfreeze", "freeze"],
                         help="training mode for the balance and split parts (default: the default recipe's)")
     parser.add_argument("--recipe", default="fast", choices=["fast", "seed"],
@@ -214,9 +214,9 @@ def main() -> None:
                             text=True).stdout.strip()
     dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
                            capture_output=True, text=True).stdout.strip()
-    sections = [f"# Data doctor benchmark\n\ncommit {commit}{' (with uncommitted changes)' if dirty else ''}, "
+    sections = [f"# Data check benchmark\n\ncommit {commit}{' (with uncommitted changes)' if dirty else ''}, "
                 f"{datetime.now().isoformat(timespec='minutes')}, command: "
-                f"`python bench/bench_doctor.py {' '.join(sys.argv[1:])}`\n"]
+                f"`python bench/bench_check.py {' '.join(sys.argv[1:])}`\n"]
     with tempfile.TemporaryDirectory(prefix="doctor-bench-") as tmp:
         for name in args.parts:
             t = time.perf_counter()

@@ -1,9 +1,9 @@
-"""The data doctor on a small corrupted copy of webfruit: each finding, the outputs, the data left alone.
+"""The data check on a small corrupted copy of webfruit: each finding, the outputs, the data left alone.
 
 The copy (40 photos per class, symlinks) gets 6 photos moved to a wrong class, 6 near-copies (2
 resized, 2 re-encoded, 2 cropped; 3 of them into another class) and 5 grocery photos of other things.
 `fruitnet check --deep` runs once, as a user runs it, for the whole module.  The full-size figures
-are in bench/bench_doctor.py.
+are in bench/bench_check.py.
 """
 
 from __future__ import annotations
@@ -182,7 +182,7 @@ def test_report_html_opens_offline_in_a_real_browser(checked, tmp_path):
 def test_quick_check_groups_match_the_split_and_studio_frames_do_not_chain_across_classes():
     """Fruits-360's frames of fruit turning on white look alike across classes: no giant group."""
     from fruitnet.dataset import scan
-    from fruitnet.doctor import quick_findings
+    from fruitnet.datacheck import quick_findings
 
     catalog = scan(shared_folder("fruits360"), progress=False)
     findings = quick_findings(catalog)
