@@ -17,7 +17,7 @@ split.csv) and the labelled photos:
   labelled photos, each labelled photo scored against the bank without itself (leave one out),
   so a photo counts as known only as far as the others make it typical; photos labelled "none
   of these" never enter the bank or the head: they are negatives the threshold is raised
-  against, by at most NEGATIVE_SLACK of the validation photos (fit_threshold);
+  against, by at most unknown.NEGATIVE_SLACK of the validation photos (unknown.fit_threshold);
 - the temperature is fitted again on the validation photos.
 """
 
@@ -240,7 +240,7 @@ class Teacher:
                              "training again with the labelled photos: fruitnet train photos/ labelled/ --mode unfreeze")
         self.classes = self.meta["classes"]
         self.into, self.out = Path(into) if into else None, Path(out) if out else None
-        self.recall = float(trust.get("recall", 1 - trust["threshold"]))
+        self.recall = float(trust.get("recall") or 1 - trust["threshold"])  # files made before the recall was kept
         self.l2 = _run_weight_decay(self.model_path)
         self._start_features(cache)
         self.load(new)
