@@ -199,3 +199,7 @@ def page_latency(model: Path, tmp: Path, cache: str) -> str:
             f"{len(refits)} refits, {statistics.mean(refits):.1f} s on average (slowest {max(refits):.1f} s); the "
             f"last one: {history[-1]['new_answered']['before']:.1%} -> {history[-1]['new_answered']['after']:.1%} "
             "of the new photos answered.")
+
+
+if __name__ == "__main__":
+    main()
