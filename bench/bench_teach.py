@@ -194,7 +194,7 @@ def page_latency(model: Path, tmp: Path, cache: str) -> str:
             driver.quit()
     history = json.loads((tmp / "taught" / "teach.json").read_text())["history"]
     refits = [h["refit_seconds"] for h in history]
-    return (f"The page (headless Chromium, 25 fruits360 photos labelled by key, a refit every 5): key to the next "
+    return (f"The page (headless Chromium, 25 fruits360 photos labelled by key as fast as it sends them; the page asks for a refit every 5 labels and skips those that come while one runs): key to the next "
             f"photo on screen median {statistics.median(switches):.0f} ms, slowest {max(switches):.0f} ms; "
             f"{len(refits)} refits, {statistics.mean(refits):.1f} s on average (slowest {max(refits):.1f} s); the "
             f"last one: {history[-1]['new_answered']['before']:.1%} -> {history[-1]['new_answered']['after']:.1%} "
