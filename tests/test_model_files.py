@@ -110,15 +110,18 @@ def test_a_model_with_sound_statistics_still_answers(plain, models, photo, capsy
     assert answer["in_distribution"] >= 0 and sum(answer["probabilities"].values()) == pytest.approx(1)
 
 
-def test_serve_refuses_a_model_that_loads_but_answers_nan_or_infinity(plain, models):
-    """NaN weights are refused at load; finite weights whose outputs overflow, by serve's first pass."""
+def test_every_command_refuses_a_model_that_loads_but_answers_nan_or_infinity(plain, models, photo):
+    """NaN weights are refused at load; finite weights whose outputs overflow, by the first pass
+    every predictor runs as it loads (predict, evaluate, serve and export alike)."""
     overflow = with_tensors(plain, models / "overflow.safetensors",
                             lambda s: {**s, "head.weight": torch.full_like(s["head.weight"], 3e38)})
     nan = with_tensors(plain, models / "nan-serve.safetensors", _nan_head)
     for model, words in ((overflow, "outputs are NaN or infinite"), (nan, "holds NaN or infinite values")):
-        result = run_cli("serve", model, "--port", free_port(), timeout=60)
-        assert result.returncode == 2, result.stderr
-        assert words in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+        for args in (["serve", model, "--port", free_port()], ["predict", model, photo, "--json"]):
+            result = run_cli(*args, timeout=60)
+            assert result.returncode == 2, result.stderr
+            assert words in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+            assert result.stdout == ""  # never an answer with NaN in it
 
 
 # --- item 5: metadata types and ONNX graphs ------------------------------------------------------

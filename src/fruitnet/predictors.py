@@ -283,8 +283,12 @@ def load_predictor(path: str | Path, options: InferenceOptions = InferenceOption
     """The predictor for a model file, run as `options` say (config.InferenceOptions): runtime
     'torch', 'onnx', or 'auto' (onnx for a .onnx file); precision and device apply to torch;
     unknown=False never answers "unknown" (the in_distribution share is still given); tta=True
-    averages each photo with its mirror image (an ONNX file must have been exported with --tta)."""
+    averages each photo with its mirror image (an ONNX file must have been exported with --tta).
+    Either runs once before it is returned (check_runs): a model that fails or overflows is
+    refused at load, not at every photo."""
     if options.runtime == "onnx" or (options.runtime == "auto" and str(path).lower().endswith(".onnx")):
-        return OnnxPredictor(path, unknown=options.unknown, tta=options.tta)
-    return TorchPredictor(path, device=options.device, legacy=options.legacy or None, precision=options.precision,
-                          unknown=options.unknown, tta=options.tta)
+        return OnnxPredictor(path, unknown=options.unknown, tta=options.tta)  # it runs once as it loads
+    predictor = TorchPredictor(path, device=options.device, legacy=options.legacy or None,
+                               precision=options.precision, unknown=options.unknown, tta=options.tta)
+    predictor.check_runs(path)
+    return predictor

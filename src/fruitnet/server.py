@@ -281,8 +281,8 @@ class Service:
 
     def __init__(self, model_path: str | Path, options: InferenceOptions, max_upload_mb: int,
                  collector: Collector | None):
-        self.predictor = load_predictor(model_path, options)
-        self.predictor.check_runs(model_path)  # an ONNX file has run once already; a .safetensors file runs here
+        self.predictor = load_predictor(model_path, options)  # it has run once: the service never starts on a
+        # model that would fail every request
         self.batcher = Batcher(self.predictor)
         self.decoding = DecodeBudget(threads=max(2, os.cpu_count() or 2))  # more decodes than cores: only memory
         self.draft = draft_size(self.predictor.preprocessing)
