@@ -116,3 +116,17 @@ def test_the_probe_reports_its_one_fit_in_one_line(tmp_path):
     png = Image.open(io.BytesIO((run / "curves.png").read_bytes()))
     assert png.size[0] > 500
     assert "so that an answer given with 90% is right about 90% of the time" in result.stdout
+
+
+def test_several_folders_with_a_separate_validation_folder(tmp_path):
+    from fruitnet.config import TrainConfig
+    from fruitnet.training import read_data
+
+    a, b = two_sources(tmp_path)
+    val = tmp_path / "val"
+    for cls in ("cherry", "strawberry", "tomato"):
+        shutil.copytree(DEMO_DATA / "test" / cls, val / cls)
+    data = read_data(TrainConfig(data=(str(a), str(b)), val_dir=str(val)), log=lambda *_: None)
+    assert data.classes == ["cherry", "strawberry", "tomato"]
+    assert len(data.train) == 90 and len(data.val) == 30 and len(data.negatives) == 6
+    assert {Path(it.source) for it in data.train} == {a, b} and {Path(it.source) for it in data.val} == {val}
