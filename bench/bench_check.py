@@ -28,6 +28,7 @@ sys.path.insert(0, str(REPO / "tests"))
 SHARED = Path(os.environ.get("FRUITNET_SHARED_DATA", REPO.parent / "shared" / "data"))
 CACHE = Path("/tmp/doctor-bench")
 
+from common import machine  # noqa: E402
 from corrupted import build_corrupted  # noqa: E402
 
 from fruitnet.dataset import near_duplicate_pairs, scan, split  # noqa: E402
@@ -202,7 +203,7 @@ PARTS = {"corrupted": corrupted_part, "clean": clean_part, "timing": timing_part
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--parts", nargs="+", default=list(PARTS), choices=list(PARTS))
-    parser.add_argument("--out", default=str(REPO / "bench" / "results" / "datacheck.md"))
+    parser.add_argument("--out", default=str(REPO / "bench" / "results" / "check.md"))
     parser.add_argument("--mode", default="unfreeze", choices=["unfreeze", "freeze"],
                         help="training mode for the balance and split parts (default: the default recipe's)")
     parser.add_argument("--recipe", default="fast", choices=["fast", "seed"],
@@ -216,7 +217,7 @@ def main() -> None:
                            capture_output=True, text=True).stdout.strip()
     sections = [f"# Data check benchmark\n\ncommit {commit}{' (with uncommitted changes)' if dirty else ''}, "
                 f"{datetime.now().isoformat(timespec='minutes')}, command: "
-                f"`python bench/bench_check.py {' '.join(sys.argv[1:])}`\n"]
+                f"`python bench/bench_check.py {' '.join(sys.argv[1:])}`\n\nMachine: {machine()}\n"]
     with tempfile.TemporaryDirectory(prefix="doctor-bench-") as tmp:
         for name in args.parts:
             t = time.perf_counter()
