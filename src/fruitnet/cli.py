@@ -403,8 +403,9 @@ def _check_parser(sub) -> None:
     p.add_argument("data", metavar="DATA", help="a folder of class folders: DATA/<class>/<image>")
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
     p.add_argument("--deep", action="store_true",
-                   help="also find likely mislabelled photos, outliers and near-duplicates in feature space "
-                        "(pretrained features, cross-validated linear head, cleanlab); writes report.html")
+                   help="also find likely mislabelled photos (cross-validated linear head and cleanlab), outliers "
+                        "(the unknown verdict's kNN score) and near-duplicates in feature space, on the pretrained "
+                        "features; writes report.html")
     p.add_argument("--out", metavar="DIR",
                    help="report folder, outside DATA (default with --deep: runs/check-<timestamp>)")
     p.add_argument("--write-exclude", metavar="FILE",
