@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from fruitnet.outputs import spreadsheet_row
+
 GRID_LIMIT = 64  # photos drawn in one grid
 LOW_CONFIDENCE = 0.6  # a top probability below this, or
 NEAR_TIE = 0.1  # the top two closer than this, is marked "low confidence"
@@ -37,12 +39,13 @@ def write_csv(results: list[dict], classes: list[str], path: Path, overlays: dic
     """One row per path: label, best guess, in_distribution, error, warning, the probabilities."""
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["path", "label", "best_guess", "in_distribution", "error", "warning"] + classes)
+        w.writerow(spreadsheet_row(["path", "label", "best_guess", "in_distribution", "error", "warning"]
+                                   + classes))
         for r in results:
             probs = r.get("probabilities", {})
-            w.writerow([r["path"], r.get("label", ""), r.get("best_guess", r.get("label", "")),
-                        r.get("in_distribution", ""), r.get("error", ""), r.get("warning", "")]
-                       + [probs.get(c, "") for c in classes])
+            w.writerow(spreadsheet_row([r["path"], r.get("label", ""), r.get("best_guess", r.get("label", "")),
+                                        r.get("in_distribution", ""), r.get("error", ""), r.get("warning", "")]
+                                       + [probs.get(c, "") for c in classes]))
 
 
 def spread_over_folders(results: list[dict], limit: int) -> list[dict]:
