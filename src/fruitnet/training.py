@@ -286,7 +286,10 @@ def fit_linear_head(head: nn.Linear, x: torch.Tensor, y: torch.Tensor, loss_fn: 
     on_iteration(i) runs after each; returns the number run.  The probe recipe's fit, and teach's."""
     nn.init.zeros_(head.weight)
     nn.init.zeros_(head.bias)
-    optimizer = torch.optim.LBFGS(head.parameters(), lr=lr, max_iter=1, history_size=20, line_search_fn="strong_wolfe")
+    # One iteration per step, for the trace; max_eval gives the line search room (its default,
+    # max_iter x 5/4 = 1, leaves none: a rejected first trial step then stalls the fit for good).
+    optimizer = torch.optim.LBFGS(head.parameters(), lr=lr, max_iter=1, max_eval=25, history_size=20,
+                                  line_search_fn="strong_wolfe")
 
     def closure():
         optimizer.zero_grad(set_to_none=True)
