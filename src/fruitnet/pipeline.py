@@ -162,9 +162,9 @@ def build_pipeline(config: TrainConfig, recipe: Recipe, pre: dict, classes: list
                         config.seed, 0 if cache else config.workers, torch.Generator().manual_seed(config.seed))
     if config.balance == "sampler":  # every class drawn equally often (balance.py)
         pipeline.sample_weights = sample_weights(train.targets, {c: train.targets.count(i) for i, c in enumerate(classes)})
-    if config.mode == "partial":
-        frozen, dtype = split_body(body, config.unfreeze_last)[0], torch.bfloat16
-        n_views = stem_views(frozen, pre, recipe, len(train), len(val), log)
+    if config.mode == "partial":  # bf16 maps where the arithmetic is bf16; fp32 runs stay exact
+        frozen, dtype = split_body(body, config.unfreeze_last)[0], torch.bfloat16 if arith.dtype == "bf16" else torch.float32
+        n_views = stem_views(frozen, pre, recipe, len(train), len(val), dtype.itemsize, log)
     elif config.mode == "freeze" and config.feature_cache:
         frozen, dtype, n_views = body, torch.float32, recipe.feature_views if recipe.augment != "none" else 1
     else:
@@ -177,22 +177,24 @@ def build_pipeline(config: TrainConfig, recipe: Recipe, pre: dict, classes: list
     return pipeline
 
 
-def stem_bytes(frozen_stem: nn.Module, pre: dict) -> int:
-    """Bytes of one photo's cached feature map (bf16) at the model's input size."""
+def stem_bytes(frozen_stem: nn.Module, pre: dict, itemsize: int = 2) -> int:
+    """Bytes of one photo's cached feature map at the model's input size (2 a value: bf16)."""
     with torch.no_grad():
-        return 2 * frozen_stem.eval()(torch.zeros(1, 3, pre["input_size"], pre["input_size"])).numel()
+        return itemsize * frozen_stem.eval()(torch.zeros(1, 3, pre["input_size"], pre["input_size"])).numel()
 
 
-def stem_views(frozen_stem: nn.Module, pre: dict, recipe: Recipe, n_train: int, n_val: int, log=print) -> int:
+def stem_views(frozen_stem: nn.Module, pre: dict, recipe: Recipe, n_train: int, n_val: int, itemsize: int = 2,
+               log=print) -> int:
     """The recipe's views of the training photos, fewer where they would not fit in
     MAX_STEM_CACHE_BYTES (with the validation photos' maps); said in one line."""
-    per_photo = stem_bytes(frozen_stem, pre)
+    per_photo = stem_bytes(frozen_stem, pre, itemsize)
     fit = (MAX_STEM_CACHE_BYTES // per_photo - n_val) // max(n_train, 1)
     if fit < 1:
         raise UsageError(f"partial fine-tuning caches {per_photo / 1e3:.0f} kB of feature maps a photo; "
                          f"{n_train + n_val} photos need more than {MAX_STEM_CACHE_BYTES / 2**30:.0f} GiB: "
                          "unfreeze fewer stages (--unfreeze-last) or use --recipe probe")
     n_views = min(recipe.feature_views, fit)
-    log(f"mid-network cache: {n_views} view(s) x {n_train} + {n_val} photos x {per_photo / 1e3:.1f} kB (bf16) = "
+    log(f"mid-network cache: {n_views} view(s) x {n_train} + {n_val} photos x {per_photo / 1e3:.1f} kB "
+        f"({'bf16' if itemsize == 2 else 'fp32'}) = "
         f"{(n_views * n_train + n_val) * per_photo / 2**20:.0f} MiB (at most {MAX_STEM_CACHE_BYTES / 2**30:.0f} GiB)")
     return n_views
