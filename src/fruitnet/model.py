@@ -175,6 +175,26 @@ class Classifier(nn.Module):
         return [p for p in self.parameters() if p.requires_grad]
 
 
+def fold_batchnorm(net: nn.Module) -> nn.Module:
+    """A copy of an eval-mode network with each BatchNorm folded into the convolution just before
+    it (timm's BatchNormAct2d keeps its activation): the same function up to float rounding, with
+    one pass over every activation map less per layer (predict's profile: a quarter of the body's
+    time in bf16).  Pairs are consecutive children, as in the backbones here (tested per backbone)."""
+    import copy
+
+    from torch.nn.utils.fusion import fuse_conv_bn_weights
+
+    net = copy.deepcopy(net).eval()
+    for module in list(net.modules()):
+        children = list(module.named_children())
+        for (_, conv), (name, bn) in zip(children, children[1:]):
+            if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d) and bn.running_var is not None:
+                conv.weight, conv.bias = fuse_conv_bn_weights(conv.weight, conv.bias, bn.running_mean, bn.running_var,
+                                                              bn.eps, bn.weight, bn.bias)
+                setattr(module, name, nn.Sequential(bn.drop, bn.act) if hasattr(bn, "act") else nn.Identity())
+    return net
+
+
 def create_classifier(backbone: str, num_classes: int, weights: str = "imagenet") -> tuple[Classifier, str]:
     """Returns (classifier, description of the weight source)."""
     body, source = create_body(backbone, weights)
