@@ -19,7 +19,6 @@ Writes bench/results/predict-100.md with the machine, the commit and the command
 from __future__ import annotations
 
 import argparse
-import cProfile
 import io
 import json
 import os
