@@ -179,7 +179,7 @@ def main() -> None:
         sys.exit(f"skipped: {SHARED / 'grocerystore'} is needed (set FRUITNET_SHARED_DATA)")
     if not (args.resume or args.table_only) and args.log.exists():
         args.log.unlink()
-    header, entries = machine(), read_log(args.log)
+    header, started, entries = machine(), stamp(), read_log(args.log)  # the commit that runs, not the one at the end
     with tempfile.TemporaryDirectory(prefix="fruitnet-accuracy-") as tmp:
         work = Path(tmp)
         views = {"fine": SHARED / "grocerystore", "coarse": coarse_view(work)}
@@ -199,7 +199,7 @@ def main() -> None:
                       file=sys.stderr, flush=True)
         sized = sizes_table(work, args.seeds, args.log) if args.sizes else None
     seeds = sorted({e["seed"] for e in entries if "variant" in e})
-    text = "\n\n".join([f"Machine: {header}.", stamp(), f"Seeds: {seeds} (mean ± standard deviation).",
+    text = "\n\n".join([f"Machine: {header}.", started, f"Seeds: {seeds} (mean ± standard deviation).",
                         results_table([e for e in entries if "variant" in e], list(VARIANTS))]
                        + ([sized] if sized else []))
     print(text)

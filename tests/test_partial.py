@@ -104,9 +104,10 @@ def test_partial_run_resumes_where_it_stopped(partial_run, tmp_path):
     assert not any("head warm-up" in line for line in lines)  # the head comes from the checkpoint
     a, b = metrics(straight), metrics(first)
     assert [r["epoch"] for r in b] == [1, 2, 3]
-    for x, y in zip(a, b):
-        for key in ("train_loss", "val_loss", "val_accuracy", "lr"):
-            assert x[key] == pytest.approx(y[key], abs=1e-5), key
+    for x, y in zip(a, b):  # losses up to float reductions' run-to-run noise (1e-5 seen between two plain runs)
+        assert (x["val_accuracy"], x["lr"]) == (y["val_accuracy"], y["lr"])
+        for key in ("train_loss", "val_loss"):
+            assert x[key] == pytest.approx(y[key], abs=1e-4), key
 
 
 def test_a_partly_tuned_model_exports_with_parity_and_serves(partial_run, tmp_path):

@@ -259,3 +259,20 @@ def test_wise_ft_saves_the_mix_of_head_only_and_fine_tuned_weights(demo_data, tm
     for key in (name, "head.weight"):
         assert torch.allclose(saved[key], torch.lerp(start[key], tuned[key], 0.5), atol=1e-6), key
     assert json.loads((run / "config.json").read_text())["train"]["wise"] == 0.5
+
+
+def test_bf16_verdicts_near_the_threshold_are_run_again_in_fp32(trained_model, tmp_path, demo_data):
+    """With the threshold moved to the middle of the demo photos' in_distribution, bf16 alone flips
+    verdicts; with the re-check every verdict (and label) is fp32's."""
+    from fruitnet.model import save_model
+
+    paths = sorted(str(p) for p in (demo_data / "test").rglob("*.jpg"))
+    model, meta = load_model(trained_model)
+    fp32_shares = sorted(r["in_distribution"] for r in TorchPredictor(trained_model, precision="fp32").predict_paths(paths))
+    meta["trust"]["threshold"] = fp32_shares[len(fp32_shares) // 2]  # half the photos near the edge
+    path = save_model(tmp_path / "edge.safetensors", model, meta)
+    answers = lambda p: [(r["label"], r["best_guess"]) for r in p.predict_paths(paths)]  # noqa: E731
+    fp32 = answers(TorchPredictor(path, precision="fp32"))
+    assert 0 < sum(label == "unknown" for label, _ in fp32) < len(paths)
+    assert answers(TorchPredictor(path, precision="bf16", recheck_near_ties=False)) != fp32  # what the re-check is for
+    assert answers(TorchPredictor(path, precision="bf16")) == fp32
