@@ -155,8 +155,10 @@ class TrainConfig:
         recipe=True)
     unfreeze_last: int | None = _opt(None, "partial: how many of the body's last stages learn", type="positive_int",
                                      recipe=True)
-    recipe: str | None = _opt(None, f"training recipe (default: {DEFAULT_RECIPE}, or {UNFREEZE_RECIPE} with --mode "
-                                    "unfreeze; 'original', also spelled 'seed', is the original project's exactly)",
+    recipe: str | None = _opt(None, f"training recipe (default: by the training photos' count, probe under "
+                                    f"{PARTIAL_FROM_PHOTOS:,}, partial from there, said once and kept in config.json; "
+                                    f"{UNFREEZE_RECIPE} with --mode unfreeze, {PARTIAL_RECIPE} with --mode partial; "
+                                    "'original', also spelled 'seed', is the original project's exactly)",
                               choices="recipes")
     epochs: int | None = _opt(None, "passes over the training photos", type="positive_int", recipe=True)
     batch_size: int | None = _opt(None, "photos per step (the global batch under torchrun)",
