@@ -32,25 +32,9 @@ from fruitnet import distributed
 from fruitnet.arithmetic import Arithmetic, choose_arithmetic, resolve_device
 from fruitnet.backbones import get_backbone, split_body
 from fruitnet.balance import Balance, resolve_balance
-from fruitnet.config import (
-    RECIPES,
-    Recipe,
-    TrainConfig,
-    choose_recipe,
-    data_folders,
-    recipe_for,
-    resolve,
-    resume_config,
-)
-from fruitnet.dataset import (
-    Item,
-    apply_exclude,
-    format_data_report,
-    scan,
-    scan_folders,
-    split,
-    split_warnings,
-)
+from fruitnet.config import (RECIPES, Recipe, TrainConfig, choose_recipe, data_folders, recipe_for, resolve,
+                             resume_config)
+from fruitnet.dataset import Item, apply_exclude, format_data_report, scan, scan_folders, split, split_warnings
 from fruitnet.errors import DataError, UsageError
 from fruitnet.features import from_dataset
 from fruitnet.interrupts import Interrupts
@@ -352,8 +336,8 @@ def fit_partial(s: Session) -> Progress:
     if s.checkpoint is None:
         t = time.perf_counter()
         plain = s.pipeline.feature_views[0]
-        pooled = from_dataset(tail, plain, FEATURE_BATCH,
-                              s.device, s.arith, desc="features (head warm-up)").tensors[0].to(s.device)
+        pooled = from_dataset(tail, plain, FEATURE_BATCH, s.device, s.arith,
+                              desc="features (head warm-up)").tensors[0].to(s.device)
         iterations = fit_linear_head(s.model.head, pooled, plain.tensors[1].to(s.device),
                                      make_loss(s.recipe, s.balance, s.device, label_smoothing=0.0),
                                      RECIPES["probe"].weight_decay, RECIPES["probe"].lr)
