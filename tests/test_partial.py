@@ -120,9 +120,9 @@ def test_a_partly_tuned_model_exports_with_parity_and_serves(partial_run, tmp_pa
     assert summary["parity"]["top1_agreement"] == 1.0 and summary["parity"]["n"] == 30
     photo = next((DEMO_DATA / "test" / "cherry").glob("*.jpg"))
     with serving(run / "best.safetensors") as served:
-        answer = httpx.post(served.url + "/predict", files={"file": (photo.name, photo.read_bytes(), "image/jpeg")},
-                            timeout=60).json()
-    assert answer["label"] in ("cherry", "strawberry", "tomato", "unknown") and "in_distribution" in answer
+        answers = httpx.post(served.url + "/predict", files=[("files", (photo.name, photo.read_bytes(), "image/jpeg"))],
+                             timeout=60).json()
+    assert answers[0]["label"] in ("cherry", "strawberry", "tomato", "unknown") and "in_distribution" in answers[0]
 
 
 def test_the_default_recipe_follows_the_number_of_training_photos(monkeypatch):
