@@ -101,7 +101,11 @@ def results_table(entries: list[dict], variants: list[str]) -> str:
     rows = [["published line (fine-tuned CNNs, Antioquia, PCSC 2021)", "-", f"{PUBLISHED['fine']:.3f}", "-",
              f"{PUBLISHED['coarse']:.3f}"] + ["-"] * (len(COLUMNS) - 3)]
     for variant in variants:
-        runs = [e["row"] for e in entries if e["variant"] == variant]
+        by_seed: dict[int, dict] = {}  # a seed's columns may come from several invocations (--views, --no-transfer)
+        for e in entries:
+            if e["variant"] == variant:
+                by_seed.setdefault(e["seed"], {}).update(e["row"])
+        runs = list(by_seed.values())
         if not runs:
             continue
         options = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in runs[0]["options"].items()) or "(defaults)"
@@ -161,6 +165,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--variants", nargs="+", default=["probe", "default"], choices=list(VARIANTS))
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--views", nargs="*", default=["fine", "coarse"], choices=["fine", "coarse"],
+                    help="which GroceryStore views to train (a row misses the others' columns)")
     ap.add_argument("--no-transfer", dest="transfer", action="store_false",
                     help="leave out bench_transfer's webfruit columns")
     ap.add_argument("--sizes", action="store_true", help="also measure probe against partial by training-set size")
@@ -182,17 +188,18 @@ def main() -> None:
     header, started, entries = machine(), stamp(), read_log(args.log)  # the commit that runs, not the one at the end
     with tempfile.TemporaryDirectory(prefix="fruitnet-accuracy-") as tmp:
         work = Path(tmp)
-        views = {"fine": SHARED / "grocerystore", "coarse": coarse_view(work)}
+        views = {name: SHARED / "grocerystore" if name == "fine" else coarse_view(work) for name in args.views}
         data = sources() if args.transfer and not args.table_only else None
         for variant in [] if args.table_only else args.variants:
             for seed in args.seeds:
-                if any(e.get("variant") == variant and e["seed"] == seed for e in entries):
+                if any(e.get("variant") == variant and e["seed"] == seed and e.get("views", ["fine", "coarse"]) ==
+                       args.views and ("webfruit_val" in e["row"]) == args.transfer for e in entries):
                     continue
                 options = VARIANTS[variant]
                 row = {"options": options, **grocery_run(options, seed, views, work, variant)}
                 if data is not None:
                     row.update(transfer_run(variant, seed, data, work, False, options))
-                entries.append({"variant": variant, "seed": seed, "row": row})
+                entries.append({"variant": variant, "seed": seed, "views": args.views, "row": row})
                 with open(args.log, "a") as f:
                     f.write(json.dumps(entries[-1]) + "\n")
                 print(variant, seed, {k: round(v, 3) for k, v in row.items() if isinstance(v, float)},
