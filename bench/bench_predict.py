@@ -49,7 +49,7 @@ t2 = time.perf_counter()
 paths, _ = expand_paths([folder])
 batches = [x for _, x in input_batches(paths, predictor.preprocessing, 32)]
 t3 = time.perf_counter()
-m, arith = predictor.model, predictor.arith
+m, arith = predictor.net, predictor.arith  # what predict runs (bf16: BatchNorm folded)
 with torch.inference_mode(), arith.autocast(predictor.device):
     m.logits_and_features(arith.prepare_input(batches[0]))  # kernels built once, as in the command
     t4 = time.perf_counter()
