@@ -58,10 +58,11 @@ def accuracy(model: Path, paths: list[str], only: str | None = None, tta: bool =
     return sum(right) / len(right)
 
 
-def run(variant: str, seed: int, data: dict[str, list[str]], work: Path, tta: bool) -> dict:
+def run(variant: str, seed: int, data: dict[str, list[str]], work: Path, tta: bool, options: dict | None = None) -> dict:
+    """One variant's row; `options` (fruitnet train options) default to VARIANTS[variant]'s."""
     from fruitnet.training import train
 
-    options = VARIANTS[variant]
+    options = VARIANTS[variant] if options is None else options
     row = {}
     t = time.perf_counter()
     summary = train(TrainConfig(data=str(SHARED / "webfruit"), out=str(work / f"{variant}-web-{seed}"), seed=seed,

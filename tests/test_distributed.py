@@ -268,3 +268,18 @@ def test_ctrl_c_on_one_rank_leaves_a_resumable_run(shapes, tmp_path):
     resumed = torchrun("--resume", run, "--epochs", str(saved + 1))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert [int(r["epoch"]) for r in metrics(run)] == list(range(1, saved + 2))
+
+
+def test_two_processes_fine_tune_in_part_resume_and_validate_like_one(shapes, tmp_path):
+    """Partial fine-tuning (Lite0's last stage) under torchrun: each rank extracts its shard of the
+    mid-network maps and holds them all, the tail trains data-parallel, 1 epoch then --resume to 2."""
+    run = tmp_path / "run"
+    first = torchrun(shapes, "--out", run, "--mode", "partial", "--unfreeze-last", "1", "--epochs", "1", *COMMON)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert first.stdout.count("mid-network cache: 4 view(s) x 21 + 9 photos") == 1  # said once, by rank 0
+    assert first.stdout.count("head warm-up: the probe's fit") == 1
+    second = torchrun("--resume", run, "--epochs", "2", cwd=tmp_path)
+    assert second.returncode == 0, second.stderr[-3000:]
+    rows = assert_complete_run(run, [1, 2])
+    assert_validation_matches_one_process(run, rows)
+    assert json.loads((run / "config.json").read_text())["train"]["unfreeze_last"] == 1

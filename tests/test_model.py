@@ -195,3 +195,25 @@ def test_a_text_file_given_as_the_model_is_called_what_it_is(tmp_path):
     assert result.returncode == 2
     assert "nor the original project's model.pth (it is a text file)" in result.stderr
     assert "Python objects" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("backbone", ["efficientnet_lite0", "resnet18"])
+def test_folding_batchnorm_into_the_convolutions_keeps_the_function(backbone):
+    """predict's bf16 body (model.fold_batchnorm): no BatchNorm left, the same outputs, the file's
+    own model untouched (fp32 and the re-checks run it)."""
+    from fruitnet.model import fold_batchnorm
+
+    pretrained = backbone != "resnet18"  # resnet18's weights are not offline: statistics of its own to fold
+    model, _ = create_classifier(backbone, 3, "imagenet" if pretrained else "none")
+    generator = torch.Generator().manual_seed(0)
+    for bn in (m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d) and not pretrained):
+        bn.running_mean.uniform_(-0.5, 0.5, generator=generator)
+        bn.running_var.uniform_(0.5, 2.0, generator=generator)
+    model.eval()
+    folded = fold_batchnorm(model)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()) > 10
+    x = torch.randn(2, 3, 224, 224, generator=generator)
+    with torch.no_grad():
+        for a, b in zip(model.logits_and_features(x), folded.logits_and_features(x)):
+            assert torch.allclose(a, b, rtol=1e-4, atol=1e-4)

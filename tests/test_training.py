@@ -277,3 +277,24 @@ def test_wise_ft_saves_the_mix_of_head_only_and_fine_tuned_weights(demo_data, tm
     for key in (name, "head.weight"):
         assert torch.allclose(saved[key], torch.lerp(start[key], tuned[key], 0.5), atol=1e-6), key
     assert json.loads((run / "config.json").read_text())["train"]["wise"] == 0.5
+
+
+def test_bf16_verdicts_near_the_threshold_are_run_again_in_fp32(trained_model, tmp_path, demo_data):
+    """The validation scores replaced by the demo photos' own fp32 scores: each photo then sits
+    exactly on an edge, where bf16 alone moves some across; with the re-check the verdicts are
+    fp32's at every threshold tried."""
+    from fruitnet.model import save_model
+    from fruitnet.ood import TrustHead
+
+    paths = sorted(str(p) for p in (demo_data / "test").rglob("*.jpg"))
+    model, meta = load_model(trained_model)
+    raw = TorchPredictor(trained_model, precision="fp32").predict_paths(paths, raw=True)
+    model.trust = TrustHead(torch.tensor([r["score"] for r in raw]), model.trust.bank)
+    path = save_model(tmp_path / "edge.safetensors", model, meta)
+    fp32, checked = TorchPredictor(path, precision="fp32"), TorchPredictor(path, precision="bf16")
+    shares = lambda p: [r["in_distribution"] for r in p.predict_paths(paths)]  # noqa: E731
+    assert shares(TorchPredictor(path, precision="bf16", recheck_near_ties=False)) != shares(fp32)  # what it is for
+    for threshold in (0.3, 0.5, 0.7):
+        fp32.threshold = checked.threshold = threshold
+        answers = [[(r["label"], r["best_guess"]) for r in p.predict_paths(paths)] for p in (fp32, checked)]
+        assert answers[0] == answers[1] and 0 < sum(label == "unknown" for label, _ in answers[0]) < len(paths)

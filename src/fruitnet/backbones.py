@@ -38,6 +38,7 @@ class Backbone:
     describe_preprocessing: Callable[[], dict]  # called once, when first needed (it may import timm)
     build_body: Callable[[], nn.Module]  # randomly initialised body
     load_pretrained: Callable[[nn.Module, str], str]  # (body, weights spec) -> description of the source
+    splittable: bool = False  # split_body works on it: partial fine-tuning (mode partial) is possible
 
     @property
     def preprocessing(self) -> dict:
@@ -203,7 +204,7 @@ def _lite(name: str, arch: str) -> Backbone:
         return str(path)
 
     return Backbone(name=name, feature_dim=1280, describe_preprocessing=functools.partial(timm_preprocessing, arch),
-                    build_body=build_body, load_pretrained=load)
+                    build_body=build_body, load_pretrained=load, splittable=True)
 
 
 def _resnet18_preprocessing() -> dict:  # torchvision's ImageNet evaluation preset
@@ -236,3 +237,30 @@ def create_body(name: str, weights: str = "imagenet") -> tuple[nn.Module, str]:
     if weights != "imagenet" and not os.path.exists(weights):
         raise WeightsUnavailable(f"{weights}: weights file not found")
     return body, backbone.load_pretrained(body, weights)
+
+
+# --- partial fine-tuning: a body split at a stage ------------------------------------------------
+
+def stages(body: nn.Module) -> int:
+    """How many stages a body can be split after (a timm EfficientNet's `blocks`); 0: it cannot."""
+    blocks = getattr(body, "blocks", None)
+    return len(blocks) if all(hasattr(body, a) for a in ("conv_stem", "bn1", "conv_head", "bn2", "global_pool")) \
+        and blocks is not None else 0
+
+
+def split_body(body: nn.Module, unfreeze_last: int) -> tuple[nn.Module, nn.Module]:
+    """A timm EfficientNet body as (frozen_stem, tail): frozen_stem runs the stem and every stage but
+    the last `unfreeze_last`, tail the rest (those stages, conv_head, the pooling), so that
+    tail(frozen_stem(x)) == body(x).  Both hold the body's own modules, not copies: training the
+    tail trains the body, and the model file stays the whole body's."""
+    from torch import nn
+
+    n = stages(body)
+    if not 1 <= unfreeze_last <= n or getattr(body, "drop_rate", 0.0) > 0:
+        raise ValueError(f"cannot split this body into a frozen stem and its last {unfreeze_last} stage(s) "
+                         f"({n} stages; partial fine-tuning needs an EfficientNet-Lite backbone)")
+    cut = n - unfreeze_last
+    frozen_stem = nn.Sequential(body.conv_stem, body.bn1, *body.blocks[:cut])
+    tail = nn.Sequential(*body.blocks[cut:], body.conv_head, body.bn2, body.global_pool)
+    return frozen_stem, tail
+

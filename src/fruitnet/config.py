@@ -38,15 +38,17 @@ class Recipe:
     that --epochs, --lr, --weight-decay and --batch-size replace.
 
     `strategy` names the training loop (training.STRATEGIES): 'probe' fits the head once, by
-    full-batch L-BFGS on cached features, to convergence; 'minibatch' runs epochs of SGD or AdamW."""
+    full-batch L-BFGS on cached features, to convergence; 'minibatch' runs epochs of SGD or AdamW;
+    'partial' fits the probe, then trains the body's last `unfreeze_last` stages and the head
+    for epochs on cached mid-network features (the frozen stages run once)."""
 
     description: str
-    strategy: Literal["probe", "minibatch"]
+    strategy: Literal["probe", "minibatch", "partial"]
     lr: float
     weight_decay: float  # probe: an L2 penalty weight_decay/2 x |W|^2 added to the mean loss
     epochs: int  # probe: 1 (one fit)
     optimizer: Literal["sgd", "adamw", "lbfgs"] = "sgd"  # lbfgs: the probe's, full batch
-    mode: Literal["freeze", "unfreeze"] = "unfreeze"  # what --mode defaults to with this recipe
+    mode: Literal["freeze", "unfreeze", "partial"] = "unfreeze"  # what --mode defaults to with this recipe
     batch_size: int = 32
     momentum: float = 0.0
     schedule: Literal["constant", "cosine"] = "constant"
@@ -62,6 +64,7 @@ class Recipe:
     drop_last: bool = False  # one batch shape per resolution: bf16 kernels are compiled per shape
     wise: float = 1.0  # unfreeze: WiSE-FT, the saved model is (1 - wise) x head-only + wise x fine-tuned
     max_iterations: int = 125  # probe: L-BFGS iterations at most (it stops earlier once converged)
+    unfreeze_last: int = 0  # partial: how many of the body's last stages train (with conv_head and the head)
 
     def __post_init__(self):
         _check_literals(self)
@@ -73,6 +76,9 @@ class Recipe:
             raise UsageError("feature_views, epochs and batch_size must be at least 1")
         if (self.strategy == "probe") != (self.optimizer == "lbfgs"):
             raise UsageError("the probe strategy, and it alone, uses the lbfgs optimizer")
+        if (self.strategy == "partial") != (self.mode == "partial") or (self.mode == "partial") != (
+                self.unfreeze_last > 0):
+            raise UsageError("the partial strategy, and it alone, runs in mode partial with unfreeze_last stages")
 
     def low_res_epochs(self, epochs: int) -> int:
         """How many of `epochs` train at low_res_size (0 without progressive resizing)."""
@@ -97,10 +103,21 @@ RECIPES: dict[str, Recipe] = {
         warmup_epochs=0.5, label_smoothing=0.1, augment="light", feature_views=4, head_warmup_epochs=40,
         low_res_size=160, low_res_fraction=0.5, drop_last=True,
         wise=0.5),  # WiSE-FT halfway: better on other sources and on its own split (bench_transfer.py)
+    # Chosen by measurement (bench/bench_accuracy.py, docs/results-accuracy.md).
+    "partial": Recipe(
+        description="the probe's head, then the body's last stages and the head fine-tuned for epochs on cached "
+                    "mid-network feature maps (AdamW, cosine, label smoothing, random-resized crops and flips)",
+        strategy="partial", mode="partial", unfreeze_last=2, optimizer="adamw", lr=0.001, weight_decay=0.05,
+        epochs=8, batch_size=64, schedule="cosine", warmup_epochs=0.5, label_smoothing=0.1, augment="light",
+        feature_views=4),
 }
 RECIPE_ALIASES = {"seed": "original"}  # the original recipe's first name: old commands and runs keep working
-DEFAULT_RECIPE = "probe"
+DEFAULT_RECIPE = "probe"  # without --recipe or --mode, choose_recipe picks by the data's size
 UNFREEZE_RECIPE = "fast"  # the recipe when only --mode unfreeze is given
+PARTIAL_RECIPE = "partial"  # ... and with only --mode partial
+# The default trains the partial recipe from this many training photos on, the probe below it
+# (measured: bench/bench_accuracy.py --sizes, docs/results-accuracy.md).
+PARTIAL_FROM_PHOTOS = 1500
 DEFAULT_BACKBONE = "efficientnet_lite1"  # the best offline backbone by bench/bench_transfer.py
 
 
@@ -132,10 +149,16 @@ class TrainConfig:
     backbone: str = _opt(DEFAULT_BACKBONE, "pretrained network to fine-tune (resnet18, the original project's, "
                                            "needs its weights downloadable or --weights FILE)", choices="backbones")
     weights: str = _opt("imagenet", "imagenet | none | FILE (a state dict)")
-    mode: Literal["freeze", "unfreeze"] | None = _opt(
-        None, "freeze: only the new last layer learns; unfreeze: every layer learns", recipe=True)
-    recipe: str | None = _opt(None, f"training recipe (default: {DEFAULT_RECIPE}, or {UNFREEZE_RECIPE} with --mode "
-                                    "unfreeze; 'original', also spelled 'seed', is the original project's exactly)",
+    mode: Literal["freeze", "unfreeze", "partial"] | None = _opt(
+        None, "freeze: only the new last layer learns; unfreeze: every layer learns; partial: the last "
+              "--unfreeze-last stages of the body and the last layer learn, on cached mid-network features",
+        recipe=True)
+    unfreeze_last: int | None = _opt(None, "partial: how many of the body's last stages learn", type="positive_int",
+                                     recipe=True)
+    recipe: str | None = _opt(None, f"training recipe (default: by the training photos' count, probe under "
+                                    f"{PARTIAL_FROM_PHOTOS:,}, partial from there, said once and kept in config.json; "
+                                    f"{UNFREEZE_RECIPE} with --mode unfreeze, {PARTIAL_RECIPE} with --mode partial; "
+                                    "'original', also spelled 'seed', is the original project's exactly)",
                               choices="recipes")
     epochs: int | None = _opt(None, "passes over the training photos", type="positive_int", recipe=True)
     batch_size: int | None = _opt(None, "photos per step (the global batch under torchrun)",
@@ -210,7 +233,22 @@ def data_folders(config: TrainConfig) -> list[str]:
 def recipe_name(config: TrainConfig) -> str:
     if config.recipe is not None:
         return RECIPE_ALIASES.get(config.recipe, config.recipe)
-    return UNFREEZE_RECIPE if config.mode == "unfreeze" else DEFAULT_RECIPE
+    return {"unfreeze": UNFREEZE_RECIPE, "partial": PARTIAL_RECIPE}.get(config.mode, DEFAULT_RECIPE)
+
+
+def choose_recipe(config: TrainConfig, n_train: int, splittable: bool) -> tuple[TrainConfig, str]:
+    """The recipe by the data's size when neither --recipe nor --mode was given (as measured: the
+    probe is as good on a few hundred photos and seconds long; partial fine-tuning gains from
+    PARTIAL_FROM_PHOTOS on), and the one line that says why."""
+    if config.recipe is not None or config.mode is not None:
+        return config, f"{recipe_name(config)}: as asked"
+    if n_train < PARTIAL_FROM_PHOTOS or not splittable:
+        why = (f"{n_train} training photos, fewer than {PARTIAL_FROM_PHOTOS}" if splittable
+               else f"{config.backbone} cannot be fine-tuned in part")
+        return replace(config, recipe="probe"), f"auto: probe ({why}: the frozen body's features, in seconds)"
+    return replace(config, recipe="partial"), (
+        f"auto: partial ({n_train} training photos, at least {PARTIAL_FROM_PHOTOS}: the last stages fine-tuned on "
+        "cached mid-network features; --recipe probe trains in seconds)")
 
 
 def recipe_for(config: TrainConfig) -> Recipe:
@@ -224,7 +262,7 @@ def resolve(config: TrainConfig, distributed: bool = False) -> TrainConfig:
     """Fill what the user left to the recipe (what the user gave is kept exactly), and refuse
     options that cannot go together, before anything is read or written."""
     recipe = recipe_for(config)
-    given_epochs = config.epochs
+    given_epochs, given_unfreeze = config.epochs, config.unfreeze_last
     config = replace(config, recipe=recipe_name(config), **{
         f.name: getattr(recipe, f.name) for f in fields(config)
         if f.metadata.get("recipe") and getattr(config, f.name) is None})
@@ -238,6 +276,10 @@ def resolve(config: TrainConfig, distributed: bool = False) -> TrainConfig:
         if config.balance == "sampler":
             raise UsageError(f"--balance sampler draws batches; the {config.recipe} recipe fits on all photos at "
                              "once: use --balance weights")
+    if (recipe.strategy == "partial") != (config.mode == "partial"):
+        raise UsageError(f"--mode partial goes with the partial recipe (not {config.recipe}); leave out --recipe")
+    if recipe.strategy != "partial" and given_unfreeze:
+        raise UsageError("--unfreeze-last is for partial fine-tuning: add --mode partial")
     if config.balance == "sampler" and distributed:
         raise UsageError("--balance sampler is not supported under torchrun; use --balance weights")
     return config

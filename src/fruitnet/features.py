@@ -28,21 +28,23 @@ from fruitnet.transforms import input_batches
 
 @torch.no_grad()
 def extract(body: nn.Module, batches, device, arith: Arithmetic | None = None, total: int | None = None,
-            desc: str = "features", progress: bool = True) -> torch.Tensor:
-    """body(x) for every input batch, float32 on the CPU, rows in order."""
+            desc: str = "features", progress: bool = True, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """body(x) for every input batch, on the CPU as `dtype`, rows in order."""
     arith = arith or choose_arithmetic("fp32", device)
     body.eval()
     rows = []
     for x in progress_bar(batches, total=total, desc=desc, unit="batch", disable=not progress):
         with arith.autocast(device):
-            rows.append(body(arith.prepare_input(x.to(device))).float().cpu())
+            rows.append(body(arith.prepare_input(x.to(device, torch.float32))).to(dtype).cpu())
     return torch.cat(rows) if rows else torch.empty(0)
 
 
 def from_dataset(body: nn.Module, dataset: Dataset, batch_size: int, device, arith: Arithmetic | None = None,
-                 workers: int = 0, desc: str = "features", shared: bool = True) -> TensorDataset:
+                 workers: int = 0, desc: str = "features", shared: bool = True,
+                 dtype: torch.dtype = torch.float32) -> TensorDataset:
     """(features, targets) of a dataset of (tensor, class index), in its order.  shared=False: this
-    process alone does all of it (under torchrun, rank 0's own work, such as the trust statistics)."""
+    process alone does all of it (under torchrun, rank 0's own work, such as the trust statistics).
+    `body` may be any module: a frozen stem gives mid-network feature maps (kept as bf16)."""
     sampler = distributed.sampler(dataset, False, 0) if shared else None
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers)
     targets = []
@@ -52,7 +54,7 @@ def from_dataset(body: nn.Module, dataset: Dataset, batch_size: int, device, ari
             targets.append(torch.as_tensor(y))
             yield x
 
-    rows = extract(body, inputs(), device, arith, len(loader), desc, distributed.is_main())
+    rows = extract(body, inputs(), device, arith, len(loader), desc, distributed.is_main(), dtype)
     ys = torch.cat(targets) if targets else torch.empty(0, dtype=torch.long)
     return TensorDataset(*(distributed.gather_shards(rows, ys) if shared else (rows, ys)))
 

@@ -21,7 +21,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from fruitnet.backbones import BACKBONES, create_body, get_backbone
+from fruitnet.backbones import BACKBONES, create_body, get_backbone, split_body
 from fruitnet.dataset import UNKNOWN  # the answer for a photo of none of the classes: never a class name
 from fruitnet.errors import ModelFileError
 from fruitnet.modelpath import check_model_argument
@@ -153,13 +153,17 @@ class Classifier(nn.Module):
         features = self.body(x)
         return self.head(features), features
 
-    def set_mode(self, mode: str) -> None:
-        """'freeze': only the head learns; 'unfreeze': every layer learns."""
-        if mode not in ("freeze", "unfreeze"):
-            raise ValueError(f"mode must be 'freeze' or 'unfreeze', not {mode!r}")
+    def set_mode(self, mode: str, unfreeze_last: int = 0) -> None:
+        """'freeze': only the head learns; 'unfreeze': every layer learns; 'partial': the head and the
+        body's last `unfreeze_last` stages (backbones.split_body's tail) learn."""
+        if mode not in ("freeze", "unfreeze", "partial"):
+            raise ValueError(f"mode must be 'freeze', 'unfreeze' or 'partial', not {mode!r}")
         self.frozen = mode == "freeze"
         for p in self.body.parameters():
-            p.requires_grad = not self.frozen
+            p.requires_grad = mode == "unfreeze"
+        if mode == "partial":
+            for p in split_body(self.body, unfreeze_last)[1].parameters():
+                p.requires_grad = True
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -169,6 +173,26 @@ class Classifier(nn.Module):
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
+
+
+def fold_batchnorm(net: nn.Module) -> nn.Module:
+    """A copy of an eval-mode network with each BatchNorm folded into the convolution just before
+    it (timm's BatchNormAct2d keeps its activation): the same function up to float rounding, with
+    one pass over every activation map less per layer (predict's profile: a quarter of the body's
+    time in bf16).  Pairs are consecutive children, as in the backbones here (tested per backbone)."""
+    import copy
+
+    from torch.nn.utils.fusion import fuse_conv_bn_weights
+
+    net = copy.deepcopy(net).eval()
+    for module in list(net.modules()):
+        children = list(module.named_children())
+        for (_, conv), (name, bn) in zip(children, children[1:]):
+            if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d) and bn.running_var is not None:
+                conv.weight, conv.bias = fuse_conv_bn_weights(conv.weight, conv.bias, bn.running_mean, bn.running_var,
+                                                              bn.eps, bn.weight, bn.bias)
+                setattr(module, name, nn.Sequential(bn.drop, bn.act) if hasattr(bn, "act") else nn.Identity())
+    return net
 
 
 def create_classifier(backbone: str, num_classes: int, weights: str = "imagenet") -> tuple[Classifier, str]:

@@ -6,7 +6,10 @@ Where the time goes, and what saves it:
   access (for folders too large for memory).  Both run the same transforms.TensorTransform, so
   a recipe trains the same way whether the cache is on or off;
 - with a frozen body the features are computed once (a few augmented views when the recipe
-  augments), and the head trains on them: epochs take milliseconds.
+  augments), and the head trains on them: epochs take milliseconds;
+- partial fine-tuning (mode partial) splits the body (backbones.split_body): the frozen stem
+  runs once over the same views and its mid-network feature maps are kept as bf16, within
+  MAX_STEM_CACHE_BYTES (fewer views where they would not fit); the epochs run only the tail.
 """
 
 from __future__ import annotations
@@ -21,16 +24,18 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from fruitnet import distributed
 from fruitnet.arithmetic import Arithmetic
+from fruitnet.backbones import split_body
 from fruitnet.balance import sample_weights
 from fruitnet.config import Recipe, TrainConfig
 from fruitnet.dataset import Item
-from fruitnet.errors import ImageError
+from fruitnet.errors import ImageError, UsageError
 from fruitnet.features import from_dataset
 from fruitnet.outputs import printable
 from fruitnet.progress import bar as progress_bar
 from fruitnet.transforms import Decode, TensorTransform, resize_size
 
 MAX_CACHE_BYTES = 4 << 30  # above this, decode per access instead (a huge folder must not fill memory)
+MAX_STEM_CACHE_BYTES = 3 << 30  # partial: the frozen stem's bf16 feature maps, every view and validation
 FEATURE_BATCH = 256  # batch for the head on cached features (tiny tensors: bigger batches are free)
 
 
@@ -158,10 +163,39 @@ def build_pipeline(config: TrainConfig, recipe: Recipe, pre: dict, classes: list
                         config.seed, 0 if cache else config.workers, torch.Generator().manual_seed(config.seed))
     if config.balance == "sampler":  # every class drawn equally often (balance.py)
         pipeline.sample_weights = sample_weights(train.targets, {c: train.targets.count(i) for i, c in enumerate(classes)})
-    if config.mode == "freeze" and config.feature_cache:
-        n_views = recipe.feature_views if recipe.augment != "none" else 1
-        extract = lambda ds, desc: from_dataset(body, ds, batch_size, device, arith, pipeline.workers, desc)  # noqa: E731
-        pipeline.feature_views = [extract(pipeline.plain_train, "features (train)")] + [
-            extract(train, f"features (train, augmented view {v})") for v in range(1, n_views)]
-        pipeline.val_features = extract(val, "features (val)")
+    if config.mode == "partial":  # bf16 maps where the arithmetic is bf16; fp32 runs stay exact
+        frozen, dtype = split_body(body, config.unfreeze_last)[0], torch.bfloat16 if arith.dtype == "bf16" else torch.float32
+        n_views = stem_views(frozen, pre, recipe, len(train), len(val), dtype.itemsize, log)
+    elif config.mode == "freeze" and config.feature_cache:
+        frozen, dtype, n_views = body, torch.float32, recipe.feature_views if recipe.augment != "none" else 1
+    else:
+        return pipeline
+    extract = lambda ds, desc: from_dataset(frozen, ds, batch_size, device, arith, pipeline.workers, desc,  # noqa: E731
+                                            dtype=dtype)
+    pipeline.feature_views = [extract(pipeline.plain_train, "features (train)")] + [
+        extract(train, f"features (train, augmented view {v})") for v in range(1, n_views)]
+    pipeline.val_features = extract(val, "features (val)")
     return pipeline
+
+
+def stem_bytes(frozen_stem: nn.Module, pre: dict, itemsize: int = 2) -> int:
+    """Bytes of one photo's cached feature map at the model's input size (2 a value: bf16)."""
+    with torch.no_grad():
+        return itemsize * frozen_stem.eval()(torch.zeros(1, 3, pre["input_size"], pre["input_size"])).numel()
+
+
+def stem_views(frozen_stem: nn.Module, pre: dict, recipe: Recipe, n_train: int, n_val: int, itemsize: int = 2,
+               log=print) -> int:
+    """The recipe's views of the training photos, fewer where they would not fit in
+    MAX_STEM_CACHE_BYTES (with the validation photos' maps); said in one line."""
+    per_photo = stem_bytes(frozen_stem, pre, itemsize)
+    fit = (MAX_STEM_CACHE_BYTES // per_photo - n_val) // max(n_train, 1)
+    if fit < 1:
+        raise UsageError(f"partial fine-tuning caches {per_photo / 1e3:.0f} kB of feature maps a photo; "
+                         f"{n_train + n_val} photos need more than {MAX_STEM_CACHE_BYTES / 2**30:.0f} GiB: "
+                         "unfreeze fewer stages (--unfreeze-last) or use --recipe probe")
+    n_views = min(recipe.feature_views, fit)
+    log(f"mid-network cache: {n_views} view(s) x {n_train} + {n_val} photos x {per_photo / 1e3:.1f} kB "
+        f"({'bf16' if itemsize == 2 else 'fp32'}) = "
+        f"{(n_views * n_train + n_val) * per_photo / 2**20:.0f} MiB (at most {MAX_STEM_CACHE_BYTES / 2**30:.0f} GiB)")
+    return n_views

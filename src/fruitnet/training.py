@@ -30,16 +30,17 @@ from torch import nn
 
 from fruitnet import distributed
 from fruitnet.arithmetic import Arithmetic, choose_arithmetic, resolve_device
-from fruitnet.backbones import get_backbone
+from fruitnet.backbones import get_backbone, split_body
 from fruitnet.balance import Balance, resolve_balance
-from fruitnet.config import Recipe, TrainConfig, data_folders, recipe_for, resolve, resume_config
+from fruitnet.config import (RECIPES, Recipe, TrainConfig, choose_recipe, data_folders, recipe_for, resolve,
+                             resume_config)
 from fruitnet.dataset import Item, apply_exclude, format_data_report, scan, scan_folders, split, split_warnings
 from fruitnet.errors import DataError, UsageError
 from fruitnet.features import from_dataset
 from fruitnet.interrupts import Interrupts
 from fruitnet.outputs import printable
 from fruitnet.model import Classifier, create_classifier
-from fruitnet.pipeline import Pipeline, build_pipeline, make_loader
+from fruitnet.pipeline import FEATURE_BATCH, Pipeline, build_pipeline, make_loader
 from fruitnet.progress import bar as progress_bar
 from fruitnet.runfolder import RunFolder, SavedRun, output_folder, read_run
 from fruitnet.wise import WiseFT, copy_state
@@ -91,6 +92,7 @@ class Session:
     run: RunFolder | None = None
     pipeline: Pipeline | None = None
     setup_seconds: float = 0.0  # decoding and the feature pass: counted in the first epoch's seconds
+    recipe_choice: str = ""  # why this recipe (config.choose_recipe): config.json and one printed line
 
     @property
     def checkpoint(self) -> dict | None:
@@ -111,7 +113,9 @@ class Session:
 def train(config: TrainConfig, log=print) -> dict:
     """Train as configured (the recipe fills what is left None); returns the summary."""
     distributed.init(config.device)  # under torchrun: join the process group; else a world of one
-    return run_training(resolve(config, distributed.world().distributed), None, log)
+    if config.recipe is not None or config.mode is not None:  # else the data's size decides (prepare)
+        config = resolve(config, distributed.world().distributed)
+    return run_training(config, None, log)
 
 
 def resume_training(run: str | Path, log=print, **changes) -> dict:
@@ -167,7 +171,8 @@ def prepare(config: TrainConfig, saved: SavedRun | None, log) -> Session:
     """Everything decided before the run folder exists: device, arithmetic, data, class balance
     and the pretrained model (missing weights stop the run before it leaves anything behind)."""
     world = distributed.world()
-    world.per_rank_batch(config.batch_size)  # --batch-size is global: it must divide among the ranks
+    if config.recipe is not None:
+        world.per_rank_batch(config.batch_size)  # --batch-size is global: it must divide among the ranks
     device = world.device if world.distributed else resolve_device(config.device)
     arith = choose_arithmetic(config.precision, device)
     if config.tensorboard:
@@ -179,9 +184,15 @@ def prepare(config: TrainConfig, saved: SavedRun | None, log) -> Session:
     log(f"split: {len(data.train)} train, {len(data.val)} validation")
     for warning in data.report.get("warnings", []):
         log(f"warning: {warning}")
+    config, why = choose_recipe(config, len(data.train), get_backbone(config.backbone).splittable)
+    if saved is None:
+        config = resolve(config, world.distributed)
+        world.per_rank_batch(config.batch_size)
+        log(f"recipe: {why}")
     balance = balance_for(config, data, log)
     model, weights_source = build_model(config, len(data.classes), device, arith)
-    return Session(config, recipe_for(config), device, arith, data, model, balance, weights_source, log, saved)
+    return Session(config, recipe_for(config), device, arith, data, model, balance, weights_source, log, saved,
+                   recipe_choice=why)
 
 
 def read_data(config: TrainConfig, log=print) -> Data:
@@ -214,7 +225,7 @@ def build_model(config: TrainConfig, n_classes: int, device: torch.device, arith
     """The classifier with its pretrained body, frozen or not, on its device."""
     torch.manual_seed(config.seed)  # the same new head everywhere
     model, weights_source = create_classifier(config.backbone, n_classes, config.weights)
-    model.set_mode(config.mode)
+    model.set_mode(config.mode, config.unfreeze_last)
     arith.prepare_model(model.to(device))
     return model, weights_source
 
@@ -231,7 +242,8 @@ def open_run_folder(s: Session) -> None:
         return path
 
     details = {"weights_source": s.weights_source, "device": str(s.device), "arithmetic": s.arith.as_dict(),
-               "distributed": world.describe(s.config.batch_size), "balance": s.balance.as_dict()}
+               "distributed": world.describe(s.config.batch_size), "balance": s.balance.as_dict(),
+               "recipe_choice": s.recipe_choice}
     path = distributed.on_main(make, s.config.out)
     s.run = RunFolder(path, active=world.is_main, tensorboard=s.config.tensorboard)
 
@@ -316,16 +328,41 @@ def _scores(head: nn.Module, x: torch.Tensor, y: torch.Tensor, name: str) -> dic
 
 def fit_minibatch(s: Session) -> Progress:
     """Epochs of SGD or AdamW over batches of cached features (frozen body) or of photos."""
-    config, recipe, model, pipeline = s.config, s.recipe, s.model, s.pipeline
-    if config.mode == "unfreeze" and recipe.head_warmup_epochs and s.checkpoint is None:
+    if s.config.mode == "unfreeze" and s.recipe.head_warmup_epochs and s.checkpoint is None:
         warm_up_head(s)
+    frozen = s.pipeline.feature_views is not None
+    net = s.model.head if frozen else s.model  # what the epochs run
+    return run_epochs(s, net, list(net.parameters()) if frozen else s.model.trainable_parameters())
+
+
+def fit_partial(s: Session) -> Progress:
+    """Partial fine-tuning: the body's last stages (the tail) and the head train for epochs on the
+    frozen stem's cached feature maps.  The head starts as the probe's fit on the plain view's
+    pooled features (LP-FT: no random gradients through the pretrained stages)."""
+    tail = split_body(s.model.body, s.config.unfreeze_last)[1]
+    if s.checkpoint is None:
+        t = time.perf_counter()
+        plain = s.pipeline.feature_views[0]
+        pooled = from_dataset(tail, plain, FEATURE_BATCH, s.device, s.arith,
+                              desc="features (head warm-up)").tensors[0].to(s.device)
+        iterations = fit_linear_head(s.model.head, pooled, plain.tensors[1].to(s.device),
+                                     make_loss(s.recipe, s.balance, s.device, label_smoothing=0.0),
+                                     RECIPES["probe"].weight_decay, RECIPES["probe"].lr)
+        s.log(f"head warm-up: the probe's fit on the pooled features, {iterations} L-BFGS iterations, "
+              f"{time.perf_counter() - t:.1f}s")
+    net = nn.Sequential(tail, s.model.head)  # the body's own modules: the model file stays whole
+    return run_epochs(s, net, [p for p in net.parameters() if p.requires_grad])
+
+
+def run_epochs(s: Session, net: nn.Module, params: list) -> Progress:
+    """The epochs of the mini-batch strategies: `net` runs on what the pipeline's train loader
+    gives (photos, or cached features or feature maps) and `params` learn; a checkpoint each epoch."""
+    config, recipe, model, pipeline = s.config, s.recipe, s.model, s.pipeline
     wise = None
-    if config.mode == "unfreeze" and config.wise < 1:  # validate and save the WiSE-FT mix each epoch
+    if config.mode != "freeze" and config.wise < 1:  # validate and save the WiSE-FT mix each epoch
         wise = WiseFT(config.wise, s.checkpoint["wise_start"] if s.checkpoint else copy_state(model))
         s.log(f"WiSE-FT: the saved model is {1 - config.wise:g} x head-only + {config.wise:g} x fine-tuned")
-    net = model.head if pipeline.feature_views is not None else model  # what the epochs run
-    optimizer = make_optimizer(net.parameters() if net is model.head else model.trainable_parameters(),
-                               recipe, config.lr, config.weight_decay)
+    optimizer = make_optimizer(params, recipe, config.lr, config.weight_decay)
     scheduler = make_scheduler(optimizer, recipe, config.epochs, len(pipeline.train_loader(1)))
     loss_fn = make_loss(recipe, s.balance, s.device)
     progress = _restore(s, optimizer, scheduler) if s.checkpoint is not None else Progress()
@@ -354,7 +391,8 @@ def fit_minibatch(s: Session) -> Progress:
     return progress
 
 
-STRATEGIES: dict[str, Callable[[Session], Progress]] = {"probe": fit_probe, "minibatch": fit_minibatch}
+STRATEGIES: dict[str, Callable[[Session], Progress]] = {"probe": fit_probe, "minibatch": fit_minibatch,
+                                                        "partial": fit_partial}
 
 
 def record_epoch(s: Session, progress: Progress, epoch: int, seconds: float, fit: EpochResult, val: EpochResult,
@@ -391,10 +429,11 @@ def _restore(s: Session, optimizer, scheduler) -> Progress:
 def finish(s: Session, progress: Progress) -> dict:
     """Calibration and the unknown verdict into the model files, summary.json, the last lines."""
     if progress.rows:
-        cached = s.pipeline.feature_views[0].tensors[0] if s.pipeline.feature_views else None  # the plain view
+        frozen = s.config.mode == "freeze"  # else the cache holds mid-network maps (partial), not features
+        cached = s.pipeline.feature_views[0].tensors[0] if frozen and s.pipeline.feature_views else None
         s.run.add_trust(progress.best["epoch"], progress.rows[-1]["epoch"], s.config.unknown_recall, s.device,
                         s.log, val_set=s.pipeline.val, train_set=s.pipeline.plain_train, train_features=cached,
-                        frozen_body=s.config.mode == "freeze", negatives=s.data.negatives)
+                        frozen_body=frozen, negatives=s.data.negatives)
     pipeline, data = s.pipeline, s.data
     summary = {"best_val_accuracy": progress.best["val_accuracy"], "best_epoch": progress.best["epoch"],
                "epochs": len(progress.rows), "seconds": round(progress.elapsed, 2),
@@ -446,7 +485,8 @@ def fit_epoch(net: nn.Module, loader, device, optimizer, loss_fn, arith: Arithme
     net.train()
     total_loss, correct, n = 0.0, 0, 0
     for x, y in progress_bar(loader, desc=desc, unit="batch", disable=len(loader) < 2 or not distributed.is_main()):
-        x, y = arith.prepare_input(x.to(device, non_blocking=True)), y.to(device, non_blocking=True)
+        # float32 in (cached feature maps are bf16): autocast picks the arithmetic
+        x, y = arith.prepare_input(x.to(device, torch.float32, non_blocking=True)), y.to(device, non_blocking=True)
         with arith.autocast(device):
             logits = net(x).float()
         loss = loss_fn(logits, y)
@@ -470,7 +510,7 @@ def evaluate_epoch(net: nn.Module, loader, device, arith: Arithmetic, desc: str 
     logits, targets = [], []
     for x, y in progress_bar(loader, desc=desc, unit="batch", disable=len(loader) < 2 or not distributed.is_main()):
         with arith.autocast(device):
-            logits.append(net(arith.prepare_input(x.to(device))).float().cpu())
+            logits.append(net(arith.prepare_input(x.to(device, torch.float32))).float().cpu())
         targets.append(y)
     logits = torch.cat(logits) if logits else torch.empty(0)
     targets = torch.cat(targets) if targets else torch.empty(0, dtype=torch.long)
