@@ -91,15 +91,28 @@ def test_validation_on_cached_maps_is_the_model_files_accuracy(partial_run):
     assert accuracy == metrics(run)[-1]["val_accuracy"]
 
 
-def test_partial_run_resumes_where_it_stopped(partial_run, tmp_path):
-    """Two epochs then --resume to three equals three epochs straight: the cache is made again,
-    the same, and the optimizer, schedule and loader order come from the checkpoint."""
+def test_partial_run_resumes_where_it_stopped(partial_run, tmp_path, monkeypatch):
+    """A run stopped by Ctrl-C in its third epoch, then --resume, equals three epochs straight:
+    the cache is made again, the same, and the optimizer, schedule and loader order come from the
+    checkpoint."""
+    from fruitnet import training
+
     straight = tmp_path / "straight"
     train(TrainConfig(data=str(TRAIN), out=str(straight), mode="partial", epochs=3, **COMMON), log=quiet)
-    first = tmp_path / "first"
-    train(TrainConfig(data=str(TRAIN), out=str(first), mode="partial", epochs=2, **COMMON), log=quiet)
+    first, fit_epoch, calls = tmp_path / "first", training.fit_epoch, []
+
+    def stop_in_epoch_3(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return fit_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(training, "fit_epoch", stop_in_epoch_3)
+    with pytest.raises(KeyboardInterrupt):
+        train(TrainConfig(data=str(TRAIN), out=str(first), mode="partial", epochs=3, **COMMON), log=quiet)
+    monkeypatch.undo()
     lines = []
-    resume_training(first, log=lines.append, epochs=3)
+    resume_training(first, log=lines.append)
     assert any(line == f"resuming {first} at epoch 3" for line in lines)
     assert not any("head warm-up" in line for line in lines)  # the head comes from the checkpoint
     a, b = metrics(straight), metrics(first)
