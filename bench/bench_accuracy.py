@@ -49,7 +49,7 @@ VARIANTS = {  # fruitnet train options; {} is the defaults
     "lite2-probe": {"backbone": "efficientnet_lite2", "recipe": "probe"},
     "lite2-partial-2": {"backbone": "efficientnet_lite2", "mode": "partial", "unfreeze_last": 2},
 }
-SIZES = (250, 500, 1000, 1500, 2640)  # --sizes: training photos drawn from grocerystore/train (its 3:1 split inside)
+SIZES = [250, 500, 1000, 1500, 2640]  # --sizes: photos drawn from grocerystore/train (its 3:1 split inside)
 
 
 def coarse_view(work: Path) -> Path:
@@ -119,14 +119,14 @@ def results_table(entries: list[dict], variants: list[str]) -> str:
     return table(["variant", "options"] + [c for _, c in COLUMNS], rows)
 
 
-def sizes_table(work: Path, seeds: list[int], log: Path) -> str:
+def sizes_table(work: Path, sizes: list[int], seeds: list[int], log: Path) -> str:
     """Probe against partial on growing shares of grocerystore/train (fine): accuracy on test/
     and training time, the measurement behind config.PARTIAL_FROM_PHOTOS."""
     import random
 
     done = {(e["size"], e["recipe"], e["seed"]): e for e in read_log(log) if "size" in e}
     everything = sorted(str(p) for p in (SHARED / "grocerystore" / "train").glob("*/*.jpg"))
-    for size in SIZES:
+    for size in sizes:
         for seed in seeds:
             folder = work / f"sizes-{size}-{seed}"
             for photo in random.Random(seed).sample(everything, min(size, len(everything))):
@@ -148,7 +148,7 @@ def sizes_table(work: Path, seeds: list[int], log: Path) -> str:
                     f.write(json.dumps(entry) + "\n")
                 print(entry, file=sys.stderr, flush=True)
     rows = []
-    for size in SIZES:
+    for size in sizes:
         cells = []
         for recipe in ("probe", "partial"):
             got = [done[(size, recipe, s)] for s in seeds if (size, recipe, s) in done]
@@ -169,7 +169,9 @@ def main() -> None:
                     help="which GroceryStore views to train (a row misses the others' columns)")
     ap.add_argument("--no-transfer", dest="transfer", action="store_false",
                     help="leave out bench_transfer's webfruit columns")
-    ap.add_argument("--sizes", action="store_true", help="also measure probe against partial by training-set size")
+    ap.add_argument("--sizes", nargs="*", type=int, metavar="PHOTOS",
+                    help=f"also measure probe against partial on this many photos of grocerystore/train "
+                         f"(none given: {' '.join(map(str, SIZES))})")
     ap.add_argument("--log", type=Path, default=Path(tempfile.gettempdir()) / "fruitnet-accuracy.jsonl",
                     help="finished runs, one JSON a line (appended; with --resume, runs in it are not run again)")
     ap.add_argument("--resume", action="store_true", help="keep the runs already in --log")
@@ -204,7 +206,7 @@ def main() -> None:
                     f.write(json.dumps(entries[-1]) + "\n")
                 print(variant, seed, {k: round(v, 3) for k, v in row.items() if isinstance(v, float)},
                       file=sys.stderr, flush=True)
-        sized = sizes_table(work, args.seeds, args.log) if args.sizes else None
+        sized = sizes_table(work, args.sizes or SIZES, args.seeds, args.log) if args.sizes is not None else None
     seeds = sorted({e["seed"] for e in entries if "variant" in e})
     text = "\n\n".join([f"Machine: {header}.", started, f"Seeds: {seeds} (mean ± standard deviation).",
                         results_table([e for e in entries if "variant" in e], list(VARIANTS))]

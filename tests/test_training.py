@@ -284,12 +284,12 @@ def test_bf16_verdicts_near_the_threshold_are_run_again_in_fp32(trained_model, t
     exactly on an edge, where bf16 alone moves some across; with the re-check the verdicts are
     fp32's at every threshold tried."""
     from fruitnet.model import save_model
-    from fruitnet.ood import TrustHead
+    from fruitnet.unknown import UnknownVerdict
 
     paths = sorted(str(p) for p in (demo_data / "test").rglob("*.jpg"))
     model, meta = load_model(trained_model)
     raw = TorchPredictor(trained_model, precision="fp32").predict_paths(paths, raw=True)
-    model.trust = TrustHead(torch.tensor([r["score"] for r in raw]), model.trust.bank)
+    model.trust = UnknownVerdict(torch.tensor([r["score"] for r in raw]), model.trust.bank)
     path = save_model(tmp_path / "edge.safetensors", model, meta)
     fp32, checked = TorchPredictor(path, precision="fp32"), TorchPredictor(path, precision="bf16")
     shares = lambda p: [r["in_distribution"] for r in p.predict_paths(paths)]  # noqa: E731

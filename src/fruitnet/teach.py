@@ -237,7 +237,8 @@ class Teacher:
         if trust.get("score") != "knn":
             raise UsageError(f"{model_path}: teach refits the head and the kNN unknown verdict of a model with a frozen "
                              "body (the default, --mode freeze); this model's body was fine-tuned, so teach it by "
-                             "training again with the labelled photos: fruitnet train photos/ labelled/ --mode unfreeze")
+                             "training again with the labelled photos, in its mode: fruitnet train photos/ labelled/ --mode unfreeze "
+                             "(or --mode partial); a model trained with --recipe probe can be taught here")
         self.classes = self.meta["classes"]
         self.into, self.out = Path(into) if into else None, Path(out) if out else None
         self.recall = float(trust.get("recall") or 1 - trust["threshold"])  # files made before the recall was kept
