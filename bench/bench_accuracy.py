@@ -114,7 +114,8 @@ def results_table(entries: list[dict], variants: list[str]) -> str:
             values = [r[key] for r in runs if key in r]
             cells.append(mean_spread(values, ".0f" if key.endswith("seconds") else ".3f") if values else "not run")
         recipes = sorted({r[k] for r in runs for k in ("fine_recipe", "coarse_recipe") if k in r})
-        rows.append([f"{variant} ({len(runs)} seed{'s' * (len(runs) > 1)}; recipe {', '.join(recipes)})",
+        on_grocery = f"; GroceryStore trained by {', '.join(recipes)}" if recipes else ""
+        rows.append([f"{variant} ({len(runs)} seed{'s' * (len(runs) > 1)}{on_grocery})",
                      f"`{options}`"] + cells)
     return table(["variant", "options"] + [c for _, c in COLUMNS], rows)
 

@@ -1,0 +1,64 @@
+"""Probe against partial fine-tuning on photos from elsewhere, by how much training data there is:
+the measurement behind config.PARTIAL_FROM_PHOTOS beside bench_accuracy's GroceryStore sizes.
+
+    .venv/bin/python bench/bench_crossover.py [--seeds 0 1 2]
+
+Trains both recipes on webfruit alone (892 photos) and on webfruit + fruits360 merged class by
+class (`fruitnet train A/ B/`, 2,149 photos), and measures each model on photos from sources it
+never saw: grocery/tomato (235 shop tomatoes, recall) and comp309-sample (15).  Writes
+bench/results/crossover.md with the machine, the commit and the command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_transfer import accuracy, sources  # noqa: E402
+from common import REPO, SHARED, machine, stamp, table  # noqa: E402
+
+DATA = {"webfruit": ("webfruit",), "webfruit + fruits360": ("webfruit", "fruits360")}
+
+
+def one_run(folders: tuple[str, ...], recipe: str, seed: int, work: Path, data: dict) -> dict:
+    from fruitnet.training import TrainConfig, train
+
+    t = time.perf_counter()
+    summary = train(TrainConfig(data=tuple(str(SHARED / f) for f in folders), out=str(work / f"{'+'.join(folders)}-{recipe}-{seed}"),
+                                recipe=recipe, seed=seed), log=lambda *a: None)
+    model = Path(summary["model"])
+    return {"seconds": time.perf_counter() - t, "val": summary["best_val_accuracy"],
+            "tomato": accuracy(model, data["grocery-tomato"], only="tomato"), "comp309": accuracy(model, data["comp309-sample"])}
+
+
+def cell(values: list[float], fmt: str = ".3f") -> str:
+    return format(values[0], fmt) if len(values) == 1 else f"{statistics.mean(values):{fmt}} ± {statistics.stdev(values):{fmt}}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0])
+    ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "crossover.md")
+    args = ap.parse_args()
+    header, started, data, rows = machine(), stamp(), sources(), []
+    with tempfile.TemporaryDirectory(prefix="fruitnet-crossover-") as tmp:
+        for name, folders in DATA.items():
+            for recipe in ("probe", "partial"):
+                runs = [one_run(folders, recipe, seed, Path(tmp), data) for seed in args.seeds]
+                print(name, recipe, runs, file=sys.stderr, flush=True)
+                rows.append([name, recipe] + [cell([r[k] for r in runs], ".0f" if k == "seconds" else ".3f")
+                                              for k in ("val", "tomato", "comp309", "seconds")])
+    text = "\n\n".join([f"Machine: {header}.", started, f"Seeds: {args.seeds}.", table(
+        ["training data", "recipe", "own validation", "grocery/tomato recall", "comp309-sample", "training, s"], rows)])
+    print(text)
+    args.out.write_text("# Probe against partial on photos from elsewhere (bench/bench_crossover.py)\n\n" + text + "\n")
+    print(f"\nwritten to {args.out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
