@@ -16,6 +16,15 @@ from fruitnet import cli
 ARGS = ["--backbone", "efficientnet_lite0", "--workers", "0"]
 
 
+@pytest.fixture(autouse=True)
+def ctrl_c_is_keyboard_interrupt():
+    """Python's own SIGINT handler, as in a terminal: a suite started in the background (`&`,
+    nohup) inherits SIGINT ignored, and a Ctrl-C raised there would never arrive."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 def ctrl_c() -> None:
     signal.raise_signal(signal.SIGINT)  # delivered to this (main) thread, as a terminal's Ctrl-C is
 

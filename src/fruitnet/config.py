@@ -248,7 +248,8 @@ def choose_recipe(config: TrainConfig, n_train: int, splittable: bool) -> tuple[
         return replace(config, recipe="probe"), f"auto: probe ({why}: the frozen body's features, in seconds)"
     return replace(config, recipe="partial"), (
         f"auto: partial ({n_train} training photos, at least {PARTIAL_FROM_PHOTOS}: the last stages fine-tuned on "
-        "cached mid-network features; --recipe probe trains in seconds)")
+        "cached mid-network features; --recipe probe trains in seconds, and only a probe can be taught with "
+        "fruitnet teach)")
 
 
 def recipe_for(config: TrainConfig) -> Recipe:
