@@ -436,10 +436,11 @@ def run_app(app: FastAPI, host: str, port: int, timeout_keep_alive: float = TIME
               "(there is no authentication)", flush=True)
     files = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     files = 1 << 20 if files == resource.RLIM_INFINITY else files
-    # Half the file descriptors for connections (beyond that the idlest is closed), the rest for
-    # uploads' temporary files and the model.  The event loop accepts up to `backlog` connections
-    # before any is seen by the protocol, so that is kept to a quarter.
-    max_connections, backlog = max(16, files // 2), max(16, min(2048, files // 4))
+    # A quarter of the file descriptors for connections (beyond that the idlest is closed), the rest
+    # for uploads' temporary files, the model and closes still pending in the event loop, which
+    # accepts up to `backlog` connections before any is seen by the protocol (an eighth).  Half and
+    # a quarter ran out of descriptors under a flood of 300 half-open connections at a limit of 256.
+    max_connections, backlog = max(16, files // 4), max(16, min(2048, files // 8))
     try:
         uvicorn.run(app, host=host, port=port, log_level="info", http=guarded_protocol(timeout_request, max_connections),
                     timeout_keep_alive=timeout_keep_alive, backlog=backlog)
