@@ -12,7 +12,6 @@ bench/results/crossover.md with the machine, the commit and the command.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import tempfile
 import time
@@ -20,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_transfer import accuracy, sources  # noqa: E402
-from common import REPO, SHARED, machine, stamp, table  # noqa: E402
+from common import REPO, SHARED, machine, mean_spread, stamp, table  # noqa: E402
 
 DATA = {"webfruit": ("webfruit",), "webfruit + fruits360": ("webfruit", "fruits360")}
 
@@ -36,10 +35,6 @@ def one_run(folders: tuple[str, ...], recipe: str, seed: int, work: Path, data: 
             "tomato": accuracy(model, data["grocery-tomato"], only="tomato"), "comp309": accuracy(model, data["comp309-sample"])}
 
 
-def cell(values: list[float], fmt: str = ".3f") -> str:
-    return format(values[0], fmt) if len(values) == 1 else f"{statistics.mean(values):{fmt}} ± {statistics.stdev(values):{fmt}}"
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", nargs="+", type=int, default=[0])
@@ -51,7 +46,7 @@ def main() -> None:
             for recipe in ("probe", "partial"):
                 runs = [one_run(folders, recipe, seed, Path(tmp), data) for seed in args.seeds]
                 print(name, recipe, runs, file=sys.stderr, flush=True)
-                rows.append([name, recipe] + [cell([r[k] for r in runs], ".0f" if k == "seconds" else ".3f")
+                rows.append([name, recipe] + [mean_spread([r[k] for r in runs], ".0f" if k == "seconds" else ".3f")
                                               for k in ("val", "tomato", "comp309", "seconds")])
     text = "\n\n".join([f"Machine: {header}.", started, f"Seeds: {args.seeds}.", table(
         ["training data", "recipe", "own validation", "grocery/tomato recall", "comp309-sample", "training, s"], rows)])

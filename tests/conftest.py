@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import subprocess
@@ -76,3 +77,19 @@ def browser(tmp_path):
     driver = webdriver.Chrome(options=options, service=Service(CHROMEDRIVER))
     yield driver
     driver.quit()
+
+
+def tree_state(root: Path) -> dict:
+    """Every entry under root, root itself as ".": its kind, link target, size, mtime and content
+    hash.  Equal before and after a command: nothing in the folder was written, moved or added."""
+    def entry(p: Path) -> tuple:
+        st = p.lstat()
+        kept = (st.st_mode, st.st_size, st.st_mtime_ns, os.readlink(p) if p.is_symlink() else None)
+        return kept + (hashlib.sha256(p.read_bytes()).hexdigest(),) if p.is_file() else kept
+
+    state = {".": entry(root)}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            p = Path(dirpath) / name
+            state[str(p.relative_to(root))] = entry(p)
+    return state

@@ -9,7 +9,6 @@ are in bench/bench_check.py.
 from __future__ import annotations
 
 import csv
-import hashlib
 import html
 import json
 import os
@@ -18,22 +17,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import run_cli, shared_folder
+from conftest import run_cli, shared_folder, tree_state
 from corrupted import build_corrupted
-
-
-def tree_state(root: Path) -> dict:
-    """Every entry under root: its kind, link target, size, mtime and content hash."""
-    state = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames + filenames:
-            p = Path(dirpath) / name
-            st = p.lstat()
-            entry = (st.st_mode, st.st_size, st.st_mtime_ns, os.readlink(p) if p.is_symlink() else None)
-            if p.is_file():
-                entry += (hashlib.sha256(p.read_bytes()).hexdigest(),)
-            state[str(p.relative_to(root))] = entry
-    return state
 
 
 @pytest.fixture(scope="module")

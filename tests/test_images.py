@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 import pickle
@@ -25,6 +24,7 @@ from awkward import (  # noqa: E402
     tall_gif_bytes,
     wide_png_bytes,
 )
+from conftest import tree_state  # noqa: E402
 
 from fruitnet.images import (  # noqa: E402
     IMAGE_EXTENSIONS,
@@ -436,22 +436,9 @@ def test_looks_like_image(tmp_path):
 # --- hygiene: read-only, no leaked handles ------------------------------------------------------
 
 
-def _snapshot(root: Path) -> dict:
-    snap = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames + filenames:
-            p = Path(dirpath) / name
-            st = p.stat()
-            digest = hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else None
-            snap[str(p.relative_to(root))] = (st.st_mtime_ns, st.st_size, digest)
-    st = root.stat()
-    snap["."] = (st.st_mtime_ns, st.st_size, None)
-    return snap
-
-
 def test_load_never_writes_and_closes_files(awkward):
     root, info = awkward
-    before = _snapshot(root)
+    before = tree_state(root)
     fd_dir = Path("/proc/self/fd")
     fds_before = len(list(fd_dir.iterdir())) if fd_dir.is_dir() else None
     for rel in [*info["usable"], *info["unusable"], *info["ignored"]]:
@@ -462,7 +449,7 @@ def test_load_never_writes_and_closes_files(awkward):
                 pass
         sniff_format(root / rel)
         looks_like_image(root / rel)
-    assert _snapshot(root) == before
+    assert tree_state(root) == before
     if fds_before is not None:
         assert len(list(fd_dir.iterdir())) == fds_before
 
