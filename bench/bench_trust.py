@@ -249,6 +249,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("/tmp/trust-bench/run"),
                         help="run folder for the training (must not exist)")
     parser.add_argument("--unknown-recall", type=float, default=unknown.DEFAULT_RECALL)
+    parser.add_argument("--results", type=Path, default=ROOT / "bench" / "results" / "trust.md",
+                        help="where the tables go (default: bench/results/trust.md, the default model's)")
     args = parser.parse_args()
     torch.manual_seed(0)
 
@@ -273,7 +275,7 @@ def main() -> None:
         f"Commit: {git_commit()}  ",
         f"Machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
         f"torch {torch.__version__}, Python {platform.python_version()} (shared machine: times are noisy)  ",
-        f"Model: {model_file} ({meta['backbone']}, recipe defaults; training summary {meta.get('training')}); "
+        f"Model: {model_file} ({meta['backbone']}, {'recipe defaults; ' if not args.run else ''}training summary {meta.get('training')}); "
         + (f"trained in this run in {train_seconds:.0f} s" if not args.run else "reused run folder"),
         f"Stored in the model file: temperature {temperature:.4f}, score {trust.get('score')}, threshold "
         f"in_distribution >= {trust.get('threshold')} (recall {trust.get('recall')}), "
@@ -297,7 +299,7 @@ def main() -> None:
     ]
     text = "\n".join(lines) + "\n"
     print(text)
-    out = ROOT / "bench" / "results" / "trust.md"
+    out = args.results
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
     print(f"wrote {out}")

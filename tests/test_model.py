@@ -217,3 +217,29 @@ def test_folding_batchnorm_into_the_convolutions_keeps_the_function(backbone):
     with torch.no_grad():
         for a, b in zip(model.logits_and_features(x), folded.logits_and_features(x)):
             assert torch.allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("backbone", ["efficientnet_lite0", "efficientnet_lite1", "resnet18"])
+def test_fusing_each_activation_into_its_convolution_gives_the_same_bf16_numbers(backbone):
+    """predict's bf16 body on the CPU (model.fuse_conv_activations): every ReLU6 of an
+    EfficientNet-Lite body runs inside its convolution (timm's asymmetric "same" padding
+    included), with exactly the outputs of the unfused bf16 body on real photos; ResNet18's
+    BatchNorms carry no activation, so nothing of it is fused."""
+    from conftest import DEMO_DATA
+    from fruitnet.model import fold_batchnorm, fuse_conv_activations
+    from fruitnet.transforms import eval_transform
+
+    pretrained = backbone != "resnet18"
+    model, _ = create_classifier(backbone, 3, "imagenet" if pretrained else "none")
+    folded = fold_batchnorm(model.eval()).to(memory_format=torch.channels_last)
+    relu6 = sum(isinstance(m, torch.nn.ReLU6) for m in folded.modules())
+    fused, count = fuse_conv_activations(fold_batchnorm(model).to(memory_format=torch.channels_last))
+    assert count == relu6 and (count > 30) == pretrained
+    assert not any(isinstance(m, torch.nn.ReLU6) for m in fused.modules())
+    transform = eval_transform(get_backbone(backbone).describe_preprocessing())
+    photos = sorted((DEMO_DATA / "test").rglob("*.jpg"))[:6]
+    x = torch.stack([transform(Image.open(p).convert("RGB")) for p in photos]).contiguous(
+        memory_format=torch.channels_last)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        for a, b in zip(folded.logits_and_features(x), fused.logits_and_features(x)):
+            assert torch.equal(a, b)

@@ -195,6 +195,56 @@ def fold_batchnorm(net: nn.Module) -> nn.Module:
     return net
 
 
+class ConvAct(nn.Module):
+    """A convolution and the activation after it as one oneDNN call (CPU inference): the
+    activation is applied as the convolution writes its output, instead of in a second pass over
+    the map (predict's bf16 profile: a fifth of the body's time).  Exactly the same numbers: the
+    clamp commutes with the rounding to bf16."""
+
+    ACTIVATIONS = {nn.ReLU6: ("hardtanh", [0.0, 6.0]), nn.ReLU: ("relu", [])}
+
+    def __init__(self, conv: nn.Conv2d, act: nn.Module, dtype: torch.dtype):
+        super().__init__()
+        from timm.layers import Conv2dSame
+        from timm.layers.padding import pad_same
+
+        self.register_buffer("weight", conv.weight.detach().to(dtype).contiguous(memory_format=torch.channels_last))
+        self.register_buffer("bias", None if conv.bias is None else conv.bias.detach().to(dtype))
+        self.dtype = dtype
+        self.args = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
+        # TensorFlow's "same" padding (timm's Conv2dSame) is asymmetric: padded here, as timm does
+        k, stride, dilation = conv.kernel_size, conv.stride, conv.dilation
+        self.pad = (lambda x: pad_same(x, k, stride, dilation)) if isinstance(conv, Conv2dSame) else None
+        self.attr, self.scalars = self.ACTIVATIONS[type(act)]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pad is not None:
+            x = self.pad(x)
+        return torch.ops.mkldnn._convolution_pointwise(x.to(self.dtype), self.weight, self.bias, *self.args,
+                                                       self.attr, self.scalars, "")
+
+
+def fuse_conv_activations(net: nn.Module, dtype: torch.dtype = torch.bfloat16) -> tuple[nn.Module, int]:
+    """`net` (folded by fold_batchnorm) changed in place: each convolution whose folded BatchNorm
+    kept a ReLU or ReLU6 becomes a ConvAct.  For CPU inference in `dtype` only (oneDNN's kernels,
+    no gradients).  Returns (net, how many were fused); nothing is fused where oneDNN is missing."""
+    from timm.layers import Conv2dSame
+
+    fused = 0
+    if not torch.backends.mkldnn.is_available():
+        return net, fused
+    for module in list(net.modules()):
+        children = list(module.named_children())
+        for (conv_name, conv), (name, after) in zip(children, children[1:]):
+            parts = list(after.children()) if isinstance(after, nn.Sequential) else []
+            if (type(conv) in (nn.Conv2d, Conv2dSame) and len(parts) == 2 and isinstance(parts[0], nn.Identity)
+                    and type(parts[1]) in ConvAct.ACTIVATIONS):  # fold_batchnorm's (drop, act)
+                setattr(module, conv_name, ConvAct(conv, parts[1], dtype))
+                setattr(module, name, nn.Identity())
+                fused += 1
+    return net, fused
+
+
 def create_classifier(backbone: str, num_classes: int, weights: str = "imagenet") -> tuple[Classifier, str]:
     """Returns (classifier, description of the weight source)."""
     body, source = create_body(backbone, weights)

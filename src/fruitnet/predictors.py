@@ -29,7 +29,7 @@ from fruitnet.arithmetic import choose_arithmetic, resolve_device
 from fruitnet.config import InferenceOptions
 from fruitnet.errors import ModelFileError, UsageError
 from fruitnet.images import expand_paths  # noqa: F401  (here for the callers that import it from here)
-from fruitnet.model import UNKNOWN, fold_batchnorm, load_model, validate_meta
+from fruitnet.model import UNKNOWN, fold_batchnorm, fuse_conv_activations, load_model, validate_meta
 from fruitnet.preprocess import DecodeAhead, load, small_image_warning
 from fruitnet.transforms import eval_transform, input_batches
 
@@ -160,8 +160,8 @@ class TorchPredictor(Predictor):
     """A .safetensors model file (or the original model.pth) run by PyTorch.
 
     precision 'fp32' (exact, the library default), 'bf16' or 'auto' (bf16 where native: faster).
-    Under bf16 the body runs with its BatchNorm folded into the convolutions (model.fold_batchnorm),
-    and photos whose top two probabilities are within NEAR_TIE, or whose in-distribution score is
+    Under bf16 the body runs with its BatchNorm folded into the convolutions (model.fold_batchnorm)
+    and, on the CPU, each ReLU6 inside its convolution (model.fuse_conv_activations), and photos whose top two probabilities are within NEAR_TIE, or whose in-distribution score is
     near the verdict's threshold (unknown.VERDICT_MARGIN), are run again in fp32 (recheck_near_ties),
     so labels and unknown verdicts agree with fp32 and ONNX.
 
@@ -185,6 +185,8 @@ class TorchPredictor(Predictor):
         self.net = self.exact
         if self.arith.dtype == "bf16":
             folded = self.arith.prepare_model(fold_batchnorm(self.model))
+            if self.device.type == "cpu":  # and each ReLU6 applied as its convolution writes (oneDNN)
+                folded, _ = fuse_conv_activations(folded)
             self.net = TTA(folded, flip=True, scales=()).eval() if tta else folded
         self.recheck_near_ties = recheck_near_ties  # bf16 only: see forward
         self._gradcam = None
