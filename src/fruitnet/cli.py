@@ -221,10 +221,7 @@ def _decode_early(args, paths: list[str]):
     if args.runtime == "onnx" or args.legacy or str(args.model).lower().endswith(".onnx"):
         return None
     pre = (peek_metadata(args.model) or {}).get("preprocessing")
-    # a window of 1,024 photos (about 180 MB at 240 px) lets the idle core decode a whole folder of
-    # up to that many while torch imports and the model loads, instead of 256 and then competing
-    # with the body for the cores
-    return DecodeAhead(paths, pre, window=1024) if is_valid(pre) and paths else None
+    return DecodeAhead(paths, pre) if is_valid(pre) and paths else None
 
 
 def _arithmetic(predictor) -> str:
