@@ -188,13 +188,13 @@ class RunFolder:
             plot_curves(rows, self.path / "curves.png", note=note, x=x)
 
     def add_trust(self, best_epoch: int, last_epoch: int, recall: float, device, log=print, val_set=None,
-                  frozen_body: bool = False, train_set=None, train_features: torch.Tensor | None = None,
+                  mode: str = "unfreeze", train_set=None, train_features: torch.Tensor | None = None,
                   negatives: list[Item] = ()) -> dict | None:
         """Add calibration and the unknown verdict (unknown.fit_trust) to last.safetensors and best.safetensors.
 
-        val_set (and train_set): the images as (tensor, class) pairs. frozen_body picks the score
-        (unknown.choose_score); the kNN bank comes from the training photos' features: the cached
-        ones (train_features) or else extracted from train_set; negatives: photos of none of the
+        val_set (and train_set): the images as (tensor, class) pairs. The body's training mode picks
+        the score (unknown.choose_score); the kNN bank comes from the training photos' features: the
+        cached ones (train_features) or else extracted from at most unknown.MAX_BANK of train_set; negatives: photos of none of the
         classes the threshold is raised against.  Each file is fitted with its own weights, in
         fp32 (the arithmetic of the library default and of ONNX); when best is last, it is copied.
         Returns the last file's trust metadata."""
@@ -203,7 +203,7 @@ class RunFolder:
         from fruitnet.model import load_model
         from fruitnet.unknown import choose_score, fit_trust
 
-        score = choose_score(frozen_body)
+        score = choose_score(mode)
         fitted, features, body = {}, None, None
         for name in ("last", "best"):
             path = self.path / f"{name}.safetensors"
@@ -250,12 +250,16 @@ def _trust_features(model, meta: dict, name: str, val_set, train_set, negatives:
                     train_features: torch.Tensor | None) -> tuple:
     """What unknown.fit_trust reads, from this file's body in fp32: (validation features, their
     targets) and, as keywords, the training features (kNN score) and the negatives' features."""
+    from torch.utils.data import Subset
+
     from fruitnet.features import from_dataset, from_files
+    from fruitnet.unknown import MAX_BANK
 
     val = from_dataset(model.body, val_set, 64, device, desc=f"calibration: validation features ({name})",
                        shared=False).tensors
-    if score == "knn" and train_features is None:
-        train_features = from_dataset(model.body, train_set, 64, device, shared=False,
+    if score == "knn" and train_features is None:  # the bank's evenly spaced sample (knn_bank), extracted alone
+        keep = torch.linspace(0, len(train_set) - 1, min(len(train_set), MAX_BANK)).round().long().tolist()
+        train_features = from_dataset(model.body, Subset(train_set, keep), 64, device, shared=False,
                                       desc="unknown verdict: training features").tensors[0]
     rows, failed = from_files(model.body, [(it.path, it.sha256) for it in negatives], meta["preprocessing"], device,
                               desc="unknown verdict: photos of none of the classes")

@@ -433,7 +433,7 @@ def finish(s: Session, progress: Progress) -> dict:
         cached = s.pipeline.feature_views[0].tensors[0] if frozen and s.pipeline.feature_views else None
         s.run.add_trust(progress.best["epoch"], progress.rows[-1]["epoch"], s.config.unknown_recall, s.device,
                         s.log, val_set=s.pipeline.val, train_set=s.pipeline.plain_train, train_features=cached,
-                        frozen_body=frozen, negatives=s.data.negatives)
+                        mode=s.config.mode, negatives=s.data.negatives)
     pipeline, data = s.pipeline, s.data
     summary = {"best_val_accuracy": progress.best["val_accuracy"], "best_epoch": progress.best["epoch"],
                "epochs": len(progress.rows), "seconds": round(progress.elapsed, 2),

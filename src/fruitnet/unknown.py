@@ -14,9 +14,14 @@ Which one a model gets depends on its body (choose_score), as measured (bench/re
   features tell fruit from other things far better than a linear head's logits do. kNN: AUROC
   0.981, 86.9% of grocery/other rejected, 83.8% of shop tomatoes kept, every blank square
   rejected; Mahalanobis 0.972, 89.3%, 75.3%, and one of 8 blank squares passed; energy 0.875, 65.7%.
-- fine-tuned body: the features have been bent towards the three classes; energy on the logits
-  is the better score (AUROC 0.953, against 0.932 for Mahalanobis on the fine-tuned body, and a
-  kNN that kept only 33% of the shop tomatoes).
+- partly tuned body (`--mode partial`: the last stages fine-tuned; bench/results/trust-partial.md,
+  webfruit): kNN on the model's own body is still the better score: AUROC 0.971 against energy's
+  0.960 (0.882 against 0.844 with the shop tomatoes counted as known), 85.6% of grocery/other
+  rejected against 87.6%, 50.6% of shop tomatoes kept against 32.8%, and every blank square
+  rejected against 5 of 8.
+- wholly fine-tuned body (`--mode unfreeze`): the features have been bent towards the three
+  classes; energy on the logits is the better score (AUROC 0.953, against 0.932 for Mahalanobis
+  on the fine-tuned body, and a kNN that kept only 33% of the shop tomatoes).
 
 A photo's `in_distribution` is the share of validation photos that score no higher than it:
 0.30 means it looks more typical than 30% of the photos the model was validated on. The verdict
@@ -135,9 +140,10 @@ SCORES = ("energy", "knn")
 VERDICT_MARGIN = 0.4
 
 
-def choose_score(frozen_body: bool) -> str:
-    """The score a model ships with, as measured (see the module's docstring)."""
-    return "knn" if frozen_body else "energy"
+def choose_score(mode: str) -> str:
+    """The score a model ships with, by its body's training mode, as measured (see the module's
+    docstring): kNN on a frozen or partly tuned body, energy on a wholly fine-tuned one."""
+    return "energy" if mode == "unfreeze" else "knn"
 
 
 class UnknownVerdict(nn.Module):
