@@ -120,14 +120,15 @@ def results_table(entries: list[dict], variants: list[str]) -> str:
     return table(["variant", "options"] + [c for _, c in COLUMNS], rows)
 
 
-def sizes_table(work: Path, sizes: list[int], seeds: list[int], log: Path) -> str:
+def sizes_table(work: Path, sizes: list[int], seeds: list[int], log: Path, train_missing: bool = True) -> str:
     """Probe against partial on growing shares of grocerystore/train (fine): accuracy on test/
-    and training time, the measurement behind config.PARTIAL_FROM_PHOTOS."""
+    and training time, the measurement behind config.PARTIAL_FROM_PHOTOS.  train_missing=False
+    (--table-only): only what the log holds."""
     import random
 
     done = {(e["size"], e["recipe"], e["seed"]): e for e in read_log(log) if "size" in e}
     everything = sorted(str(p) for p in (SHARED / "grocerystore" / "train").glob("*/*.jpg"))
-    for size in sizes:
+    for size in sizes if train_missing else []:
         for seed in seeds:
             folder = work / f"sizes-{size}-{seed}"
             for photo in random.Random(seed).sample(everything, min(size, len(everything))):
@@ -207,7 +208,7 @@ def main() -> None:
                     f.write(json.dumps(entries[-1]) + "\n")
                 print(variant, seed, {k: round(v, 3) for k, v in row.items() if isinstance(v, float)},
                       file=sys.stderr, flush=True)
-        sized = sizes_table(work, args.sizes or SIZES, args.seeds, args.log) if args.sizes is not None else None
+        sized = sizes_table(work, args.sizes or SIZES, args.seeds, args.log, not args.table_only) if args.sizes is not None else None
     seeds = sorted({e["seed"] for e in entries if "variant" in e})
     text = "\n\n".join([f"Machine: {header}.", started, f"Seeds: {seeds} (mean ± standard deviation).",
                         results_table([e for e in entries if "variant" in e], list(VARIANTS))]
