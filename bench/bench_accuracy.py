@@ -208,7 +208,8 @@ def main() -> None:
                     f.write(json.dumps(entries[-1]) + "\n")
                 print(variant, seed, {k: round(v, 3) for k, v in row.items() if isinstance(v, float)},
                       file=sys.stderr, flush=True)
-        sized = sizes_table(work, args.sizes or SIZES, args.seeds, args.log, not args.table_only) if args.sizes is not None else None
+        sized = (sizes_table(work, args.sizes or SIZES, args.seeds, args.log, not args.table_only)
+                 if args.sizes is not None else None)
     seeds = sorted({e["seed"] for e in entries if "variant" in e})
     text = "\n\n".join([f"Machine: {header}.", started, f"Seeds: {seeds} (mean ± standard deviation).",
                         results_table([e for e in entries if "variant" in e], list(VARIANTS))]

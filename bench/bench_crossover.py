@@ -5,9 +5,9 @@ the measurement behind config.PARTIAL_FROM_PHOTOS beside bench_accuracy's Grocer
 
 Trains both recipes on webfruit alone (892 photos), on webfruit + a random half of each fruits360
 class (1,520 photos) and on webfruit + fruits360 merged class by class (`fruitnet train A/ B/`,
-2,149 photos), and measures each model on photos from sources it
-never saw: grocery/tomato (235 shop tomatoes, recall) and comp309-sample (15).  Writes
-bench/results/crossover.md with the machine, the commit and the command.
+2,149 photos), and measures each model on photos from sources it never saw: grocery/tomato (235
+shop tomatoes, recall) and comp309-sample (15).  Writes --out (default bench/results/crossover.md)
+with the machine, the commit and the command.
 """
 
 from __future__ import annotations
@@ -69,8 +69,9 @@ def main() -> None:
             for recipe in ("probe", "partial"):
                 runs = [one_run(folders, recipe, seed, Path(tmp), data) for seed in args.seeds]
                 print(name, recipe, runs, file=sys.stderr, flush=True)
-                rows.append([f"{name} ({runs[0]['training']:,})", recipe] + [mean_spread([r[k] for r in runs], ".0f" if k == "seconds" else ".3f")
-                                              for k in ("val", "tomato", "comp309", "seconds")])
+                cells = [mean_spread([r[k] for r in runs], ".0f" if k == "seconds" else ".3f")
+                         for k in ("val", "tomato", "comp309", "seconds")]
+                rows.append([f"{name} ({runs[0]['training']:,})", recipe] + cells)
     text = "\n\n".join([f"Machine: {header}.", started, f"Seeds: {args.seeds}.", table(
         ["training data (training photos)", "recipe", "own validation", "grocery/tomato recall", "comp309-sample", "training, s"], rows)])
     print(text)

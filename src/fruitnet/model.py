@@ -210,7 +210,6 @@ class ConvAct(nn.Module):
 
         self.register_buffer("weight", conv.weight.detach().to(dtype).contiguous(memory_format=torch.channels_last))
         self.register_buffer("bias", None if conv.bias is None else conv.bias.detach().to(dtype))
-        self.dtype = dtype
         self.args = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
         # TensorFlow's "same" padding (timm's Conv2dSame) is asymmetric: padded here, as timm does
         k, stride, dilation = conv.kernel_size, conv.stride, conv.dilation
@@ -220,7 +219,7 @@ class ConvAct(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.pad is not None:
             x = self.pad(x)
-        return torch.ops.mkldnn._convolution_pointwise(x.to(self.dtype), self.weight, self.bias, *self.args,
+        return torch.ops.mkldnn._convolution_pointwise(x.to(self.weight.dtype), self.weight, self.bias, *self.args,
                                                        self.attr, self.scalars, "")
 
 

@@ -161,9 +161,10 @@ class TorchPredictor(Predictor):
 
     precision 'fp32' (exact, the library default), 'bf16' or 'auto' (bf16 where native: faster).
     Under bf16 the body runs with its BatchNorm folded into the convolutions (model.fold_batchnorm)
-    and, on the CPU, each ReLU6 inside its convolution (model.fuse_conv_activations), and photos whose top two probabilities are within NEAR_TIE, or whose in-distribution score is
-    near the verdict's threshold (unknown.VERDICT_MARGIN), are run again in fp32 (recheck_near_ties),
-    so labels and unknown verdicts agree with fp32 and ONNX.
+    and, on the CPU, each ReLU6 inside its convolution (model.fuse_conv_activations); photos whose
+    top two probabilities are within NEAR_TIE, or whose in-distribution score is near the verdict's
+    threshold (unknown.VERDICT_MARGIN), are run again in fp32 (recheck_near_ties), so labels and
+    unknown verdicts agree with fp32 and ONNX.
 
     tta=True: each photo's logits are the average of the photo's and its mirror image's
     (tta.TTA, mirror only; twice the compute); `net` is what runs, `model` stays the plain

@@ -194,8 +194,8 @@ class RunFolder:
 
         val_set (and train_set): the images as (tensor, class) pairs. The body's training mode picks
         the score (unknown.choose_score); the kNN bank comes from the training photos' features: the
-        cached ones (train_features) or else extracted from at most unknown.MAX_BANK of train_set; negatives: photos of none of the
-        classes the threshold is raised against.  Each file is fitted with its own weights, in
+        cached ones (train_features) or else extracted from the photos of train_set the bank keeps
+        (unknown.bank_indices); negatives: photos of none of the classes the threshold is raised against.  Each file is fitted with its own weights, in
         fp32 (the arithmetic of the library default and of ONNX); when best is last, it is copied.
         Returns the last file's trust metadata."""
         if not self.active:
@@ -253,12 +253,12 @@ def _trust_features(model, meta: dict, name: str, val_set, train_set, negatives:
     from torch.utils.data import Subset
 
     from fruitnet.features import from_dataset, from_files
-    from fruitnet.unknown import MAX_BANK
+    from fruitnet.unknown import bank_indices
 
     val = from_dataset(model.body, val_set, 64, device, desc=f"calibration: validation features ({name})",
                        shared=False).tensors
-    if score == "knn" and train_features is None:  # the bank's evenly spaced sample (knn_bank), extracted alone
-        keep = torch.linspace(0, len(train_set) - 1, min(len(train_set), MAX_BANK)).round().long().tolist()
+    if score == "knn" and train_features is None:  # only the photos the bank keeps
+        keep = bank_indices(len(train_set)).tolist()
         train_features = from_dataset(model.body, Subset(train_set, keep), 64, device, shared=False,
                                       desc="unknown verdict: training features").tensors[0]
     rows, failed = from_files(model.body, [(it.path, it.sha256) for it in negatives], meta["preprocessing"], device,

@@ -126,12 +126,15 @@ def far_out(distances: np.ndarray) -> np.ndarray:
     return distances > q3 + 1.5 * (q3 - q1)
 
 
+def bank_indices(n: int, limit: int = MAX_BANK) -> torch.Tensor:
+    """Which of n training photos the kNN bank keeps: all, or an evenly spaced, deterministic
+    sample of `limit`, so each class keeps about its share."""
+    return torch.linspace(0, n - 1, limit).round().long() if n > limit else torch.arange(n)
+
+
 def knn_bank(features: torch.Tensor, limit: int = MAX_BANK) -> torch.Tensor:
-    """The normalised training features, at most `limit` of them: an evenly spaced, deterministic
-    sample of a larger set, so each class keeps about its share."""
-    if len(features) > limit:
-        features = features[torch.linspace(0, len(features) - 1, limit).round().long()]
-    return normalise(features)
+    """The normalised training features of bank_indices (at most `limit`)."""
+    return normalise(features[bank_indices(len(features), limit)])
 
 
 SCORES = ("energy", "knn")
